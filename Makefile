@@ -1,0 +1,25 @@
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test demo bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 tests
+
+demo: $(STAMP)
+	$(VENV)/bin/spach battle --out runs/cpu-mini
+
+bench: $(STAMP)
+	$(VENV)/bin/spach bench --models zoo --batch 16 --img-size 224 --dtype fp32 bf16 --threads 2
+
+clean:
+	rm -rf $(VENV) build *.egg-info runs
