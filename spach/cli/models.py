@@ -1,0 +1,42 @@
+"""`spach models`: the zoo table (name, family, layout, params, GMACs), counted on the meta device."""
+from __future__ import annotations
+
+import json
+
+import torch
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("models", help="list the model zoo with parameter and MAC counts")
+    p.add_argument("--img-size", type=int, default=224, help="input resolution for the MAC count (default 224)")
+    p.add_argument("--filter", default="", help="only names containing this text")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=run)
+
+
+def zoo_table(img_size: int = 224, name_filter: str = "") -> list[dict]:
+    from spach.models import ORIGINAL_WEIGHTS, ZOO, count_macs, count_params, create_model, family, layout
+
+    rows = []
+    for name in ZOO:
+        if name_filter not in name:
+            continue
+        kw = {"img_size": img_size} if img_size != 224 else {}
+        with torch.device("meta"):
+            model = create_model(name, **kw)
+        rows.append(dict(name=name, family=family(name), layout=layout(name), params=count_params(model),
+                         gmacs=count_macs(model, img_size) / 1e9,
+                         top1=ORIGINAL_WEIGHTS[name][1] if name in ORIGINAL_WEIGHTS else None))
+    return rows
+
+
+def run(args) -> int:
+    rows = zoo_table(args.img_size, args.filter)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'name':<36} {'family':<7} {'layout':<6} {'params':>8} {'GMACs':>7} {'top-1':>6}   (at {args.img_size}x{args.img_size})")
+    for r in rows:
+        top1 = f"{r['top1']:.1f}" if r["top1"] is not None else "-"
+        print(f"{r['name']:<36} {r['family']:<7} {r['layout']:<6} {r['params'] / 1e6:>7.2f}M {r['gmacs']:>7.2f} {top1:>6}")
+    return 0

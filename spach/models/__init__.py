@@ -1,0 +1,28 @@
+"""The SPACH model zoo: networks, timm registration, checkpoint loading, complexity counts."""
+from __future__ import annotations
+
+import timm
+import torch.nn as nn
+
+from spach.models.checkpoint import load_checkpoint, read_state_file, save_safetensors  # noqa: F401
+from spach.models.complexity import count_macs, count_params  # noqa: F401
+from spach.models.layers import MIXERS, canonical_mixer  # noqa: F401
+from spach.models.spach import Spach, SpachMS, SpachNet, checkpoint_filter_fn  # noqa: F401
+from spach.models.zoo import ORIGINAL_WEIGHTS, ZOO, family, layout  # noqa: F401  (registers in timm)
+
+
+def list_models() -> list[str]:
+    """The zoo's names, in the paper's order (single-stage, multi-stage, hybrids)."""
+    return list(ZOO)
+
+
+def create_model(name: str, pretrained: bool = False, checkpoint: str | None = None, **kwargs) -> nn.Module:
+    """``timm.create_model`` with the zoo registered; ``checkpoint`` loads weights via :func:`load_checkpoint`.
+
+    Any timm model name works too. Keyword overrides are the constructor's
+    (``num_classes``, ``img_size``, ``hidden_dim``, ``net_arch``, ``cpe``, ...).
+    """
+    model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint)
+    return model

@@ -1,0 +1,219 @@
+"""The building blocks of SPACH: stems, spatial mixers, the mixing block, downsampling.
+
+All token tensors are kept channels-last, ``(B, H, W, C)``: linear layers and
+LayerNorm act on the last dim without copies, the depthwise convolutions read
+the same memory as a ``channels_last`` ``(B, C, H, W)`` view, and attention /
+token-MLP mixers see ``(B, N, C)`` with ``N = H * W`` in row-major order, as in
+the original release.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp
+
+LayerNorm = partial(nn.LayerNorm, eps=1e-6)
+
+MIXERS = ("conv", "attn", "mlp")
+MIXER_ALIASES = {"pass": "conv"}  # the original release calls the conv family's mixer "pass"
+
+
+def canonical_mixer(name: str) -> str:
+    """Map a mixer name (``conv``/``pass``, ``attn``, ``mlp``) to its canonical spelling."""
+    key = MIXER_ALIASES.get(name, name)
+    if key not in MIXERS:
+        raise ValueError(f"unknown mixer {name!r}: expected one of {', '.join(MIXERS)} (or 'pass' for conv)")
+    return key
+
+
+def nhwc_to_nchw(x: torch.Tensor) -> torch.Tensor:
+    # (B, H, W, C) -> (B, C, H, W): a view with channels_last strides, no copy
+    return x.permute(0, 3, 1, 2)
+
+
+def nchw_to_nhwc(x: torch.Tensor) -> torch.Tensor:
+    # (B, C, H, W) -> (B, H, W, C): a view, contiguous when x is channels_last
+    return x.permute(0, 2, 3, 1)
+
+
+class ConvStem(nn.Module):
+    """Patch embedding. ``conv1``: one conv, kernel = stride = patch_size.
+
+    ``conv4`` (deep patch embedding from LV-ViT, used by Hybrid-MS-S+): three
+    convs with BatchNorm+ReLU (the first with stride 2), then a conv with
+    kernel = stride = patch_size / 2. Module indices follow the original release.
+    """
+
+    def __init__(self, in_chans: int, dim: int, patch_size: int, stem_type: str = "conv1"):
+        super().__init__()
+        self.stem_type = stem_type
+        self.patch_size = patch_size
+        if stem_type == "conv1":
+            self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+        elif stem_type == "conv4":
+            if patch_size % 2:
+                raise ValueError(f"stem_type='conv4' needs an even patch_size, got {patch_size}")
+            mid = 64
+            self.proj = nn.Sequential(
+                nn.Conv2d(in_chans, mid, 7, stride=2, padding=3, bias=False),
+                nn.BatchNorm2d(mid),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(mid, mid, 3, stride=1, padding=1, bias=False),
+                nn.BatchNorm2d(mid),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(mid, mid, 3, stride=1, padding=1, bias=False),
+                nn.BatchNorm2d(mid),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(mid, dim, kernel_size=patch_size // 2, stride=patch_size // 2),
+            )
+        else:
+            raise ValueError(f"unknown stem_type {stem_type!r}: expected 'conv1' or 'conv4'")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (B, C_in, H, W) -> (B, H/p, W/p, C)
+        return nchw_to_nhwc(self.proj(x))
+
+
+class Downsample(nn.Module):
+    """Between stages: Conv2d(C -> C_out, 2x2, stride 2, no bias) + GroupNorm(1 group)."""
+
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        self.conv = nn.Conv2d(dim, out_dim, kernel_size=2, stride=2, bias=False)
+        self.norm = nn.GroupNorm(1, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (B, H, W, C) -> (B, H/2, W/2, C_out)
+        x = self.norm(self.conv(nhwc_to_nchw(x)))
+        return nchw_to_nhwc(x)
+
+
+class DepthwiseConv(nn.Module):
+    """The 3x3 depthwise conv (with bias): CPE, and the whole spatial mixer of the conv family."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.conv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (B, H, W, C) read as a channels_last (B, C, H, W) view; no layout copy
+        return nchw_to_nhwc(self.conv(nhwc_to_nchw(x)))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention without class token or absolute position embedding.
+
+    ``qkv`` output features are laid out as (3, heads, head_dim). Uses the fused
+    ``F.scaled_dot_product_attention``; ``fused_attn = False`` selects the plain
+    maths (same numbers), kept for export, debugging and FLOP counting.
+    """
+
+    fused_attn = True
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qk_scale: float | None = None,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"num_heads={num_heads} does not divide the width {dim}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = qk_scale or self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        N = H * W
+        # (B, N, 3C) -> (3, B, heads, N, head_dim)
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0, scale=self.scale)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            attn = self.attn_drop(attn.softmax(dim=-1))
+            x = attn @ v
+        # (B, heads, N, head_dim) -> (B, H, W, C)
+        x = x.transpose(1, 2).reshape(B, H, W, C)
+        return self.proj_drop(self.proj(x))
+
+
+class TokenMlp(nn.Module):
+    """MLP along the token axis: Linear(N -> tN) -> GELU -> Dropout -> Linear(tN -> N) -> Dropout.
+
+    Its weights depend on N, so a model using it has a fixed input size.
+    The token mixing runs as ``W @ x`` on ``(B, N, C)``: no transposes.
+    """
+
+    def __init__(self, grid_size: tuple[int, int], token_ratio: float = 0.5, drop: float = 0.0):
+        super().__init__()
+        self.grid_size = tuple(grid_size)
+        num_tokens = self.grid_size[0] * self.grid_size[1]
+        self.fc1 = nn.Linear(num_tokens, int(num_tokens * token_ratio))
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(int(num_tokens * token_ratio), num_tokens)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        if (H, W) != self.grid_size:
+            raise ValueError(
+                f"the token-mixing MLP was built for a {self.grid_size[0]}x{self.grid_size[1]} token grid "
+                f"and got {H}x{W}: MLP models take only the input size they were built for "
+                f"(rebuild the model with img_size matching your input)")
+        x = x.reshape(B, H * W, C)
+        # (tN, N) @ (B, N, C) -> (B, tN, C)
+        x = torch.matmul(self.fc1.weight, x) + self.fc1.bias[:, None]
+        x = self.drop1(self.act(x))
+        x = torch.matmul(self.fc2.weight, x) + self.fc2.bias[:, None]
+        return self.drop2(x).reshape(B, H, W, C)
+
+
+class MixingBlock(nn.Module):
+    """The SPACH block; only ``token_mixer`` differs between the families::
+
+        y   = x + DropPath(gamma * Spatial(LN1(x))) + CPE(x)    # no Spatial term for conv
+        out = y + DropPath(ChannelMLP(LN2(y)))
+
+    For the conv family the depthwise conv (``cpe``) *is* the spatial mixer.
+    ``token_mixer`` may be a module shared with other blocks (weight sharing).
+    """
+
+    def __init__(self, dim: int, mixer: str, token_mixer: nn.Module | None, channel_ratio: float = 2.0,
+                 cpe: bool = True, scaled: bool = True, init_values: float = 1e-4,
+                 drop: float = 0.0, drop_path: float = 0.0):
+        super().__init__()
+        self.mixer = mixer
+        if mixer == "conv":
+            # with cpe=False a conv block keeps only its channel MLP (as in the original release)
+            self.norm1 = None
+            self.token_mixer = None
+            self.gamma = None
+        else:
+            self.norm1 = LayerNorm(dim)
+            self.token_mixer = token_mixer
+            # layer scale on the spatial branch only; gamma = 1 (no parameter) when not scaled
+            self.gamma = nn.Parameter(init_values * torch.ones(dim)) if scaled else None
+        self.cpe = DepthwiseConv(dim) if cpe else None
+        self.norm2 = LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * channel_ratio), act_layer=nn.GELU, drop=drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (B, H, W, C)
+        y = x
+        if self.token_mixer is not None:
+            s = self.token_mixer(self.norm1(x))
+            if self.gamma is not None:
+                s = self.gamma * s
+            y = y + self.drop_path(s)
+        if self.cpe is not None:
+            y = y + self.cpe(x)
+        return y + self.drop_path(self.mlp(self.norm2(y)))

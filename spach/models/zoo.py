@@ -1,0 +1,123 @@
+"""The model zoo of the paper, as data, registered in timm.
+
+``import spach`` registers every name below, so ``timm.create_model(name, **overrides)``
+works. Each entry is the class and the original constructor's keywords.
+"""
+from __future__ import annotations
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+from spach.models.spach import Spach, SpachMS, checkpoint_filter_fn
+
+
+def _ss(hidden_dim, num_heads, channel_ratio, mixer, depth):
+    return dict(cls=Spach, patch_size=16, hidden_dim=hidden_dim, num_heads=num_heads,
+                channel_ratio=channel_ratio, net_arch=[(mixer, depth)])
+
+
+def _ms(hidden_dim, num_heads, channel_ratio, net_arch, **kw):
+    return dict(cls=SpachMS, patch_size=4, hidden_dim=hidden_dim, num_heads=num_heads,
+                channel_ratio=channel_ratio, net_arch=net_arch, **kw)
+
+
+def _ms_family(mixer, depths):
+    """Stage 1 is conv; stages 2-4 use ``mixer``."""
+    return [[("conv", depths[0])]] + [[(mixer, d)] for d in depths[1:]]
+
+
+_XS_HYBRID = [[("conv", 3)], [("conv", 4)], [("conv", 2), ("attn", 10)], [("conv", 1), ("attn", 2)]]
+_S_HYBRID = [[("conv", 3)], [("conv", 2), ("attn", 2)], [("conv", 2), ("attn", 10)], [("conv", 1), ("attn", 2)]]
+
+# name -> (class + constructor keywords). SPEC §4; all at img_size 224, token_ratio 0.5, stem conv1.
+ZOO: dict[str, dict] = {
+    "spach_xxs_patch16_224_conv": _ss(384, 12, 2.0, "conv", 12),
+    "spach_xxs_patch16_224_attn": _ss(192, 6, 2.0, "attn", 12),
+    "spach_xxs_patch16_224_mlp": _ss(384, 12, 2.0, "mlp", 12),
+    "spach_xs_patch16_224_conv": _ss(384, 12, 2.0, "conv", 24),
+    "spach_xs_patch16_224_attn": _ss(384, 12, 2.0, "attn", 12),
+    "spach_xs_patch16_224_mlp": _ss(384, 12, 2.0, "mlp", 24),
+    "spach_s_patch16_224_conv": _ss(512, 16, 3.0, "conv", 24),
+    "spach_s_patch16_224_attn": _ss(512, 16, 3.0, "attn", 12),
+    "spach_s_patch16_224_mlp": _ss(512, 16, 3.0, "mlp", 24),
+    "spach_ms_xxs_patch4_224_conv": _ms(64, 2, 2.0, _ms_family("conv", (2, 2, 6, 2))),
+    "spach_ms_xxs_patch4_224_attn": _ms(32, 1, 2.0, _ms_family("attn", (2, 2, 6, 2))),
+    "spach_ms_xxs_patch4_224_mlp": _ms(64, 2, 2.0, _ms_family("mlp", (2, 2, 6, 2))),
+    "spach_ms_xs_patch4_224_conv": _ms(96, 3, 2.0, _ms_family("conv", (3, 4, 12, 3))),
+    "spach_ms_xs_patch4_224_attn": _ms(64, 2, 2.0, _ms_family("attn", (3, 4, 12, 3))),
+    "spach_ms_xs_patch4_224_mlp": _ms(96, 3, 2.0, _ms_family("mlp", (3, 4, 12, 3))),
+    "spach_ms_s_patch4_224_conv": _ms(128, 4, 3.0, _ms_family("conv", (3, 4, 12, 3))),
+    "spach_ms_s_patch4_224_attn": _ms(96, 3, 3.0, _ms_family("attn", (3, 4, 12, 3))),
+    "spach_ms_s_patch4_224_mlp": _ms(128, 4, 3.0, _ms_family("mlp", (3, 4, 12, 3))),
+    "spach_ms_xs_patch4_224_hybrid": _ms(96, 3, 2.0, _XS_HYBRID),
+    "spach_ms_s_patch4_224_hybrid": _ms(128, 4, 3.0, _S_HYBRID),
+    "spach_ms_s_plus_patch4_224_hybrid": _ms(128, 4, 3.0, _S_HYBRID, stem_type="conv4"),
+}
+
+# Released ImageNet-1k weights of the original (file name, top-1). Load them with
+# spach.load_checkpoint(model, path) or timm's pretrained_cfg_overlay=dict(file=path).
+ORIGINAL_WEIGHTS: dict[str, tuple[str, float]] = {
+    "spach_ms_xxs_patch4_224_conv": ("spach_ms_conv_xxs.pth", 73.1),
+    "spach_ms_xxs_patch4_224_attn": ("spach_ms_attn_xxs.pth", 65.4),
+    "spach_ms_xxs_patch4_224_mlp": ("spach_ms_mlp_xxs.pth", 74.5),
+    "spach_ms_s_patch4_224_conv": ("spach_ms_conv_s.pth", 81.6),
+    "spach_ms_s_patch4_224_attn": ("spach_ms_attn_s.pth", 82.9),
+    "spach_ms_s_patch4_224_mlp": ("spach_ms_mlp_s.pth", 82.1),
+    "spach_ms_xs_patch4_224_hybrid": ("spach_ms_hybrid_xs.pth", 82.4),
+    "spach_ms_s_patch4_224_hybrid": ("spach_ms_hybrid_s.pth", 83.7),
+    "spach_ms_s_plus_patch4_224_hybrid": ("spach_ms_hybrid_s+.pth", 83.9),
+}
+
+
+def family(name: str) -> str:
+    """``conv``, ``attn``, ``mlp`` or ``hybrid`` for a zoo name."""
+    return name.rsplit("_", 1)[-1]
+
+
+def layout(name: str) -> str:
+    """``ms`` (multi-stage) or ``ss`` (single-stage) for a zoo name."""
+    return "ms" if ZOO[name]["cls"] is SpachMS else "ss"
+
+
+def _cfg(name: str) -> dict:
+    entry = ZOO[name]
+    multi_stage = entry["cls"] is SpachMS
+    weights = ORIGINAL_WEIGHTS.get(name)
+    return dict(
+        url="", num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7) if multi_stage else (14, 14),
+        crop_pct=0.875, interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+        fixed_input_size="mlp" in str(entry["net_arch"]),
+        first_conv="stem.proj.0" if entry.get("stem_type") == "conv4" else "stem.proj",
+        classifier="head", license="mit", paper_ids="arXiv:2108.13002",
+        origin_url="https://github.com/microsoft/SPACH",
+        notes=(f"original release weights: {weights[0]} (ImageNet-1k top-1 {weights[1]})",) if weights else (),
+    )
+
+
+default_cfgs = generate_default_cfgs({name: _cfg(name) for name in ZOO})
+
+
+def _create(name: str, pretrained: bool = False, **kwargs):
+    entry = dict(ZOO[name])
+    cls = entry.pop("cls")
+    multi_stage = cls is SpachMS
+    kwargs = {**entry, **kwargs}
+    # features_only: the four stage maps of multi-stage models; the last four block maps of single-stage ones
+    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3) if multi_stage else 4)
+    return build_model_with_cfg(
+        cls, name, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs)
+
+
+def _make_entrypoint(name: str):
+    def entrypoint(pretrained: bool = False, **kwargs):
+        return _create(name, pretrained=pretrained, **kwargs)
+
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__doc__ = f"SPACH {name} (A Battle of Network Structures, arXiv 2108.13002)."
+    entrypoint.__module__ = __name__
+    return register_model(entrypoint)
+
+
+for _name in ZOO:
+    globals()[_name] = _make_entrypoint(_name)
