@@ -1,0 +1,219 @@
+"""The study's SQLite database (`battle.db` in the output directory, WAL mode).
+
+Tables:
+- `runs`: one row per run, keyed by the hash of its resolved configuration;
+  status is queued -> running -> done | failed; metrics once done.
+- `epochs`: the per-epoch curves of every run.
+- `skipped`: grid combinations that were not run, with the reason.
+- `meta`: the study as last launched (its spec and the keys of its runs).
+
+Every process opens its own connection; writes are short transactions, so a
+parent and its worker subprocesses can share the file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+DB_NAME = "battle.db"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    key            TEXT PRIMARY KEY,
+    name           TEXT NOT NULL,
+    grp            TEXT NOT NULL,
+    family         TEXT NOT NULL,
+    layout         TEXT NOT NULL,
+    size           TEXT NOT NULL,
+    cpe            INTEGER NOT NULL,
+    shared         INTEGER NOT NULL,
+    seed           INTEGER NOT NULL,
+    model          TEXT NOT NULL,
+    config         TEXT NOT NULL,      -- the resolved configuration (stable JSON), basis of the key
+    output_dir     TEXT NOT NULL,
+    status         TEXT NOT NULL CHECK (status IN ('queued', 'running', 'done', 'failed')),
+    error          TEXT,
+    attempts       INTEGER NOT NULL DEFAULT 0,
+    owner_pid      INTEGER,
+    created_at     REAL NOT NULL,
+    started_at     REAL,
+    finished_at    REAL,
+    params         INTEGER,
+    macs           INTEGER,
+    images_per_s   REAL,
+    best_top1      REAL,
+    final_top1     REAL,
+    final_top5     REAL,
+    final_val_loss REAL,
+    final_train_loss REAL,
+    train_time_s   REAL
+);
+CREATE TABLE IF NOT EXISTS epochs (
+    key          TEXT NOT NULL REFERENCES runs(key),
+    epoch        INTEGER NOT NULL,
+    train_loss   REAL,
+    val_loss     REAL,
+    val_top1     REAL,
+    val_top5     REAL,
+    lr           REAL,
+    images_per_s REAL,
+    epoch_time_s REAL,
+    PRIMARY KEY (key, epoch)
+);
+CREATE TABLE IF NOT EXISTS skipped (
+    name   TEXT PRIMARY KEY,
+    reason TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (
+    k TEXT PRIMARY KEY,
+    v TEXT NOT NULL
+);
+"""
+
+METRICS = ("params", "macs", "images_per_s", "best_top1", "final_top1", "final_top5", "final_val_loss",
+           "final_train_loss", "train_time_s")
+EPOCH_FIELDS = ("train_loss", "val_loss", "val_top1", "val_top5", "lr", "images_per_s", "epoch_time_s")
+
+
+def connect(out_dir: str | Path, create: bool = False) -> sqlite3.Connection:
+    path = Path(out_dir) / DB_NAME
+    if not create and not path.is_file():
+        raise FileNotFoundError(f"no study database at {path} (run `spach battle --out {out_dir}` first)")
+    conn = sqlite3.connect(path, timeout=60.0, isolation_level=None)  # autocommit; explicit BEGIN below
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA busy_timeout=60000")
+    if create:
+        conn.executescript(SCHEMA)
+    return conn
+
+
+class _Tx:
+    """`with _Tx(conn):` — one IMMEDIATE transaction (takes the write lock up front)."""
+
+    def __init__(self, conn: sqlite3.Connection):
+        self.conn = conn
+
+    def __enter__(self):
+        self.conn.execute("BEGIN IMMEDIATE")
+        return self.conn
+
+    def __exit__(self, exc_type, *_):
+        self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+def register_study(conn: sqlite3.Connection, study, run_dir: Any) -> None:
+    """Record the study and insert its runs that the database does not have yet (as queued)."""
+    from spach.battle.spec import stable_json
+
+    now = time.time()
+    with _Tx(conn):
+        conn.execute("INSERT OR REPLACE INTO meta VALUES ('study', ?)", (json.dumps(study.source),))
+        conn.execute("INSERT OR REPLACE INTO meta VALUES ('name', ?)", (study.name,))
+        conn.execute("INSERT OR REPLACE INTO meta VALUES ('keys', ?)", (json.dumps([r.key for r in study.runs]),))
+        conn.execute("DELETE FROM skipped")
+        conn.executemany("INSERT INTO skipped VALUES (?, ?)", study.skipped)
+        for r in study.runs:
+            conn.execute(
+                "INSERT OR IGNORE INTO runs (key, name, grp, family, layout, size, cpe, shared, seed, model, config,"
+                " output_dir, status, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?, 'queued', ?)",
+                (r.key, r.name, r.group, r.family, r.layout, r.size, int(r.cpe), int(r.shared), r.seed, r.model,
+                 stable_json(r.resolved()), str(run_dir(r)), now))
+            # names are presentation: keep them current if the study file renamed a run
+            conn.execute("UPDATE runs SET name = ?, grp = ? WHERE key = ?", (r.name, r.group, r.key))
+
+
+def reset_interrupted(conn: sqlite3.Connection) -> list[str]:
+    """Runs left 'running' by a dead invocation (the caller holds the study lock) go back to 'queued'."""
+    with _Tx(conn):
+        names = [row["name"] for row in conn.execute("SELECT name FROM runs WHERE status = 'running'")]
+        conn.execute("UPDATE runs SET status = 'queued', owner_pid = NULL WHERE status = 'running'")
+    return names
+
+
+def requeue_failed(conn: sqlite3.Connection, keys: Iterable[str]) -> int:
+    keys = list(keys)
+    with _Tx(conn):
+        cur = conn.executemany("UPDATE runs SET status = 'queued', error = NULL WHERE key = ? AND status = 'failed'",
+                               [(k,) for k in keys])
+    return cur.rowcount
+
+
+def mark_running(conn: sqlite3.Connection, key: str, pid: int) -> None:
+    with _Tx(conn):
+        conn.execute("UPDATE runs SET status = 'running', owner_pid = ?, started_at = ?, attempts = attempts + 1,"
+                     " error = NULL WHERE key = ?", (pid, time.time(), key))
+
+
+def mark_done(conn: sqlite3.Connection, key: str, metrics: dict[str, Any]) -> None:
+    cols = ", ".join(f"{m} = ?" for m in METRICS)
+    with _Tx(conn):
+        conn.execute(f"UPDATE runs SET status = 'done', finished_at = ?, owner_pid = NULL, {cols} WHERE key = ?",
+                     (time.time(), *[metrics.get(m) for m in METRICS], key))
+
+
+def mark_failed(conn: sqlite3.Connection, key: str, error: str) -> None:
+    with _Tx(conn):
+        conn.execute("UPDATE runs SET status = 'failed', finished_at = ?, owner_pid = NULL, error = ? WHERE key = ?",
+                     (time.time(), error, key))
+
+
+def record_epoch(conn: sqlite3.Connection, key: str, record: dict[str, Any]) -> None:
+    with _Tx(conn):
+        conn.execute(f"INSERT OR REPLACE INTO epochs (key, epoch, {', '.join(EPOCH_FIELDS)}) VALUES (?, ?, "
+                     + ", ".join("?" for _ in EPOCH_FIELDS) + ")",
+                     (key, int(record["epoch"]), *[_num(record.get(f)) for f in EPOCH_FIELDS]))
+
+
+def _num(x: Any) -> float | None:
+    return None if x is None else float(x)
+
+
+def study_keys(conn: sqlite3.Connection) -> list[str]:
+    row = conn.execute("SELECT v FROM meta WHERE k = 'keys'").fetchone()
+    return json.loads(row["v"]) if row else []
+
+
+def study_name(conn: sqlite3.Connection) -> str:
+    row = conn.execute("SELECT v FROM meta WHERE k = 'name'").fetchone()
+    return row["v"] if row else "study"
+
+
+def runs(conn: sqlite3.Connection, keys: list[str] | None = None) -> list[dict[str, Any]]:
+    rows = [dict(r) for r in conn.execute("SELECT * FROM runs ORDER BY created_at, name")]
+    if keys is None:
+        return rows
+    order = {k: i for i, k in enumerate(keys)}
+    return sorted((r for r in rows if r["key"] in order), key=lambda r: order[r["key"]])
+
+
+def get_run(conn: sqlite3.Connection, key: str) -> dict[str, Any]:
+    row = conn.execute("SELECT * FROM runs WHERE key = ?", (key,)).fetchone()
+    if row is None:
+        raise ValueError(f"no run with key {key} in the database")
+    return dict(row)
+
+
+def epochs(conn: sqlite3.Connection, key: str) -> list[dict[str, Any]]:
+    return [dict(r) for r in conn.execute("SELECT * FROM epochs WHERE key = ? ORDER BY epoch", (key,))]
+
+
+def skipped(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+    return [(r["name"], r["reason"]) for r in conn.execute("SELECT * FROM skipped ORDER BY name")]
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

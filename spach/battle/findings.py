@@ -1,0 +1,272 @@
+"""Test the paper's findings (SPEC §1) against a study's results — with numbers, never by assumption.
+
+Results are aggregated per *group* (one architecture: family × layout × size ×
+ablation) over its seeds. Two groups differ **decisively** when both have at
+least two seeds and the difference of their means exceeds the combined seed
+spread, sqrt(std_a² + std_b²); otherwise the comparison is *inconclusive*. A
+finding gets a verdict only from decisive comparisons; one the grid cannot
+address is "not covered by this study".
+
+The generalisation gap of a run is `final val loss - final train loss` (the
+train loss is measured under the study's augmentation, identical for every run
+of a study, so gaps compare across architectures of one study).
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from typing import Callable
+
+COST_TOLERANCE = 1.10   # "no more costly": params and MACs within 10%
+
+
+@dataclass
+class Stat:
+    mean: float
+    std: float | None      # sample std over seeds; None with one seed
+    n: int
+
+    @staticmethod
+    def of(values: list[float]) -> "Stat | None":
+        values = [v for v in values if v is not None and math.isfinite(v)]
+        if not values:
+            return None
+        return Stat(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None, len(values))
+
+    def text(self, fmt: str = ".2f") -> str:
+        return f"{self.mean:{fmt}}" + (f" ± {self.std:{fmt}}" if self.std is not None else " (1 seed)")
+
+
+@dataclass
+class Group:
+    """One architecture of the study, over its finished seeds."""
+
+    name: str
+    family: str
+    layout: str
+    size: str
+    cpe: bool
+    shared: bool
+    seeds: list[int]
+    params: float | None
+    macs: float | None
+    images_per_s: Stat | None
+    top1: Stat | None            # final top-1 (%)
+    best_top1: Stat | None
+    train_loss: Stat | None      # final-epoch train loss
+    val_loss: Stat | None
+    gap: Stat | None             # val loss - train loss
+    runs: list[dict] = field(default_factory=list)
+
+    @property
+    def baseline(self) -> bool:
+        return self.cpe and not self.shared
+
+
+@dataclass
+class Comparison:
+    label: str
+    diff: float
+    spread: float | None
+    decisive: bool
+    text: str
+
+
+@dataclass
+class Finding:
+    number: int
+    claim: str
+    verdict: str
+    lines: list[str]
+
+
+def compare(a: Stat | None, b: Stat | None, label: str, unit: str = "") -> Comparison | None:
+    """a - b with its seed spread; decisive if |a - b| > sqrt(std_a² + std_b²) with >= 2 seeds each."""
+    if a is None or b is None:
+        return None
+    diff = a.mean - b.mean
+    if a.std is None or b.std is None:
+        return Comparison(label, diff, None, False,
+                          f"{label}: {diff:+.3f}{unit} (one seed on a side: no spread, inconclusive)")
+    spread = math.hypot(a.std, b.std)
+    decisive = abs(diff) > spread
+    return Comparison(label, diff, spread, decisive,
+                      f"{label}: {diff:+.3f}{unit} vs seed spread {spread:.3f}{unit} -> "
+                      + ("decisive" if decisive else "within noise"))
+
+
+def _verdict(outcomes: list[str]) -> str:
+    """Combine per-comparison outcomes ('holds' | 'does not hold' | 'inconclusive') into one verdict."""
+    if not outcomes:
+        return "not covered by this study"
+    holds, fails = outcomes.count("holds"), outcomes.count("does not hold")
+    n = len(outcomes)
+    if holds == n:
+        return "holds"
+    if fails == n:
+        return "does not hold"
+    if holds == 0 and fails == 0:
+        return "inconclusive"
+    if holds and fails:
+        return f"mixed: holds in {holds}, does not hold in {fails}, inconclusive in {n - holds - fails} of {n} comparisons"
+    if holds:
+        return f"holds in {holds} of {n} comparisons, inconclusive in the others"
+    return f"does not hold in {fails} of {n} comparisons, inconclusive in the others"
+
+
+def _by(groups: list[Group], **fixed) -> list[Group]:
+    return [g for g in groups if all(getattr(g, k) == v for k, v in fixed.items())]
+
+
+def _one(groups: list[Group], **fixed) -> Group | None:
+    found = [g for g in _by(groups, **fixed) if g.top1 is not None]
+    return found[0] if len(found) == 1 else None
+
+
+def _costs(a: Group, b: Group) -> str:
+    def ratio(x, y):
+        return f"{x / y:.2f}x" if x and y else "?"
+    return f"params {ratio(a.params, b.params)}, MACs {ratio(a.macs, b.macs)}"
+
+
+def _no_costlier(a: Group, b: Group) -> bool:
+    return bool(a.params and b.params and a.macs and b.macs and a.params <= COST_TOLERANCE * b.params
+                and a.macs <= COST_TOLERANCE * b.macs)
+
+
+def _pairs(groups: list[Group], vary: str, values: tuple, families: tuple) -> list[tuple[Group, Group]]:
+    """Pairs of groups identical except for `vary` (values[0] first)."""
+    keys = ("family", "layout", "size", "cpe", "shared")
+    pairs = []
+    for a in groups:
+        if a.family not in families or getattr(a, vary) != values[0] or a.top1 is None:
+            continue
+        fixed = {k: getattr(a, k) for k in keys if k != vary}
+        b = _one(groups, **fixed, **{vary: values[1]})
+        if b is not None:
+            pairs.append((a, b))
+    return pairs
+
+
+# --------------------------------------------------------------------------- the findings
+
+def multistage_beats_singlestage(groups: list[Group]) -> Finding:
+    lines, outcomes = [], []
+    for ms, ss in _pairs(groups, "layout", ("ms", "ss"), ("conv", "attn", "mlp", "hybrid")):
+        c = compare(ms.top1, ss.top1, "top-1 MS - SS", " pt")
+        cheap_ms, cheap_ss = _no_costlier(ms, ss), _no_costlier(ss, ms)
+        if c.decisive and c.diff > 0 and cheap_ms:
+            outcome = "holds"
+        elif c.decisive and c.diff < 0 and cheap_ss:
+            outcome = "does not hold"
+        else:
+            outcome = "inconclusive"
+        why = "" if outcome != "inconclusive" or not c.decisive else \
+            " (the more accurate layout is also the more costly one: no trade-off verdict)"
+        outcomes.append(outcome)
+        lines.append(f"{ms.family} {ms.size}{_abl(ms)}: MS {ms.top1.text()}% vs SS {ss.top1.text()}% "
+                     f"(MS/SS {_costs(ms, ss)}); {c.text} => {outcome}{why}")
+    return Finding(1, "Multi-stage beats single-stage for every family and size (accuracy/complexity trade-off).",
+                   _verdict(outcomes), lines)
+
+
+def local_modelling(groups: list[Group]) -> Finding:
+    lines, outcomes = [], []
+    for on, off in _pairs(groups, "cpe", (True, False), ("attn", "mlp")):
+        c = compare(on.top1, off.top1, "top-1 with - without CPE", " pt")
+        outcome = "holds" if c.decisive and c.diff > 0 else "does not hold" if c.decisive else "inconclusive"
+        outcomes.append(outcome)
+        share = ""
+        if on.params and off.params and on.macs and off.macs:
+            share = (f"; the conv is {100 * (on.params - off.params) / on.params:.2f}% of params, "
+                     f"{100 * (on.macs - off.macs) / on.macs:.2f}% of MACs")
+        lines.append(f"{on.family} {on.layout} {on.size}{' shared' if on.shared else ''}: with CPE "
+                     f"{on.top1.text()}% vs without {off.top1.text()}%{share}; {c.text} => {outcome}")
+    return Finding(2, "Local modelling is crucial: removing the depthwise-conv branch (CPE) from attention and "
+                      "MLP blocks costs accuracy for almost no compute.", _verdict(outcomes), lines)
+
+
+def mlp_overfitting(groups: list[Group]) -> Finding:
+    lines, outcomes = [], []
+    # (a) scaling up an MLP widens its generalisation gap
+    for layout in ("ss", "ms"):
+        mlps = sorted([g for g in _by(groups, family="mlp", layout=layout, cpe=True, shared=False)
+                       if g.gap is not None and g.params], key=lambda g: g.params)
+        for small, big in zip(mlps, mlps[1:]):
+            c = compare(big.gap, small.gap, "gap larger - smaller")
+            outcome = "holds" if c.decisive and c.diff > 0 else "does not hold" if c.decisive else "inconclusive"
+            outcomes.append(outcome)
+            lines.append(f"scaling mlp {layout} {small.size} -> {big.size} ({_costs(big, small)}): gap "
+                         f"{small.gap.text('.3f')} -> {big.gap.text('.3f')}, top-1 {small.top1.text()}% -> "
+                         f"{big.top1.text()}%; {c.text} => {outcome}")
+    # (b) weight sharing and (c) the multi-stage layout reduce it
+    for shared, plain in _pairs(groups, "shared", (True, False), ("mlp",)):
+        if shared.gap is None or plain.gap is None:
+            continue
+        c = compare(plain.gap, shared.gap, "gap unshared - shared")
+        outcome = "holds" if c.decisive and c.diff > 0 else "does not hold" if c.decisive else "inconclusive"
+        outcomes.append(outcome)
+        lines.append(f"weight sharing, mlp {plain.layout} {plain.size}: gap {plain.gap.text('.3f')} -> "
+                     f"{shared.gap.text('.3f')}, top-1 {plain.top1.text()}% -> {shared.top1.text()}%; "
+                     f"{c.text} => {outcome}")
+    for ms, ss in _pairs(groups, "layout", ("ms", "ss"), ("mlp",)):
+        if ms.gap is None or ss.gap is None:
+            continue
+        c = compare(ss.gap, ms.gap, "gap SS - MS")
+        outcome = "holds" if c.decisive and c.diff > 0 else "does not hold" if c.decisive else "inconclusive"
+        outcomes.append(outcome)
+        lines.append(f"multi-stage, mlp {ms.size}{_abl(ms)}: gap SS {ss.gap.text('.3f')} vs MS "
+                     f"{ms.gap.text('.3f')}; {c.text} => {outcome}")
+    return Finding(3, "MLPs overfit when scaled; the multi-stage layout and weight sharing of the spatial MLP "
+                      "reduce it (gap = final val loss - final train loss).", _verdict(outcomes), lines)
+
+
+def conv_vs_attention(groups: list[Group]) -> Finding:
+    lines, outcomes = [], []
+    for conv in _by(groups, family="conv", cpe=True, shared=False):
+        attn = _one(groups, family="attn", layout=conv.layout, size=conv.size, cpe=True, shared=False)
+        if attn is None or conv.gap is None or attn.gap is None:
+            continue
+        cap = compare(conv.train_loss, attn.train_loss, "train loss conv - attn")
+        gen = compare(attn.gap, conv.gap, "gap attn - conv")
+        for c, what in ((cap, "attention fits the training data better (capacity)"),
+                        (gen, "conv generalises better (smaller gap)")):
+            outcome = "holds" if c.decisive and c.diff > 0 else "does not hold" if c.decisive else "inconclusive"
+            outcomes.append(outcome)
+            lines.append(f"{conv.layout} {conv.size}: {what}: train loss conv {conv.train_loss.text('.3f')} vs "
+                         f"attn {attn.train_loss.text('.3f')}, gap conv {conv.gap.text('.3f')} vs attn "
+                         f"{attn.gap.text('.3f')}; {c.text} => {outcome}")
+    return Finding(4, "Conv generalises best, attention has the most capacity (complementary).",
+                   _verdict(outcomes), lines)
+
+
+def hybrids_win(groups: list[Group]) -> Finding:
+    lines, outcomes = [], []
+    for hyb in _by(groups, family="hybrid"):
+        if hyb.top1 is None:
+            continue
+        rivals = [g for f in ("conv", "attn") if (g := _one(groups, family=f, layout=hyb.layout, size=hyb.size,
+                                                             cpe=True, shared=False)) is not None]
+        if not rivals:
+            continue
+        best = max(rivals, key=lambda g: g.top1.mean)
+        c = compare(hyb.top1, best.top1, f"top-1 hybrid - {best.family}", " pt")
+        outcome = "holds" if c.decisive and c.diff > 0 else "does not hold" if c.decisive else "inconclusive"
+        outcomes.append(outcome)
+        lines.append(f"{hyb.layout} {hyb.size}: hybrid {hyb.top1.text()}% vs best single family {best.family} "
+                     f"{best.top1.text()}% ({_costs(hyb, best)}); {c.text} => {outcome}")
+    return Finding(5, "Hybrids win: a multi-stage conv model whose late blocks are attention beats both parents.",
+                   _verdict(outcomes), lines)
+
+
+def _abl(g: Group) -> str:
+    return ("" if g.cpe else " no-CPE") + (" shared" if g.shared else "")
+
+
+FINDINGS: list[Callable[[list[Group]], Finding]] = [
+    multistage_beats_singlestage, local_modelling, mlp_overfitting, conv_vs_attention, hybrids_win]
+
+
+def evaluate_findings(groups: list[Group]) -> list[Finding]:
+    return [f(groups) for f in FINDINGS]

@@ -1,0 +1,96 @@
+"""Progress of a running study: which run, its epoch, runs done/left, an ETA.
+
+Plain lines (one per run start, epoch and run end) so that logs stay readable
+when stdout is not a terminal; on a terminal a tqdm bar also follows the steps
+of the current epoch. The ETA assumes the remaining runs cost what the finished
+work did on average (runs of a grid are of similar cost by design).
+"""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, TextIO
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class Progress:
+    def __init__(self, total: int, already_done: int = 0, stream: TextIO | None = None, quiet: bool = False):
+        self.stream = stream or sys.stdout
+        self.quiet = quiet
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.total = total                # runs to execute in this invocation
+        self.already_done = already_done  # runs finished by earlier invocations
+        self.finished = 0
+        self.failed = 0
+        self.fraction: dict[str, float] = {}   # run name -> fraction of it done (running runs)
+        self.t0 = time.time()
+        self._bar = None
+
+    def _print(self, text: str) -> None:
+        if self.quiet:
+            return
+        if self._bar is not None:
+            self._bar.write(text, file=self.stream)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def eta(self) -> str:
+        work = self.finished + sum(self.fraction.values())
+        if work <= 0:
+            return "?"
+        elapsed = time.time() - self.t0
+        return _fmt_time(elapsed / work * (self.total - work))
+
+    def status(self) -> str:
+        left = self.total - self.finished
+        return f"{self.finished}/{self.total} done ({self.failed} failed), {left} left, ETA {self.eta()}"
+
+    def message(self, text: str) -> None:
+        self._print(text)
+
+    def run_started(self, name: str, epochs: int | None, index: int) -> None:
+        self.fraction[name] = 0.0
+        self._print(f"[{index}/{self.total}] {name}: started ({epochs or '?'} epochs) | {self.status()}")
+
+    def step(self, name: str, epoch: int, step: int, steps: int, epochs: int | None) -> None:
+        if epochs:
+            self.fraction[name] = min(1.0, (epoch + (step + 1) / max(steps, 1)) / epochs)
+        if not self.tty or self.quiet:
+            return
+        if self._bar is None:
+            from tqdm import tqdm
+            self._bar = tqdm(total=steps, file=self.stream, leave=False, dynamic_ncols=True)
+        self._bar.set_description(f"{name} epoch {epoch + 1}/{epochs or '?'}", refresh=False)
+        self._bar.n = step + 1
+        self._bar.refresh()
+
+    def epoch_done(self, name: str, record: dict[str, Any], epochs: int | None) -> None:
+        if epochs:
+            self.fraction[name] = min(1.0, (int(record["epoch"]) + 1) / epochs)
+        self._close_bar()
+        top1 = record.get("val_top1")
+        loss = record.get("train_loss")
+        self._print(f"    {name} epoch {int(record['epoch']) + 1}/{epochs or '?'}: train loss "
+                    f"{_f(loss, '.3f')}, val top-1 {_f(top1, '.2f')}% | ETA {self.eta()}")
+
+    def run_finished(self, name: str, ok: bool, detail: str) -> None:
+        self._close_bar()
+        self.fraction.pop(name, None)
+        self.finished += 1
+        self.failed += 0 if ok else 1
+        self._print(f"    {name}: {'done' if ok else 'FAILED'} — {detail} | {self.status()}")
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def _f(x: Any, spec: str) -> str:
+    return "?" if x is None else format(float(x), spec)

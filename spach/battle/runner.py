@@ -1,0 +1,287 @@
+"""Execute a study: every run is one training through the engine plus its measurements.
+
+`run_study(spec, out_dir)` takes the output directory's lock, records the study
+in the database, and executes the runs that are not done:
+
+- sequentially in this process (default), or `workers` at a time in worker
+  subprocesses (`python -m spach.battle.worker OUT KEY`), the machine's threads
+  split between them; with `launcher: {kind: torchrun}` each run is launched as
+  `torchrun --standalone --nproc_per_node N -m spach.battle.worker OUT KEY`;
+- a run left 'running' by an interrupted invocation continues from its
+  checkpoint (the engine's `resume="auto"`); done runs are never run again;
+  failed runs are retried only with `retry_failed=True`;
+- a failing run is recorded with its error and the study goes on.
+
+The report is written at the end.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+from spach.battle import db
+from spach.battle.progress import Progress
+from spach.battle.spec import Run, Study, load_study
+
+LOCK_NAME = "battle.lock"
+
+
+# --------------------------------------------------------------------------- the output directory's lock
+
+class StudyLock:
+    """An exclusive `flock` on OUT/battle.lock holding the owner's PID; released when the process dies."""
+
+    def __init__(self, out_dir: str | Path):
+        self.path = Path(out_dir) / LOCK_NAME
+        self.fd: int | None = None
+
+    def __enter__(self) -> "StudyLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RuntimeError(f"{self.path.parent} is in use by another `spach battle` (pid {holder}); "
+                               "wait for it to finish or stop it, or use another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *_) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            os.close(self.fd)  # closing releases the flock
+            self.fd = None
+
+
+# --------------------------------------------------------------------------- one run
+
+def run_dir(out_dir: str | Path, run: Run) -> Path:
+    return Path(out_dir) / "runs" / f"{run.name}-{run.key[:8]}"
+
+
+def available_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def measure(config: dict[str, Any], threads: int | None) -> dict[str, Any]:
+    """Params, MACs and inference images/s of a run's architecture at the study's settings.
+
+    The model is built exactly as the engine builds it for training (3-channel input).
+    """
+    from spach.bench import measure_throughput
+    from spach.data import open_source
+    from spach.engine.build import build_model
+    from spach.models import count_macs, count_params
+
+    train, m = config["train"], config["measure"]
+    num_classes = train.get("num_classes") or len(open_source(train["data"], "val").classes)
+    img_size = int(train["img_size"])
+    model = build_model(config["model"], num_classes=num_classes, img_size=img_size,
+                        model_kwargs=config["model_kwargs"])
+    out = {"params": int(count_params(model)), "macs": int(count_macs(model, img_size, in_chans=3))}
+    speed = measure_throughput(model, batch_size=m["batch_size"], img_size=img_size, dtype=m["dtype"],
+                               threads=m["threads"] or threads, mode="infer", warmup=m["warmup"],
+                               repeats=m["repeats"], device=m.get("device", "cpu"))
+    out["images_per_s"] = float(speed["images_per_s"] if isinstance(speed, dict) else speed)
+    return out
+
+
+def execute_run(out_dir: str | Path, key: str, threads: int | None = None,
+                progress: Progress | None = None, index: int = 1) -> bool:
+    """Train and measure one run of the database; record the outcome. Returns True if it is done.
+
+    Under torchrun only rank 0 writes to the database and measures.
+    """
+    from spach.engine import TrainConfig, train
+
+    rank = int(os.environ.get("RANK", "0"))
+    conn = db.connect(out_dir)
+    row = db.get_run(conn, key)
+    config = json.loads(row["config"])
+    cfg_dict = dict(config["train"], output=row["output_dir"], resume="auto", threads=threads)
+    epochs = cfg_dict.get("epochs")
+    name = row["name"]
+    if rank == 0:
+        db.mark_running(conn, key, os.getpid())
+        if progress:
+            progress.run_started(name, epochs, index)
+
+    def on_epoch_end(record: dict[str, Any]) -> None:
+        if rank == 0:
+            db.record_epoch(conn, key, record)
+            if progress:
+                progress.epoch_done(name, record, epochs)
+
+    def on_step(epoch: int, step: int, steps: int) -> None:
+        if rank == 0 and progress:
+            progress.step(name, epoch, step, steps, epochs)
+
+    t0 = time.time()
+    try:
+        result = train(TrainConfig.from_dict(cfg_dict), on_epoch_end=on_epoch_end, on_step=on_step)
+        if rank != 0:
+            return True
+        for record in result.get("history") or []:
+            db.record_epoch(conn, key, record)  # complete curves, also for epochs trained before a resume
+        metrics = measure(config, threads)
+        history = result.get("history") or [{}]
+        metrics.update(best_top1=result.get("best_top1"), final_top1=result.get("final_top1"),
+                       final_top5=result.get("final_top5"), final_val_loss=result.get("final_val_loss"),
+                       final_train_loss=history[-1].get("train_loss"), train_time_s=time.time() - t0)
+    except Exception as e:  # a failing run never stops the study
+        if rank == 0:
+            error = f"{type(e).__name__}: {e}\n" + "".join(traceback.format_exc(limit=8))
+            db.mark_failed(conn, key, error)
+            if progress:
+                progress.run_finished(name, False, f"{type(e).__name__}: {e}")
+        conn.close()
+        return False
+    db.mark_done(conn, key, metrics)
+    conn.close()
+    if progress:
+        progress.run_finished(name, True, f"top-1 {metrics['final_top1']:.2f}% (best {metrics['best_top1']:.2f}%), "
+                                          f"{metrics['params'] / 1e6:.3f}M params, "
+                                          f"{metrics['images_per_s']:.0f} img/s, {metrics['train_time_s']:.0f}s")
+    return True
+
+
+# --------------------------------------------------------------------------- subprocess workers
+
+def worker_command(out_dir: str | Path, key: str, threads: int | None, launcher: dict[str, Any]) -> list[str]:
+    """The command line that executes one run in a fresh process (plain Python, or torchrun)."""
+    tail = ["-m", "spach.battle.worker", str(out_dir), key]
+    if threads:
+        tail += ["--threads", str(threads)]
+    if launcher.get("kind") == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc_per_node={launcher['nproc_per_node']}", *launcher.get("args", []), *tail]
+    return [sys.executable, *tail]
+
+
+def _run_in_subprocesses(out_dir: Path, pending: list[dict], workers: int, threads: int | None,
+                         launcher: dict[str, Any], progress: Progress) -> None:
+    """Keep `workers` worker processes busy; follow their progress through the database."""
+    conn = db.connect(out_dir)
+    queue = list(pending)
+    active: dict[str, tuple[subprocess.Popen, dict, Any]] = {}   # key -> (process, row, log file)
+    seen_epochs: dict[str, int] = {}
+    started = 0
+    try:
+        while queue or active:
+            while queue and len(active) < workers:
+                row = queue.pop(0)
+                Path(row["output_dir"]).mkdir(parents=True, exist_ok=True)
+                log = open(Path(row["output_dir"]) / "worker.log", "a")
+                proc = subprocess.Popen(worker_command(out_dir, row["key"], threads, launcher),
+                                        stdout=log, stderr=subprocess.STDOUT, env=_child_env())
+                active[row["key"]] = (proc, row, log)
+                seen_epochs[row["key"]] = 0
+                started += 1
+                progress.run_started(row["name"], _epochs_of(row), started)
+            time.sleep(0.5)
+            for key, (proc, row, log) in list(active.items()):
+                for record in db.epochs(conn, key)[seen_epochs[key]:]:
+                    progress.epoch_done(row["name"], record, _epochs_of(row))
+                    seen_epochs[key] += 1
+                code = proc.poll()
+                if code is None:
+                    continue
+                log.close()
+                del active[key]
+                final = db.get_run(conn, key)
+                if final["status"] == "done":
+                    progress.run_finished(row["name"], True, f"top-1 {final['final_top1']:.2f}%")
+                else:
+                    if final["status"] != "failed":  # the worker died without recording why
+                        db.mark_failed(conn, key, f"worker exited with code {code}; see {row['output_dir']}/worker.log")
+                    progress.run_finished(row["name"], False, f"see {row['output_dir']}/worker.log")
+    finally:
+        for proc, _, log in active.values():  # interrupted: stop our children, their runs stay 'running'
+            proc.terminate()
+            proc.wait()
+            log.close()
+        conn.close()
+
+
+def _epochs_of(row: dict) -> int | None:
+    return json.loads(row["config"])["train"].get("epochs")
+
+
+def _child_env() -> dict[str, str]:
+    """Workers must import the same `spach` as this process, installed or not."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+# --------------------------------------------------------------------------- the study
+
+def run_study(spec: Study | str | Path | dict, out_dir: str | Path, workers: int = 1, retry_failed: bool = False,
+              threads: int | None = None, quiet: bool = False,
+              report: bool = True, on_progress: Callable[[Progress], None] | None = None) -> dict[str, Any]:
+    """Run every run of the study that is not done yet; write the report. Returns the status counts."""
+    study = spec if isinstance(spec, Study) else load_study(spec)
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    out_dir = Path(out_dir)
+    with StudyLock(out_dir):
+        conn = db.connect(out_dir, create=True)
+        db.register_study(conn, study, lambda r: run_dir(out_dir, r))
+        interrupted = db.reset_interrupted(conn)
+        keys = [r.key for r in study.runs]
+        if retry_failed:
+            db.requeue_failed(conn, keys)
+        rows = db.runs(conn, keys)
+        conn.close()
+        pending = [r for r in rows if r["status"] == "queued"]
+        counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "failed")}
+        total_threads = threads or available_threads()
+        per_run = max(1, total_threads // workers)
+        progress = Progress(total=len(pending), already_done=counts["done"], quiet=quiet)
+        if on_progress:
+            on_progress(progress)
+        from spach.battle.spec import summary
+        progress.message(summary(study))
+        progress.message(f"output {out_dir}: {counts['done']} run(s) already done, {counts['failed']} failed"
+                         f"{' (not retried; use --retry-failed)' if counts['failed'] and not retry_failed else ''}, "
+                         f"{len(pending)} to run"
+                         + (f"; resuming interrupted: {', '.join(interrupted)}" if interrupted else "")
+                         + f"; {workers} worker(s) x {per_run} thread(s)")
+        if study.launcher["kind"] == "local" and workers == 1:
+            for i, row in enumerate(pending, 1):
+                execute_run(out_dir, row["key"], threads=per_run, progress=progress, index=i)
+        elif pending:
+            _run_in_subprocesses(out_dir, pending, workers, per_run if study.launcher["kind"] == "local" else None,
+                                 study.launcher, progress)
+        conn = db.connect(out_dir)
+        final = db.runs(conn, keys)
+        conn.close()
+        result = {s: sum(r["status"] == s for r in final) for s in ("done", "failed", "queued", "running")}
+        result["skipped"] = len(study.skipped)
+        if report:
+            from spach.battle.report import write_report
+            result["report"] = str(write_report(out_dir))
+            progress.message(f"report: {result['report']}")
+        progress.message(f"study {study.name}: {result['done']} done, {result['failed']} failed, "
+                         f"{result['skipped']} skipped combination(s), {progress.t0 and _elapsed(progress.t0)}")
+    return result
+
+
+def _elapsed(t0: float) -> str:
+    from spach.battle.progress import _fmt_time
+    return f"took {_fmt_time(time.time() - t0)}"

@@ -1,0 +1,528 @@
+"""Study files: the schema, its validation, and the expansion of the grid into runs.
+
+A study is a YAML mapping (see docs/battle.md for the full reference)::
+
+    name: cpu-mini
+    data: mnist5k
+    img_size: 32
+    recipe: {epochs: 6, batch_size: 64, lr: 2.0e-3, ...}   # any TrainConfig option
+    measure: {batch_size: 64, dtype: fp32, threads: null}   # inference throughput
+    grid:
+      family: [conv, attn, mlp]          # conv | attn | mlp | hybrid
+      layout: [ss, ms]                   # single-stage | multi-stage
+      size: [tiny]                       # xxs | xs | s (the zoo) or a name under `sizes:`
+      cpe: [true]                        # ablation: the depthwise-conv branch
+      shared: [false]                    # ablation: one spatial module per stage
+      seed: [0, 1]
+    sizes:
+      tiny:
+        ss: {hidden_dim: 64, num_heads: 2, depth: 4, patch_size: 4}
+        ms: {hidden_dim: 16, num_heads: 1, depths: [1, 1, 2, 1], patch_size: 2}
+    extra:                               # runs outside the grid
+      - {model: spach_ms_s_plus_patch4_224_hybrid}
+      - {name: my-net, layout: ms, net_arch: [[[conv, 1]], [[attn, 1]], [[attn, 1]], [[attn, 1]]],
+         hidden_dim: 16, num_heads: 1}
+    launcher: {kind: local}              # or {kind: torchrun, nproc_per_node: 8, ...}
+
+Grid combinations that are not meaningful are *skipped with a recorded reason*
+(they appear in the database and the report): a single-stage hybrid, a hybrid
+size that the zoo lacks, CPE removed from a conv or hybrid model (the conv
+family's spatial mixer IS the depthwise conv), weight sharing on a conv or
+hybrid model (it needs a single non-conv mixer per stage). The same
+combinations in an `extra` entry, which the user wrote by hand, are *rejected*.
+Every run has a key: a hash of its resolved configuration (stable JSON), so a
+run is identified by what it computes, not by its name.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+FAMILIES = ("conv", "attn", "mlp", "hybrid")
+LAYOUTS = ("ss", "ms")
+ZOO_SIZES = ("xxs", "xs", "s")
+MIXERS = ("conv", "pass", "attn", "mlp")
+
+TOP_KEYS = {"name", "description", "data", "img_size", "recipe", "measure", "grid", "sizes", "extra", "launcher"}
+GRID_KEYS = {"family", "layout", "size", "cpe", "shared", "seed"}
+MEASURE_DEFAULTS = {"batch_size": 64, "dtype": "fp32", "threads": None, "warmup": 10, "repeats": 10,
+                    "device": "cpu"}
+LAUNCHER_DEFAULTS = {"kind": "local", "nproc_per_node": 1, "args": []}
+# keys of TrainConfig that the study sets itself, per run
+STUDY_OWNED = {"model", "model_kwargs", "data", "output", "seed", "img_size", "resume", "threads"}
+SS_SIZE_KEYS = {"hidden_dim", "num_heads", "channel_ratio", "token_ratio", "depth", "patch_size"}
+MS_SIZE_KEYS = {"hidden_dim", "num_heads", "channel_ratio", "token_ratio", "depths", "patch_size", "hybrid_attn"}
+EXTRA_KEYS = {"name", "model", "family", "layout", "net_arch", "hidden_dim", "num_heads", "channel_ratio",
+              "token_ratio", "patch_size", "stem_type", "cpe", "shared", "seeds", "model_kwargs"}
+
+
+def _fail(where: str, msg: str) -> None:
+    raise ValueError(f"{where}: {msg}")
+
+
+def stable_json(obj: Any) -> str:
+    """JSON with sorted keys and no whitespace: equal configurations give equal text."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training + its measurements, fully resolved."""
+
+    name: str            # e.g. "attn-ms-tiny-s0"
+    group: str           # the name without the seed: runs of one group are averaged
+    family: str
+    layout: str
+    size: str
+    cpe: bool
+    shared: bool
+    seed: int
+    model: str                       # a zoo name (create_model)
+    model_kwargs: dict[str, Any]     # overrides passed to create_model
+    train: dict[str, Any]            # TrainConfig fields except output / resume / threads
+    measure: dict[str, Any]
+
+    def resolved(self) -> dict[str, Any]:
+        """What the run computes: the basis of its key (names are not part of it)."""
+        return {"model": self.model, "model_kwargs": self.model_kwargs, "train": self.train, "measure": self.measure}
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(stable_json(self.resolved()).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Study:
+    name: str
+    description: str
+    data: str
+    img_size: int
+    recipe: dict[str, Any]
+    measure: dict[str, Any]
+    launcher: dict[str, Any]
+    runs: list[Run] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)   # (name, reason)
+    source: dict[str, Any] = field(default_factory=dict)          # the raw mapping, for the record
+
+
+# --------------------------------------------------------------------------- loading
+
+def list_presets() -> list[str]:
+    root = resources.files("spach.battle") / "presets"
+    return sorted(p.name[: -len(".yaml")] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_study(path_or_preset: str | Path | dict) -> Study:
+    """Load a study from a YAML file, a preset name (e.g. "cpu-mini") or a mapping; validate and expand it."""
+    if isinstance(path_or_preset, dict):
+        return parse_study(path_or_preset, where="study")
+    text_path = str(path_or_preset)
+    path = Path(text_path)
+    if path.is_file():
+        where = str(path)
+        text = path.read_text()
+    elif text_path in list_presets():
+        where = f"preset {text_path}"
+        text = (resources.files("spach.battle") / "presets" / f"{text_path}.yaml").read_text()
+    else:
+        raise FileNotFoundError(
+            f"no study file {text_path!r} and no preset of that name (presets: {', '.join(list_presets())})")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{where}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        _fail(where, "a study must be a YAML mapping")
+    return parse_study(raw, where=where)
+
+
+def parse_study(raw: dict, where: str = "study") -> Study:
+    unknown = set(raw) - TOP_KEYS
+    if unknown:
+        _fail(where, f"unknown key(s) {sorted(unknown)}; allowed: {sorted(TOP_KEYS)}")
+    for key in ("name", "data", "grid"):
+        if key not in raw and not (key == "grid" and raw.get("extra")):
+            _fail(where, f"missing required key {key!r}")
+    name = raw["name"]
+    if not isinstance(name, str) or not name or "/" in name:
+        _fail(where, f"name must be a non-empty string without '/', got {name!r}")
+    img_size = raw.get("img_size", 224)
+    if not isinstance(img_size, int) or isinstance(img_size, bool) or img_size < 8:
+        _fail(where, f"img_size must be an integer >= 8, got {img_size!r}")
+    recipe = _check_recipe(raw.get("recipe") or {}, where)
+    measure = _check_measure(raw.get("measure") or {}, where)
+    launcher = _check_launcher(raw.get("launcher") or {}, where)
+    study = Study(name=name, description=str(raw.get("description", "")).strip(), data=str(raw["data"]),
+                  img_size=img_size, recipe=recipe, measure=measure, launcher=launcher, source=raw)
+    sizes = _check_sizes(raw.get("sizes") or {}, where)
+    if raw.get("grid") is not None:
+        _expand_grid(study, raw["grid"], sizes, where)
+    for i, entry in enumerate(raw.get("extra") or []):
+        study.runs.extend(_expand_extra(study, entry, f"{where}: extra[{i}]"))
+    if not study.runs:
+        reasons = "; ".join(f"{n}: {r}" for n, r in study.skipped) or "the grid is empty"
+        _fail(where, f"the study has no runs ({reasons})")
+    keys: dict[str, str] = {}
+    for run in study.runs:
+        if run.key in keys:
+            _fail(where, f"runs {keys[run.key]!r} and {run.name!r} are the same configuration")
+        keys[run.key] = run.name
+    names = [r.name for r in study.runs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        _fail(where, f"duplicate run name(s) {dup}; give extra entries distinct names")
+    return study
+
+
+def _check_recipe(recipe: Any, where: str) -> dict:
+    if not isinstance(recipe, dict):
+        _fail(where, "recipe must be a mapping of training options")
+    owned = sorted(set(recipe) & STUDY_OWNED)
+    if owned:
+        _fail(where, f"recipe key(s) {owned} are set by the study itself "
+                     "(use data/img_size at the top level, grid.seed for seeds, --workers for threads)")
+    from spach.engine.config import TrainConfig  # the engine validates its own options
+    try:
+        TrainConfig.from_dict(dict(recipe, model="recipe-check", data="recipe-check", output="recipe-check"))
+    except (TypeError, ValueError) as e:
+        _fail(where, f"recipe: {e}")
+    return dict(recipe)
+
+
+def _check_measure(measure: Any, where: str) -> dict:
+    if not isinstance(measure, dict):
+        _fail(where, "measure must be a mapping")
+    unknown = set(measure) - set(MEASURE_DEFAULTS)
+    if unknown:
+        _fail(where, f"measure: unknown key(s) {sorted(unknown)}; allowed: {sorted(MEASURE_DEFAULTS)}")
+    out = dict(MEASURE_DEFAULTS, **measure)
+    if out["dtype"] not in ("fp32", "bf16", "fp16"):
+        _fail(where, f"measure.dtype must be fp32, bf16 or fp16, got {out['dtype']!r}")
+    for key in ("batch_size", "warmup", "repeats"):
+        if not _is_int(out[key]) or out[key] < (0 if key == "warmup" else 1):
+            _fail(where, f"measure.{key} must be a positive integer, got {out[key]!r}")
+    if out["device"] not in ("cpu", "cuda"):
+        _fail(where, f"measure.device must be cpu or cuda, got {out['device']!r}")
+    if out["threads"] is not None and (not _is_int(out["threads"]) or out["threads"] < 1):
+        _fail(where, f"measure.threads must be a positive integer or null, got {out['threads']!r}")
+    return out
+
+
+def _check_launcher(launcher: Any, where: str) -> dict:
+    if not isinstance(launcher, dict):
+        _fail(where, "launcher must be a mapping")
+    unknown = set(launcher) - set(LAUNCHER_DEFAULTS)
+    if unknown:
+        _fail(where, f"launcher: unknown key(s) {sorted(unknown)}; allowed: {sorted(LAUNCHER_DEFAULTS)}")
+    out = dict(LAUNCHER_DEFAULTS, **launcher)
+    if out["kind"] not in ("local", "torchrun"):
+        _fail(where, f"launcher.kind must be 'local' or 'torchrun', got {out['kind']!r}")
+    if not _is_int(out["nproc_per_node"]) or out["nproc_per_node"] < 1:
+        _fail(where, f"launcher.nproc_per_node must be a positive integer, got {out['nproc_per_node']!r}")
+    if not isinstance(out["args"], list) or not all(isinstance(a, str) for a in out["args"]):
+        _fail(where, "launcher.args must be a list of strings (extra torchrun arguments)")
+    return out
+
+
+def _check_sizes(sizes: Any, where: str) -> dict:
+    if not isinstance(sizes, dict):
+        _fail(where, "sizes must be a mapping of size name -> {ss: {...}, ms: {...}}")
+    for name, layouts in sizes.items():
+        w = f"{where}: sizes.{name}"
+        if name in ZOO_SIZES:
+            _fail(w, f"{name!r} is a zoo size; pick another name for an explicit size")
+        if not isinstance(layouts, dict) or not layouts or set(layouts) - set(LAYOUTS):
+            _fail(w, "must map layouts ('ss' and/or 'ms') to their widths and depths")
+        for layout, d in layouts.items():
+            allowed = SS_SIZE_KEYS if layout == "ss" else MS_SIZE_KEYS
+            if not isinstance(d, dict):
+                _fail(f"{w}.{layout}", "must be a mapping")
+            unknown = set(d) - allowed
+            if unknown:
+                _fail(f"{w}.{layout}", f"unknown key(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+            needed = {"hidden_dim", "num_heads", "depth" if layout == "ss" else "depths"}
+            missing = needed - set(d)
+            if missing:
+                _fail(f"{w}.{layout}", f"missing key(s) {sorted(missing)}")
+    return sizes
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+# --------------------------------------------------------------------------- the grid
+
+def _axis(grid: dict, key: str, default: list, where: str) -> list:
+    values = grid.get(key, default)
+    if not isinstance(values, list):
+        values = [values]
+    if not values:
+        _fail(where, f"grid.{key} is empty")
+    if len(set(map(str, values))) != len(values):
+        _fail(where, f"grid.{key} has repeated values {values}")
+    return values
+
+
+def _expand_grid(study: Study, grid: Any, sizes: dict, where: str) -> None:
+    if not isinstance(grid, dict):
+        _fail(where, "grid must be a mapping of axes")
+    unknown = set(grid) - GRID_KEYS
+    if unknown:
+        _fail(where, f"grid: unknown axis/axes {sorted(unknown)}; allowed: {sorted(GRID_KEYS)}")
+    for key in ("family", "layout", "size"):
+        if key not in grid:
+            _fail(where, f"grid.{key} is required")
+    families = _axis(grid, "family", [], where)
+    layouts = _axis(grid, "layout", [], where)
+    size_names = _axis(grid, "size", [], where)
+    cpes = _axis(grid, "cpe", [True], where)
+    shareds = _axis(grid, "shared", [False], where)
+    seeds = _check_seeds(_axis(grid, "seed", [0], where), where)
+    for f in families:
+        if f not in FAMILIES:
+            _fail(where, f"grid.family: unknown family {f!r}; choose from {list(FAMILIES)}")
+    for lay in layouts:
+        if lay not in LAYOUTS:
+            _fail(where, f"grid.layout: unknown layout {lay!r}; choose from {list(LAYOUTS)} (single-/multi-stage)")
+    for s in size_names:
+        if s not in ZOO_SIZES and s not in sizes:
+            _fail(where, f"grid.size: unknown size {s!r}; use a zoo size {list(ZOO_SIZES)} "
+                         f"or define it under 'sizes:' (defined: {sorted(sizes)})")
+    for key, values in (("cpe", cpes), ("shared", shareds)):
+        if not all(isinstance(v, bool) for v in values):
+            _fail(where, f"grid.{key} must be a list of true/false, got {values}")
+    for family in families:
+        for layout in layouts:
+            for size in size_names:
+                for cpe in cpes:
+                    for shared in shareds:
+                        group = _group_name(family, layout, size, cpe, shared)
+                        try:
+                            model, kwargs = resolve_architecture(family, layout, size, cpe, shared, sizes)
+                        except _Skip as skip:
+                            study.skipped.append((group, str(skip)))
+                            continue
+                        except ValueError as e:
+                            _fail(where, f"{group}: {e}")
+                        for seed in seeds:
+                            study.runs.append(_make_run(study, group, family, layout, size, cpe, shared,
+                                                        seed, model, kwargs))
+
+
+def _check_seeds(seeds: list, where: str) -> list[int]:
+    for s in seeds:
+        if not _is_int(s) or s < 0:
+            _fail(where, f"seeds must be non-negative integers, got {s!r}")
+    return seeds
+
+
+def _group_name(family: str, layout: str, size: str, cpe: bool, shared: bool) -> str:
+    return f"{family}-{layout}-{size}" + ("" if cpe else "-nocpe") + ("-shared" if shared else "")
+
+
+class _Skip(Exception):
+    """A grid combination that is not meaningful; the message is the recorded reason."""
+
+
+def _zoo_name(family: str, layout: str, size: str) -> str:
+    if layout == "ss":
+        return f"spach_{size}_patch16_224_{family}"
+    return f"spach_ms_{size}_patch4_224_{family}"
+
+
+def _per_family(value: Any, family: str, what: str) -> Any:
+    """Size fields may be one value or a mapping family -> value (the paper widens conv/MLP vs attention)."""
+    if isinstance(value, dict):
+        unknown = set(value) - set(FAMILIES)
+        if unknown:
+            raise ValueError(f"{what}: unknown family key(s) {sorted(unknown)}")
+        if family not in value:
+            raise ValueError(f"{what} gives no value for family {family!r}")
+        return value[family]
+    return value
+
+
+def _ablation_check(family: str, cpe: bool, shared: bool) -> str | None:
+    """Why an ablation does not apply to a family, or None."""
+    if not cpe and family == "conv":
+        return "the conv family's spatial mixer IS the depthwise conv: CPE cannot be removed"
+    if not cpe and family == "hybrid":
+        return "a hybrid's conv blocks have the depthwise conv as their only spatial mixer: CPE cannot be removed"
+    if shared and family == "conv":
+        return "weight sharing applies to attention/MLP mixers; the conv family has no spatial module to share"
+    if shared and family == "hybrid":
+        return "weight sharing needs one non-conv mixer type per stage; hybrid stages mix conv and attention"
+    return None
+
+
+def resolve_architecture(family: str, layout: str, size: str, cpe: bool, shared: bool,
+                         sizes: dict) -> tuple[str, dict]:
+    """(zoo model name, create_model overrides) for one grid cell; raises _Skip if not meaningful."""
+    why = _ablation_check(family, cpe, shared)
+    if why:
+        raise _Skip(why)
+    if family == "hybrid" and layout == "ss":
+        raise _Skip("hybrids are defined in the multi-stage layout only (conv early, attention late)")
+    kwargs: dict[str, Any] = {}
+    if not cpe:
+        kwargs["cpe"] = False
+    if shared:
+        kwargs["shared_spatial_func"] = True
+    if size in ZOO_SIZES:
+        if family == "hybrid" and size == "xxs":
+            raise _Skip("the zoo has no XXS hybrid (hybrids exist at XS and S)")
+        return _zoo_name(family, layout, size), kwargs
+    d = sizes[size].get(layout)
+    if d is None:
+        raise _Skip(f"size {size!r} defines no {layout!r} layout")
+    w = f"sizes.{size}.{layout}"
+    depth_key = "depth" if layout == "ss" else "depths"
+    depth = _per_family(d[depth_key], family, f"{w}.{depth_key}")
+    for key in ("hidden_dim", "num_heads", "channel_ratio", "token_ratio", "patch_size"):
+        if key in d:
+            kwargs[key] = _per_family(d[key], family, f"{w}.{key}")
+    mixer = {"conv": "conv", "attn": "attn", "mlp": "mlp"}.get(family)
+    if layout == "ss":
+        if not _is_int(depth) or depth < 1:
+            raise ValueError(f"{w}.depth must be a positive integer, got {depth!r}")
+        kwargs["net_arch"] = [[mixer, depth]]
+    else:
+        if not (isinstance(depth, list) and len(depth) == 4 and all(_is_int(x) and x >= 1 for x in depth)):
+            raise ValueError(f"{w}.depths must be 4 positive integers (one per stage), got {depth!r}")
+        if family == "hybrid":
+            attn = d.get("hybrid_attn")
+            if attn is None:
+                raise ValueError(f"{w} needs hybrid_attn: how many of the last blocks of each stage are "
+                                 "attention, e.g. [0, 0, 1, 1]")
+            if not (isinstance(attn, list) and len(attn) == 4 and all(_is_int(a) and 0 <= a <= n
+                                                                       for a, n in zip(attn, depth))):
+                raise ValueError(f"{w}.hybrid_attn must be 4 integers, each between 0 and that stage's depth")
+            if attn[0] != 0 or sum(attn) == 0:
+                raise ValueError(f"{w}.hybrid_attn: stage 1 is conv-only and at least one block must be attention")
+            kwargs["net_arch"] = [[[m, k] for m, k in (("conv", n - a), ("attn", a)) if k > 0]
+                                  for n, a in zip(depth, attn)]
+        else:
+            kwargs["net_arch"] = [[["conv", depth[0]]]] + [[[mixer, n]] for n in depth[1:]]
+    # the explicit size replaces the zoo's widths and depths; the xxs name only picks the class
+    base = _zoo_name("conv" if family == "hybrid" else family, layout, "xxs")
+    return base, kwargs
+
+
+# --------------------------------------------------------------------------- runs
+
+def _make_run(study: Study, group: str, family: str, layout: str, size: str, cpe: bool, shared: bool,
+              seed: int, model: str, kwargs: dict) -> Run:
+    model_kwargs = dict(kwargs, img_size=study.img_size)
+    train = dict(study.recipe, model=model, model_kwargs=model_kwargs, data=study.data,
+                 img_size=study.img_size, seed=seed)
+    return Run(name=f"{group}-s{seed}", group=group, family=family, layout=layout, size=size, cpe=cpe,
+               shared=shared, seed=seed, model=model, model_kwargs=model_kwargs, train=train,
+               measure=dict(study.measure))
+
+
+def _check_net_arch(arch: Any, layout: str, where: str) -> list:
+    def check_stage(stage: Any, w: str) -> list:
+        if not isinstance(stage, list) or not stage:
+            _fail(w, "a stage must be a non-empty list of [mixer, depth] pairs")
+        out = []
+        for pair in stage:
+            if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+                _fail(w, f"expected a [mixer, depth] pair, got {pair!r}")
+            mixer, depth = pair
+            if mixer not in MIXERS:
+                _fail(w, f"unknown mixer {mixer!r}; choose from {list(MIXERS)}")
+            if not _is_int(depth) or depth < 1:
+                _fail(w, f"depth must be a positive integer, got {depth!r}")
+            out.append(["conv" if mixer == "pass" else mixer, depth])
+        return out
+
+    if layout == "ss":
+        return check_stage(arch, f"{where}.net_arch")
+    if not (isinstance(arch, list) and len(arch) == 4):
+        _fail(where, "a multi-stage net_arch is 4 lists of [mixer, depth] pairs, one per stage")
+    stages = [check_stage(s, f"{where}.net_arch[{i}]") for i, s in enumerate(arch)]
+    if any(m != "conv" for m, _ in stages[0]):
+        _fail(where, "stage 1 of a multi-stage net_arch is conv-only")
+    return stages
+
+
+def _family_of(arch: list, layout: str) -> str:
+    blocks = arch if layout == "ss" else [p for stage in arch[1:] for p in stage]
+    mixers = {m for m, _ in blocks}
+    return mixers.pop() if len(mixers) == 1 else "hybrid"
+
+
+def _expand_extra(study: Study, entry: Any, where: str) -> list[Run]:
+    if isinstance(entry, str):
+        entry = {"model": entry}
+    if not isinstance(entry, dict):
+        _fail(where, "an extra entry is a zoo name or a mapping")
+    unknown = set(entry) - EXTRA_KEYS
+    if unknown:
+        _fail(where, f"unknown key(s) {sorted(unknown)}; allowed: {sorted(EXTRA_KEYS)}")
+    seeds = _check_seeds(entry.get("seeds", [0]) if isinstance(entry.get("seeds", [0]), list)
+                         else [entry["seeds"]], where)
+    cpe = entry.get("cpe", True)
+    shared = entry.get("shared", False)
+    if not isinstance(cpe, bool) or not isinstance(shared, bool):
+        _fail(where, "cpe and shared must be true/false")
+    kwargs = dict(entry.get("model_kwargs") or {})
+    if not isinstance(kwargs, dict):
+        _fail(where, "model_kwargs must be a mapping")
+    for key in ("hidden_dim", "num_heads", "channel_ratio", "token_ratio", "patch_size", "stem_type"):
+        if key in entry:
+            kwargs[key] = entry[key]
+    if "net_arch" in entry:
+        layout = entry.get("layout")
+        if layout not in LAYOUTS:
+            _fail(where, f"a custom net_arch needs layout: ss or ms, got {layout!r}")
+        arch = _check_net_arch(entry["net_arch"], layout, where)
+        family = entry.get("family", _family_of(arch, layout))
+        kwargs["net_arch"] = arch
+        model = entry.get("model") or _zoo_name("conv", layout, "xxs")
+        name = entry.get("name")
+        if not name:
+            _fail(where, "a custom net_arch entry needs a name")
+        size = "custom"
+    elif "model" in entry:
+        model = entry["model"]
+        if not isinstance(model, str) or not model.startswith("spach_"):
+            _fail(where, f"model must be a spach zoo name, got {model!r}")
+        layout = "ms" if model.startswith("spach_ms_") else "ss"
+        family = entry.get("family", model.rsplit("_", 1)[-1])
+        size = model.split("_")[2 if layout == "ms" else 1]
+        if size == "s" and "_s_plus_" in model:
+            size = "s_plus"
+        name = entry.get("name") or model
+    else:
+        _fail(where, "an extra entry needs a zoo `model` name or a custom `net_arch`")
+    if family not in FAMILIES:
+        _fail(where, f"unknown family {family!r}; choose from {list(FAMILIES)}")
+    why = _ablation_check(family, cpe, shared)
+    if why:
+        _fail(where, why)
+    if not cpe:
+        kwargs["cpe"] = False
+    if shared:
+        kwargs["shared_spatial_func"] = True
+    group = name + ("" if cpe else "-nocpe") + ("-shared" if shared else "")
+    return [_make_run(study, group, family, layout, size, cpe, shared, seed, model, kwargs) for seed in seeds]
+
+
+def summary(study: Study) -> str:
+    groups = sorted({r.group for r in study.runs})
+    seeds = sorted({r.seed for r in study.runs})
+    return (f"study {study.name}: {len(study.runs)} runs ({len(groups)} architectures x seeds {seeds}), "
+            f"{len(study.skipped)} combination(s) skipped; data {study.data} @ {study.img_size}px, "
+            f"{study.recipe.get('epochs', '?')} epochs")
+
+
+__all__ = ["Run", "Study", "load_study", "parse_study", "list_presets", "stable_json", "summary",
+           "resolve_architecture", "FAMILIES", "LAYOUTS", "ZOO_SIZES"]
