@@ -1,0 +1,36 @@
+"""Data for training and evaluation: SOURCEs, robust datasets, the recipe's transforms.
+
+    from spach.data import build_dataset
+    ds = build_dataset("mnist5k", "train", img_size=32, train=True, seed=0)
+    ds = build_dataset("path/to/imagefolder", "val", img_size=224)
+
+SOURCE is `mnist5k` (built in: 4,000/1,000 fixed class-balanced split), an ImageFolder
+root with `train/` and `val/`, or `NAME:ROOT` for a torchvision dataset on disk
+(cifar10, cifar100, mnist, fashionmnist, kmnist, svhn, stl10; never downloaded).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from spach.data.datasets import SafeDataset, class_balanced_indices, collate_skip, open_source
+from spach.data.mnist5k import Mnist5k
+from spach.data.transforms import eval_transform, train_transform
+
+__all__ = ["build_dataset", "open_source", "SafeDataset", "class_balanced_indices", "collate_skip",
+           "Mnist5k", "train_transform", "eval_transform"]
+
+
+def build_dataset(source: str, split: str, img_size: int, *, train: bool = False, max_samples: Optional[int] = None,
+                  seed: Optional[int] = None, crop_pct: float = 0.875, interpolation: str = "bicubic",
+                  mean=None, std=None, **train_aug) -> SafeDataset:
+    """A SafeDataset of SOURCE's split with the recipe's train (`train=True`) or eval transform.
+
+    `train_aug` are `train_transform` keywords (auto_augment, reprob, hflip, scale, ...).
+    """
+    norm = {k: v for k, v in (("mean", mean), ("std", std)) if v is not None}
+    if train:
+        transform = train_transform(img_size, interpolation=interpolation, **norm, **train_aug)
+    else:
+        transform = eval_transform(img_size, crop_pct=crop_pct, interpolation=interpolation, **norm)
+    base = open_source(source, split)
+    return SafeDataset(base, transform, class_balanced_indices(base.targets, max_samples), seed=seed)

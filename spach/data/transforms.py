@@ -1,0 +1,47 @@
+"""Train and eval transforms of the recipe, built with `timm.data.create_transform`.
+
+    t = train_transform(32, auto_augment="rand-m9-mstd0.5-inc1", reprob=0.25)
+    e = eval_transform(32, crop_pct=0.875)   # resize to 32/0.875, centre crop 32
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+
+
+def train_transform(
+    img_size: int,
+    *,
+    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1",
+    reprob: float = 0.25,
+    remode: str = "pixel",
+    recount: int = 1,
+    hflip: float = 0.5,
+    scale: Sequence[float] = (0.08, 1.0),
+    ratio: Sequence[float] = (3 / 4, 4 / 3),
+    interpolation: str = "bicubic",
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
+):
+    """Random-resized crop, flip, RandAugment, normalise, random erasing (DeiT / SPEC §6)."""
+    return create_transform(
+        img_size, is_training=True, scale=tuple(scale), ratio=tuple(ratio), hflip=hflip,
+        auto_augment=auto_augment or None, interpolation=interpolation,
+        mean=tuple(mean), std=tuple(std), re_prob=reprob, re_mode=remode, re_count=recount,
+    )
+
+
+def eval_transform(
+    img_size: int,
+    *,
+    crop_pct: float = 0.875,
+    interpolation: str = "bicubic",
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
+):
+    """Resize to img_size / crop_pct, centre crop img_size, normalise."""
+    return create_transform(
+        img_size, is_training=False, crop_pct=crop_pct, interpolation=interpolation,
+        mean=tuple(mean), std=tuple(std),
+    )

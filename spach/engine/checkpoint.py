@@ -1,0 +1,142 @@
+"""Crash-safe checkpoints: atomic writes, a previous good copy, weights_only loading.
+
+    save_checkpoint(state, out_dir)            # -> out_dir/last.pt (old one kept as last.prev.pt)
+    state, path = find_resumable(out_dir)      # newest loadable of last.pt, last.prev.pt (warns on a bad one)
+    state = load_checkpoint_file(path)         # CheckpointError (a RuntimeError) if unreadable
+
+A write goes to a temporary file in the same directory, is flushed and fsync'ed, then
+`last.pt` is renamed to `last.prev.pt` and the temporary file renamed to `last.pt`
+(os.replace is atomic), and the directory is fsync'ed. A kill at any moment leaves at
+least one complete checkpoint. Everything inside is tensors and plain Python data, so
+`torch.load(path, weights_only=True)` reads it: RNG states are stored as tensors/lists.
+"""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+LAST = "last.pt"
+PREV = "last.prev.pt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, truncated, corrupt or not a spach training checkpoint."""
+
+
+# --- atomic write ----------------------------------------------------------------------------
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """torch.save to `path` atomically: temp file in the same dir, fsync, os.replace, fsync dir."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: str | Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(state: dict, out_dir: str | Path) -> Path:
+    """Write `state` as OUT/last.pt, keeping the previous one as OUT/last.prev.pt."""
+    out_dir = Path(out_dir)
+    fd, tmp = tempfile.mkstemp(prefix=".last.", suffix=".tmp", dir=out_dir)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if (out_dir / LAST).exists():
+            os.replace(out_dir / LAST, out_dir / PREV)
+        os.replace(tmp, out_dir / LAST)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(out_dir)
+    return out_dir / LAST
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+def load_checkpoint_file(path: str | Path) -> dict:
+    """Load a training checkpoint with weights_only=True; CheckpointError with the reason if it cannot."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 — truncated zip, bad pickle, disallowed globals, ...
+        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt?): "
+                              f"{type(e).__name__}: {e}") from None
+    if not isinstance(state, dict) or "model" not in state or "position" not in state:
+        raise CheckpointError(f"{path} is not a spach training checkpoint (no 'model'/'position' entries); "
+                              f"to start from its weights use init_checkpoint / --init-checkpoint")
+    return state
+
+
+def find_resumable(out_dir: str | Path) -> tuple[Optional[dict], Optional[Path]]:
+    """The newest loadable checkpoint in `out_dir` (last.pt, else last.prev.pt), or (None, None)."""
+    found = []
+    for name in (LAST, PREV):
+        path = Path(out_dir) / name
+        if not path.exists():
+            continue
+        try:
+            found.append((load_checkpoint_file(path), path))
+        except CheckpointError as e:
+            warnings.warn(f"{e}; falling back to an older checkpoint", stacklevel=2)
+    if not found:
+        return None, None
+    # normally last.pt; if a crash left only/also last.prev.pt, still take the furthest position
+    return max(found, key=lambda sp: tuple(sp[0]["position"][k] for k in ("epoch", "step")))
+
+
+# --- RNG state as plain data -------------------------------------------------------------------
+
+def rng_state() -> dict:
+    """torch / cuda / numpy / python RNG states as tensors and lists (weights_only-loadable)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, py_state, py_gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": {"version": version, "state": list(py_state), "gauss": py_gauss},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
