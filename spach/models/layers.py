@@ -155,6 +155,9 @@ class TokenMlp(nn.Module):
         super().__init__()
         self.grid_size = tuple(grid_size)
         num_tokens = self.grid_size[0] * self.grid_size[1]
+        if int(num_tokens * token_ratio) < 1:
+            raise ValueError(f"a token-mixing MLP over {num_tokens} tokens with token_ratio={token_ratio} has no "
+                             f"hidden units: use a larger img_size (or fewer stages) for MLP models")
         self.fc1 = nn.Linear(num_tokens, int(num_tokens * token_ratio))
         self.act = nn.GELU()
         self.drop1 = nn.Dropout(drop)
