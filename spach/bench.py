@@ -1,0 +1,573 @@
+"""Speed of models, judged against this machine's own matmul rate.
+
+Three layers, each usable alone:
+
+- `matmul_rate(dtype)`: FLOP/s of a square `torch.matmul` (2·n³ FLOPs) measured
+  now, with the same threads and dtype as the model it is compared with.
+- `measure_throughput(model, ...)`: images/s of inference (eval +
+  `torch.inference_mode`) or of a training step (forward, cross-entropy on
+  random labels, backward, AdamW step). Warm-up, then the median of repeated
+  timed passes (or, with `protocol="swin"`, the Swin/SPACH protocol: 50 warm-up
+  passes, then the mean of 30 timed passes).
+- `benchmark(models, ...)`: one row per (model, dtype, mode) with params,
+  GMACs, images/s, achieved GFLOP/s and the fraction of the matmul rate
+  ("MFU"), plus a summary (geometric mean and minimum of the fractions).
+  `format_table` and `write_json` render the result.
+
+Achieved FLOP/s counts 2 FLOPs per multiply-accumulate: 2·MACs·images/s for
+inference, and 3× that for a training step (forward + backward, the usual
+convention: the backward pass costs two forwards).
+
+Example::
+
+    from spach.bench import benchmark, format_table
+    result = benchmark(["spach_ms_s_patch4_224_conv"], dtypes=["fp32", "bf16"], threads=2)
+    print(format_table(result))
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime
+import difflib
+import json
+import math
+import os
+import platform
+import statistics
+import tempfile
+import time
+from typing import Callable, Iterable, Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MODES = ("infer", "train")
+DEVICES = ("cpu", "cuda")
+# bf16 inference: "autocast" keeps fp32 weights and casts inside torch.autocast;
+# "weights" casts the model (weights and input) to bf16 and runs it plainly.
+BF16_IMPLS = ("autocast", "weights")
+GROUPS = ("zoo", "ms", "ss")
+
+# the timing protocols: (warm-up passes, timed passes, statistic)
+PROTOCOLS = {
+    "default": (3, 10, "median"),
+    "swin": (50, 30, "mean"),  # Swin/SPACH throughput: eval, 50 warm-up, mean of 30
+}
+
+
+# --------------------------------------------------------------------------
+# argument checks and small helpers
+# --------------------------------------------------------------------------
+
+def _check_choice(what: str, value: str, choices: Iterable[str]) -> str:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"unknown {what} {value!r}; choose one of: {', '.join(choices)}")
+    return value
+
+
+def _check_device(device: str) -> torch.device:
+    _check_choice("device", device, DEVICES)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but no CUDA GPU is available")
+    return torch.device(device)
+
+
+@contextlib.contextmanager
+def num_threads(threads: int | None) -> Iterator[int]:
+    """Run the body with `threads` intra-op threads (None: leave as is); restore afterwards."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_passes(step: Callable[[], object], warmup: int, repeats: int, device: torch.device,
+                 together: bool = False) -> list[float]:
+    """Seconds per pass of `step`, after `warmup` untimed passes.
+
+    `together=True` times all `repeats` passes as one block (the Swin way) and
+    returns that block's mean once per pass.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    if together:
+        start = time.perf_counter()
+        for _ in range(repeats):
+            step()
+        _sync(device)
+        return [(time.perf_counter() - start) / repeats] * repeats
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _spread(times: list[float]) -> dict:
+    """Summary of per-pass times: median, mean, min, max and relative spread (max-min)/median."""
+    med = statistics.median(times)
+    return {
+        "median_s": med,
+        "mean_s": statistics.fmean(times),
+        "min_s": min(times),
+        "max_s": max(times),
+        "spread": (max(times) - min(times)) / med if med > 0 else 0.0,
+    }
+
+
+# --------------------------------------------------------------------------
+# the machine's reference: a square matmul
+# --------------------------------------------------------------------------
+
+def matmul_rate(dtype: str = "fp32", n: int = 2048, threads: int | None = None, warmup: int = 3,
+                repeats: int = 10, device: str = "cpu", details: bool = False) -> float | dict:
+    """FLOP/s of `torch.matmul` of two n×n matrices in `dtype`, measured now.
+
+    One matmul counts 2·n³ FLOPs; the rate is taken from the median pass after
+    `warmup` passes. With `details=True` a dict is returned instead:
+    `flops_per_s` plus the timing spread (`median_s`, `min_s`, `max_s`, `spread`).
+    """
+    _check_choice("dtype", dtype, DTYPES)
+    dev = _check_device(device)
+    torch_dtype = DTYPES[dtype]
+    with num_threads(threads) as used_threads:
+        gen = torch.Generator().manual_seed(0)
+        a = torch.randn(n, n, generator=gen).to(dev, torch_dtype)
+        b = torch.randn(n, n, generator=gen).to(dev, torch_dtype)
+        out = torch.empty(n, n, device=dev, dtype=torch_dtype)
+        times = _time_passes(lambda: torch.matmul(a, b, out=out), warmup, repeats, dev)
+    stats = _spread(times)
+    rate = 2 * n**3 / stats["median_s"]
+    if not details:
+        return rate
+    return {"dtype": dtype, "n": n, "threads": used_threads, "device": device, "flops_per_s": rate, **stats}
+
+
+# --------------------------------------------------------------------------
+# one model
+# --------------------------------------------------------------------------
+
+def _num_classes(model: nn.Module, x: torch.Tensor) -> int:
+    n = getattr(model, "num_classes", None)
+    if isinstance(n, int) and n > 0:
+        return n
+    with torch.no_grad():
+        return model(x[:1]).shape[-1]
+
+
+def measure_throughput(model: nn.Module, batch_size: int = 16, img_size: int = 224, dtype: str = "fp32",
+                       threads: int | None = None, mode: str = "infer", warmup: int | None = None,
+                       repeats: int | None = None, device: str = "cpu", channels_last: bool = False,
+                       protocol: str = "default", bf16_impl: str = "autocast", in_chans: int | None = None) -> dict:
+    """Images/s of `model` on random input of `batch_size`×3×`img_size`².
+
+    mode "infer": eval mode under `torch.inference_mode`; mode "train": train
+    mode, forward, cross-entropy on random labels, backward and an AdamW step.
+    bf16 runs under `torch.autocast`; for inference `bf16_impl="weights"`
+    instead casts the model to bf16. The model passed in is never modified
+    (a copy is made when weights, layout or mode would change).
+
+    Returns a dict: `images_per_s` (from the median pass, or the mean for
+    `protocol="swin"`), the per-pass timing summary (`median_s`, `mean_s`,
+    `min_s`, `max_s`, `spread` = (max-min)/median) and the settings used.
+    """
+    _check_choice("dtype", dtype, DTYPES)
+    _check_choice("mode", mode, MODES)
+    _check_choice("protocol", protocol, PROTOCOLS)
+    _check_choice("bf16_impl", bf16_impl, BF16_IMPLS)
+    dev = _check_device(device)
+    if batch_size < 1 or img_size < 1:
+        raise ValueError(f"batch_size and img_size must be >= 1, got {batch_size} and {img_size}")
+    if protocol == "swin" and mode != "infer":
+        raise ValueError("the Swin throughput protocol measures inference only (mode='infer')")
+    if mode == "train" and bf16_impl == "weights" and dtype == "bf16":
+        raise ValueError("bf16_impl='weights' is for inference; training uses autocast")
+    default_warmup, default_repeats, statistic = PROTOCOLS[protocol]
+    warmup = default_warmup if warmup is None else warmup
+    repeats = default_repeats if repeats is None else repeats
+
+    cast_weights = dtype == "bf16" and bf16_impl == "weights"
+    first = next(model.parameters(), None)
+    in_place = first is None or (first.device == dev and first.dtype == torch.float32
+                                 and mode == "infer" and not cast_weights and not channels_last)
+    was_training = model.training
+    if not in_place:
+        model = copy.deepcopy(model)
+    model = model.to(dev)
+    if cast_weights:
+        model = model.to(torch.bfloat16)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+
+    if in_chans is None:
+        in_chans = getattr(model, "in_chans", None) or 3
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch_size, in_chans, img_size, img_size, generator=gen).to(dev)
+    if cast_weights:
+        x = x.to(torch.bfloat16)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    use_autocast = dtype == "bf16" and not cast_weights
+
+    def autocast():
+        return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_autocast)
+
+    try:
+        with num_threads(threads) as used_threads:
+            if mode == "infer":
+                model.eval()
+
+                def step():
+                    with torch.inference_mode(), autocast():
+                        model(x)
+            else:
+                model.train()
+                y = torch.randint(0, _num_classes(model, x), (batch_size,), generator=gen).to(dev)
+                opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+
+                def step():
+                    opt.zero_grad(set_to_none=True)
+                    with autocast():
+                        out = model(x)
+                    F.cross_entropy(out.float(), y).backward()
+                    opt.step()
+
+            times = _time_passes(step, warmup, repeats, dev, together=(protocol == "swin"))
+    finally:
+        if in_place:
+            model.train(was_training)
+
+    stats = _spread(times)
+    seconds = stats["mean_s"] if statistic == "mean" else stats["median_s"]
+    precision = dtype if dtype == "fp32" else ("bf16-weights" if cast_weights else "bf16-autocast")
+    return {
+        "images_per_s": batch_size / seconds,
+        **stats,
+        "mode": mode, "dtype": dtype, "precision": precision, "batch": batch_size, "img_size": img_size,
+        "threads": used_threads, "device": device, "channels_last": channels_last,
+        "protocol": protocol, "statistic": statistic, "warmup": warmup, "repeats": repeats,
+    }
+
+
+# --------------------------------------------------------------------------
+# model names, parameter and MAC counts
+# --------------------------------------------------------------------------
+
+def zoo_names() -> list[str]:
+    """The SPACH zoo's registered names (imports the model library)."""
+    import spach.models
+
+    return list(spach.models.list_models())
+
+
+def resolve_models(names: Iterable[str]) -> list[str]:
+    """Expand the groups `zoo` (all SPACH models), `ms` (multi-stage), `ss`
+    (single-stage) and check every other name is a model known to timm
+    (SPACH models are registered in timm by `import spach`)."""
+    import timm
+
+    names = list(names)
+    if not names:
+        raise ValueError("no models given")
+    out: list[str] = []
+    known: list[str] | None = None
+    for name in names:
+        if name in GROUPS:
+            zoo = zoo_names()
+            picked = {"zoo": zoo,
+                      "ms": [n for n in zoo if "_ms_" in n],
+                      "ss": [n for n in zoo if "_ms_" not in n]}[name]
+            out.extend(picked)
+            continue
+        if not timm.is_model(name):
+            if known is None:
+                known = list(GROUPS) + sorted(set(_safe_zoo_names()) | set(timm.list_models()))
+            close = difflib.get_close_matches(name, known, n=3)
+            hint = f"; did you mean: {', '.join(close)}?" if close else ""
+            raise ValueError(f"unknown model {name!r}{hint} (groups: {', '.join(GROUPS)})")
+        out.append(name)
+    return list(dict.fromkeys(out))  # keep order, drop repeats
+
+
+def _safe_zoo_names() -> list[str]:
+    try:
+        return zoo_names()
+    except Exception:  # the model library may be missing while it is written
+        return []
+
+
+def _is_spach(name: str) -> bool:
+    return name.startswith("spach_")
+
+
+def create_model(name: str, img_size: int = 224) -> nn.Module:
+    """Build `name` (random weights) through timm; SPACH models get `img_size`."""
+    import timm
+
+    if _is_spach(name):
+        import spach  # noqa: F401  (registers the zoo in timm)
+
+        return timm.create_model(name, pretrained=False, img_size=img_size)
+    return timm.create_model(name, pretrained=False)
+
+
+def count_params(model: nn.Module) -> int:
+    try:
+        from spach.models import count_params as library_count
+    except ImportError:
+        return sum(p.numel() for p in model.parameters())
+    return int(library_count(model))
+
+
+def count_macs(model: nn.Module, img_size: int = 224, in_chans: int = 3) -> float:
+    """Multiply-accumulates of one image at `img_size`² (the library's counter
+    when present, else `torch.utils.flop_counter` directly: FLOPs / 2)."""
+    try:
+        from spach.models import count_macs as library_count
+    except ImportError:
+        library_count = None
+    if library_count is not None:
+        return float(library_count(model, img_size))
+    from torch.utils.flop_counter import FlopCounterMode
+
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None else torch.float32
+    x = torch.zeros(1, in_chans, img_size, img_size, device=device, dtype=dtype)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        model.train(was_training)
+    return counter.get_total_flops() / 2
+
+
+# --------------------------------------------------------------------------
+# many models
+# --------------------------------------------------------------------------
+
+def _as_named(models) -> list[tuple[str, nn.Module | None]]:
+    """Accept names, modules, (name, module) pairs or a {name: module} dict."""
+    if isinstance(models, (str, nn.Module)):
+        models = [models]
+    if isinstance(models, dict):
+        models = list(models.items())
+    named = []
+    for item in models:
+        if isinstance(item, str):
+            named.extend((name, None) for name in resolve_models([item]))
+        elif isinstance(item, nn.Module):
+            named.append((type(item).__name__, item))
+        elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], nn.Module):
+            named.append((str(item[0]), item[1]))
+        else:
+            raise ValueError(f"a model must be a name, an nn.Module or a (name, module) pair, got {item!r}")
+    return list(dict.fromkeys(named))  # keep order, drop repeats
+
+
+def machine_info() -> dict:
+    info = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+    if torch.cuda.is_available():
+        info["cuda_device"] = torch.cuda.get_device_name()
+    return info
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def benchmark(models, batch_size: int = 16, img_size: int = 224, dtypes: Iterable[str] = ("fp32",),
+              modes: Iterable[str] = ("infer",), threads: int | None = None, warmup: int | None = None,
+              repeats: int | None = None, device: str = "cpu", channels_last: bool = False,
+              protocol: str = "default", bf16_impl: str = "autocast", matmul_n: int = 2048,
+              log: Callable[[str], None] | None = None) -> dict:
+    """Benchmark `models` in every dtype and mode; return `{"meta", "rows", "summary"}`.
+
+    `models`: names (timm/SPACH names or the groups zoo/ms/ss), nn.Modules, or
+    (name, module) pairs. The reference matmul is measured right before and
+    right after each (model, dtype, mode) in the same dtype, threads and
+    device; the fraction divides by the mean of the two, so model and matmul
+    are measured under the same conditions (on a shared machine both move).
+
+    Each row: model, params, gmacs, dtype, precision, mode, batch, img_size,
+    threads, images_per_s, the timing spread (median_s, mean_s, min_s, max_s,
+    spread = (max-min)/median), achieved_gflops, matmul_gflops (and its
+    _before/_after), fraction (= achieved_gflops / matmul_gflops).
+    """
+    dtypes, modes = list(dtypes), list(modes)
+    for d in dtypes:
+        _check_choice("dtype", d, DTYPES)
+    for m in modes:
+        _check_choice("mode", m, MODES)
+    _check_choice("protocol", protocol, PROTOCOLS)
+    _check_device(device)
+    named = _as_named(models)
+    log = log or (lambda msg: None)
+
+    rows = []
+    load_before = _loadavg()
+    with num_threads(threads) as used_threads:
+        for dtype in dtypes:  # wake the thread pool and the matmul kernels before anything is timed
+            matmul_rate(dtype, n=matmul_n, device=device, warmup=2, repeats=1)
+        for name, module in named:
+            model = module if module is not None else create_model(name, img_size)
+            params = count_params(model)
+            macs = count_macs(model, img_size)
+            for dtype in dtypes:
+                for mode in modes:
+                    if protocol == "swin" and mode != "infer":
+                        continue
+                    # the reference matmul right before and right after the model, same
+                    # dtype, threads and device: both see the same load on the machine
+                    before = matmul_rate(dtype, n=matmul_n, device=device, details=True)
+                    res = measure_throughput(model, batch_size, img_size, dtype, mode=mode, warmup=warmup,
+                                             repeats=repeats, device=device, channels_last=channels_last,
+                                             protocol=protocol, bf16_impl=bf16_impl if mode == "infer" else "autocast")
+                    after = matmul_rate(dtype, n=matmul_n, device=device, details=True)
+                    matmul = (before["flops_per_s"] + after["flops_per_s"]) / 2
+                    flops_per_image = 2 * macs * (3 if mode == "train" else 1)
+                    achieved = flops_per_image * res["images_per_s"]
+                    row = {
+                        "model": name, "params": params, "gmacs": macs / 1e9,
+                        "dtype": dtype, "precision": res["precision"], "mode": mode,
+                        "batch": batch_size, "img_size": img_size, "threads": used_threads, "device": device,
+                        "images_per_s": res["images_per_s"],
+                        "median_s": res["median_s"], "mean_s": res["mean_s"], "min_s": res["min_s"],
+                        "max_s": res["max_s"], "spread": res["spread"],
+                        "achieved_gflops": achieved / 1e9,
+                        "matmul_gflops": matmul / 1e9,
+                        "matmul_gflops_before": before["flops_per_s"] / 1e9,
+                        "matmul_gflops_after": after["flops_per_s"] / 1e9,
+                        "fraction": achieved / matmul,
+                    }
+                    rows.append(row)
+                    log(f"{name:40s} {dtype} {mode:5s} {row['images_per_s']:8.1f} img/s  "
+                        f"{row['achieved_gflops']:6.1f} GFLOP/s  {100 * row['fraction']:5.1f}% of matmul "
+                        f"({row['matmul_gflops']:.0f} GFLOP/s)  spread {100 * row['spread']:.0f}%")
+            del model
+
+    meta = {
+        **machine_info(), "threads": used_threads, "device": device, "batch": batch_size,
+        "img_size": img_size, "protocol": protocol, "statistic": PROTOCOLS[protocol][2],
+        "warmup": warmup if warmup is not None else PROTOCOLS[protocol][0],
+        "repeats": repeats if repeats is not None else PROTOCOLS[protocol][1],
+        "channels_last": channels_last, "bf16_impl": bf16_impl, "matmul_n": matmul_n,
+        # other processes on the machine slow both the models and the matmul: look here first
+        "loadavg_before": load_before, "loadavg_after": _loadavg(),
+    }
+    return {"meta": meta, "rows": rows, "summary": summarize(rows)}
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per (dtype, mode): geometric mean and minimum of the fractions, and
+    where both dtypes were run, the bf16/fp32 speed-up per model."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["dtype"], row["mode"]), []).append(row)
+    summary = []
+    for (dtype, mode), group in groups.items():
+        fractions = [r["fraction"] for r in group]
+        worst = min(group, key=lambda r: r["fraction"])
+        summary.append({
+            "dtype": dtype, "mode": mode, "models": len(group),
+            "geomean_fraction": math.exp(statistics.fmean(math.log(f) for f in fractions)),
+            "min_fraction": worst["fraction"], "min_model": worst["model"],
+        })
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        fp32 = {r["model"]: r for r in rows if r["mode"] == mode and r["dtype"] == "fp32"}
+        bf16 = {r["model"]: r for r in rows if r["mode"] == mode and r["dtype"] == "bf16"}
+        both = [m for m in fp32 if m in bf16]
+        if both:
+            speedups = {m: bf16[m]["images_per_s"] / fp32[m]["images_per_s"] for m in both}
+            summary.append({
+                "dtype": "bf16/fp32", "mode": mode, "models": len(both),
+                "geomean_speedup": math.exp(statistics.fmean(math.log(s) for s in speedups.values())),
+                "min_speedup": min(speedups.values()), "min_model": min(speedups, key=speedups.get),
+                "speedups": speedups,
+            })
+    return summary
+
+
+# --------------------------------------------------------------------------
+# output
+# --------------------------------------------------------------------------
+
+def format_table(result: dict) -> str:
+    """A markdown table of the rows followed by the summary lines."""
+    head = ["model", "params", "GMACs", "dtype", "mode", "batch", "threads", "images/s", "spread",
+            "GFLOP/s", "matmul GFLOP/s", "fraction"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in result["rows"]:
+        cells = [r["model"], f"{r['params'] / 1e6:.2f}M", f"{r['gmacs']:.2f}", r["precision"], r["mode"],
+                 str(r["batch"]), str(r["threads"]), f"{r['images_per_s']:.1f}", f"{100 * r['spread']:.0f}%",
+                 f"{r['achieved_gflops']:.1f}", f"{r['matmul_gflops']:.1f}", f"{100 * r['fraction']:.1f}%"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    for s in result["summary"]:
+        if "geomean_fraction" in s:
+            lines.append(f"- {s['dtype']} {s['mode']}: geometric mean {100 * s['geomean_fraction']:.1f}% of the "
+                         f"matmul rate over {s['models']} models; min {100 * s['min_fraction']:.1f}% "
+                         f"({s['min_model']})")
+        else:
+            lines.append(f"- bf16 vs fp32 {s['mode']}: speed-up geometric mean {s['geomean_speedup']:.2f}×, "
+                         f"min {s['min_speedup']:.2f}× ({s['min_model']})")
+    return "\n".join(lines)
+
+
+def write_json(result: dict, path: str | os.PathLike) -> None:
+    """Write `result` as JSON atomically (a temporary file in the same folder, then rename)."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".bench-", suffix=".json.tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
