@@ -9,6 +9,8 @@ import argparse
 import importlib
 import sys
 
+from spach.runtime import tune_cpu_allocator
+
 # sub-command name -> module in spach.cli
 COMMANDS = {
     "models": "spach.cli.models",
@@ -40,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    tune_cpu_allocator()
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, RuntimeError) as e:

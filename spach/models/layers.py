@@ -73,8 +73,8 @@ class ConvStem(nn.Module):
             raise ValueError(f"unknown stem_type {stem_type!r}: expected 'conv1' or 'conv4'")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # (B, C_in, H, W) -> (B, H/p, W/p, C)
-        return nchw_to_nhwc(self.proj(x))
+        # (B, C_in, H, W) -> (B, H/p, W/p, C); a channels_last input makes the output tokens contiguous
+        return nchw_to_nhwc(self.proj(x.contiguous(memory_format=torch.channels_last)))
 
 
 class Downsample(nn.Module):
@@ -210,13 +210,11 @@ class MixingBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: (B, H, W, C)
+        # x: (B, H, W, C). Sums are done in place on tensors this block created (fewer allocations).
         y = x
         if self.token_mixer is not None:
-            s = self.token_mixer(self.norm1(x))
-            if self.gamma is not None:
-                s = self.gamma * s
-            y = y + self.drop_path(s)
+            s = self.drop_path(self.token_mixer(self.norm1(x)))
+            y = x + s if self.gamma is None else torch.addcmul(x, self.gamma, s)  # x + gamma * s
         if self.cpe is not None:
-            y = y + self.cpe(x)
-        return y + self.drop_path(self.mlp(self.norm2(y)))
+            y = self.cpe(x).add_(y)  # CPE reads the block input x
+        return self.drop_path(self.mlp(self.norm2(y))).add_(y)
