@@ -25,11 +25,13 @@ def train_transform(
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
 ):
     """Random-resized crop, flip, RandAugment, normalise, random erasing (DeiT / SPEC §6)."""
-    return create_transform(
+    transform = create_transform(
         img_size, is_training=True, scale=tuple(scale), ratio=tuple(ratio), hflip=hflip,
         auto_augment=auto_augment or None, interpolation=interpolation,
         mean=tuple(mean), std=tuple(std), re_prob=reprob, re_mode=remode, re_count=recount,
     )
+    _fix_posterize(transform)
+    return transform
 
 
 def eval_transform(
@@ -45,3 +47,26 @@ def eval_transform(
         img_size, is_training=False, crop_pct=crop_pct, interpolation=interpolation,
         mean=tuple(mean), std=tuple(std),
     )
+
+
+def _posterize(img, bits_to_keep, **_):
+    """timm's posterize, also for 0 bits: 'PosterizeIncreasing' at full magnitude asks for 0 bits,
+    which recent Pillow rejects (older Pillow returned a black image, as this does)."""
+    from PIL import Image, ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _fix_posterize(transform) -> None:
+    """Swap in `_posterize` for the Posterize ops of a RandAugment inside a Compose (in place)."""
+    from timm.data.auto_augment import RandAugment
+
+    for t in getattr(transform, "transforms", []):
+        if isinstance(t, RandAugment):
+            for op in t.ops:
+                if op.name.startswith("Posterize"):
+                    op.aug_fn = _posterize

@@ -287,7 +287,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         elif typing.get_origin(tp) is tuple:
             parser.add_argument(flag, nargs=len(typing.get_args(tp)), type=float, metavar="X", **kw)
         else:  # parsed by _coerce ('none' allowed for optional fields)
-            parser.add_argument(flag, metavar=f.name.split("_")[-1].upper(), **kw)
+            inner = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+            parser.add_argument(flag, metavar={int: "N", float: "X"}.get(inner[0], "TEXT"), **kw)
 
 
 def _key_value(text: str) -> tuple[str, Any]:

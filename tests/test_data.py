@@ -1,0 +1,107 @@
+"""spach.data: the built-in split, class-balanced slices, SOURCE errors, unreadable images, seeded augmentation."""
+import random
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from spach.data import Mnist5k, SafeDataset, build_dataset, class_balanced_indices, collate_skip, open_source
+from spach.data.mnist5k import NPZ
+from spach.data.transforms import train_transform
+
+
+def test_mnist5k_fixed_balanced_split():
+    tr, va = Mnist5k("train"), Mnist5k("val")
+    assert (len(tr), len(va)) == (4000, 1000)
+    assert np.bincount(tr.targets).tolist() == [400] * 10
+    assert np.bincount(va.targets).tolist() == [100] * 10
+    # disjoint and together the whole file
+    with np.load(NPZ) as f:
+        n_total = len(f["labels"])
+    assert len(tr) + len(va) == n_total
+    flat = {img.tobytes() for img in tr.images} & {img.tobytes() for img in va.images}
+    assert len(flat) < 5  # (a handful of identical digits may exist in MNIST itself)
+    img, t = tr[0]
+    assert img.size == (28, 28) and img.mode == "L" and t == 0
+    assert Mnist5k("val").targets == va.targets  # deterministic
+
+
+def test_class_balanced_slice():
+    targets = [i % 10 for i in range(1000)]
+    idx = class_balanced_indices(targets, 95)
+    assert len(idx) == 95 and idx == sorted(set(idx))
+    counts = np.bincount([targets[i] for i in idx])
+    assert counts.max() - counts.min() <= 1
+    assert idx == class_balanced_indices(targets, 95)
+    assert class_balanced_indices(targets, None) == list(range(1000))
+
+
+def test_build_dataset_makes_3_channel_model_size_tensors():
+    ds = build_dataset("mnist5k", "val", img_size=32, max_samples=20)
+    x, y = ds[0]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    raw = x * std[:, None, None] + mean[:, None, None]  # undo the (ImageNet) normalisation
+    assert torch.allclose(raw[0], raw[1], atol=1e-5) and torch.allclose(raw[1], raw[2], atol=1e-5)  # grey x3
+    assert len(ds) == 20 and sorted(set(ds.targets)) == list(range(10))
+
+
+def test_augmentation_is_a_function_of_seed_epoch_index_and_leaves_global_rng_alone():
+    ds = build_dataset("mnist5k", "train", img_size=32, train=True, seed=3, max_samples=50)
+    before = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    a = ds[7][0]
+    assert torch.equal(torch.get_rng_state(), before[0])
+    assert np.array_equal(np.random.get_state()[1], before[1]) and random.getstate() == before[2]
+    torch.manual_seed(123)  # a different global state must not matter
+    assert torch.equal(ds[7][0], a)
+    ds.set_epoch(1)
+    assert not torch.equal(ds[7][0], a)
+
+
+def test_posterize_full_magnitude_does_not_crash():
+    # 'PosterizeIncreasing' at magnitude 10 asks Pillow for 0 bits, which recent Pillow rejects
+    t = train_transform(32, auto_augment="rand-m10-n4-inc1")
+    img = Image.fromarray(np.random.RandomState(0).randint(0, 255, (28, 28, 3), dtype=np.uint8))
+    for _ in range(100):
+        t(img)
+
+
+def _image_folder(root, n_per_class=3, classes=("a", "b")):
+    rng = np.random.RandomState(0)
+    for split in ("train", "val"):
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            for i in range(n_per_class):
+                Image.fromarray(rng.randint(0, 255, (20, 20, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
+    return root
+
+
+def test_unreadable_image_is_skipped_with_a_warning_and_counted(tmp_path):
+    root = _image_folder(tmp_path)
+    (root / "train" / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    ds = build_dataset(str(root), "train", img_size=16)
+    bad = [i for i in range(len(ds)) if ds.base.samples[ds.indices[i]][0].endswith("broken.png")][0]
+    with pytest.warns(UserWarning, match="skipping unreadable image .*broken.png"):
+        assert ds[bad] is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        images, targets, skipped = collate_skip([ds[i] for i in range(len(ds))])
+    assert skipped == 1 and images.shape == (6, 3, 16, 16) and len(targets) == 6
+    assert collate_skip([None, None]) == (None, None, 2)
+
+
+def test_source_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data not found"):
+        open_source(str(tmp_path / "nope"), "train")
+    (tmp_path / "only_train" / "train" / "a").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="missing val/"):
+        open_source(str(tmp_path / "only_train"), "train")
+    with pytest.raises(FileNotFoundError, match="CIFAR10 not found .*downloads are off"):
+        open_source(f"cifar10:{tmp_path}", "train")
+    root = _image_folder(tmp_path / "mismatch")
+    (root / "val" / "c").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "val" / "c" / "0.png")
+    with pytest.raises(ValueError, match="different class folders"):
+        open_source(str(root), "train")
