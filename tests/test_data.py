@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from spach.data import Mnist5k, SafeDataset, build_dataset, class_balanced_indices, collate_skip, open_source
+from spach.data import Mnist5k, build_dataset, class_balanced_indices, collate_skip, open_source
 from spach.data.mnist5k import NPZ
 from spach.data.transforms import train_transform
 

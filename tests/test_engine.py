@@ -1,7 +1,6 @@
 """spach.engine: config, training, evaluation, crash safety and clear errors (tiny models, mnist5k)."""
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -11,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from torch import nn
 
 import spach
@@ -170,7 +168,7 @@ def test_corrupt_checkpoint_falls_back_on_auto_and_errors_on_explicit_path(tmp_p
     train(cfg)
     out = Path(cfg.output)
     prev = torch.load(out / "last.prev.pt", weights_only=True)
-    assert prev["position"] == {"epoch": 1, "step": 0, "global_step": 8}
+    assert prev["position"] == {"epoch": 1, "step": 0, "global_step": 8, "steps_per_epoch": 8}
     data = (out / "last.pt").read_bytes()
     (out / "last.pt").write_bytes(data[: len(data) // 2])  # truncated, as by a crash mid-copy
     with pytest.warns(UserWarning, match="last.pt is unreadable .*falling back"):
@@ -279,3 +277,22 @@ def test_unreadable_training_image_is_skipped_and_counted(tmp_path):
         r = train(cfg)
     assert r["history"][0]["skipped_images"] == 1
     assert any("skipping unreadable image" in str(x.message) and "0.png" in str(x.message) for x in w)
+
+
+def test_results_do_not_depend_on_the_number_of_loader_workers(tmp_path):
+    # each image's augmentation is seeded from (seed, epoch, index): worker processes change nothing
+    over = dict(epochs=1, max_train_samples=32, batch_size=8, model_ema_decay=0.9)
+    a = train(tiny(tmp_path / "w0", **over, workers=0))
+    b = train(tiny(tmp_path / "w2", **over, workers=2))
+    wa, wb = (torch.load(r["checkpoint"], weights_only=True)["model"] for r in (a, b))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_lr_schedule_linear_scaling_warmup_cosine_and_cooldown(tmp_path):
+    # 2 updates/epoch: 1 warm-up epoch, cosine until the end of epoch 2, epoch 3 held at min_lr
+    r = train(tiny(tmp_path, **{**PLAIN, "lr": None, "base_lr": 5e-4, "epochs": 3, "warmup_epochs": 1,
+                                "cooldown_epochs": 1, "max_train_samples": 32, "min_lr": 1e-5}))
+    peak = 5e-4 * 16 / 512  # linear scaling rule, global batch 16
+    lrs = [h["lr"] for h in r["history"]]
+    assert lrs[0] == pytest.approx(1e-5 + (peak - 1e-5) * 0.5 * (1 + math.cos(math.pi * 2 / 4)))
+    assert lrs[1] == pytest.approx(1e-5) and lrs[2] == pytest.approx(1e-5)

@@ -2,11 +2,13 @@
 
     spach eval --model spach_ms_xxs_patch4_224_conv --checkpoint spach_ms_conv_xxs.pth --data /data/imagenet
     spach eval --model spach_ms_xxs_patch4_224_conv --checkpoint runs/mnist/last.pt --data mnist5k --ema
+    torchrun --standalone --nproc_per_node 8 -m spach.cli.main eval --model ... --checkpoint ... --data ...
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 
 
 def add_parser(subparsers) -> None:
@@ -49,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
         model_kwargs=dict(args.model_kwargs) if args.model_kwargs else None,
         batch_size=args.batch_size, max_samples=args.max_val_samples, crop_pct=args.crop_pct,
         interpolation=args.interpolation, amp=args.amp, workers=args.workers, device=args.device)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: rank 0 prints
+        return 0
     if args.json:
         print(json.dumps(m))
     else:

@@ -17,7 +17,7 @@ import random
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -31,22 +31,6 @@ class CheckpointError(RuntimeError):
 
 
 # --- atomic write ----------------------------------------------------------------------------
-
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save to `path` atomically: temp file in the same dir, fsync, os.replace, fsync dir."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
 
 def fsync_dir(directory: str | Path) -> None:
     try:

@@ -111,7 +111,8 @@ def evaluate_checkpoint(model_name: str, checkpoint: str, data: str, *, img_size
     `{"model": sd}`, a project training checkpoint, a state dict or .safetensors) and evaluate it.
 
     For the project's own checkpoints the run's model_kwargs and img_size are reused
-    unless given. `ema=True` evaluates the EMA weights (key "model_ema").
+    unless given. `ema=True` evaluates the EMA weights (key "model_ema"). Under torchrun
+    each process evaluates a shard and every process returns the totals.
     """
     from pathlib import Path
 
@@ -140,6 +141,11 @@ def evaluate_checkpoint(model_name: str, checkpoint: str, data: str, *, img_size
     img_size = img_size or int(model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
     check_model_input(model, img_size, num_classes)
     load_checkpoint(model, source, key="model_ema" if ema else None)
-    device = eval_kwargs.pop("device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
-    return evaluate(model, data, img_size=img_size, device=device, **eval_kwargs)
+    from spach.engine import distributed as D
+
+    env = D.setup(eval_kwargs.pop("device", None))  # under torchrun: join the group, evaluate a shard each
+    model.to(env.device)
+    try:
+        return evaluate(model, data, img_size=img_size, device=env.device, **eval_kwargs)
+    finally:
+        D.cleanup()

@@ -108,11 +108,7 @@ def _train(cfg: TrainConfig, env: D.DistEnv, on_epoch_end, on_step) -> dict:
         _check_same_run(state["config"], cfg, state_path)
 
     # ---- data ---------------------------------------------------------------------------------
-    _seed_everything(cfg.seed)
-    probe = build_model(cfg.model, num_classes=cfg.num_classes or 1, img_size=cfg.img_size,
-                        model_kwargs={k: v for k, v in cfg.model_kwargs.items() if k != "num_classes"},
-                        drop_path=cfg.drop_path) if cfg.img_size is None else None
-    img_size = cfg.img_size or int(probe.pretrained_cfg["input_size"][-1])
+    img_size = cfg.img_size or _default_img_size(cfg.model)
     data_kw = dict(img_size=img_size, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation)
     aug = dict(auto_augment=cfg.auto_augment, reprob=cfg.reprob, remode=cfg.remode, recount=cfg.recount,
                hflip=cfg.hflip, scale=cfg.scale, ratio=cfg.ratio)
@@ -180,16 +176,24 @@ def _train(cfg: TrainConfig, env: D.DistEnv, on_epoch_end, on_step) -> dict:
     if state is not None:
         try:
             model.load_state_dict(state["model"])
-            if ema is not None and state.get("model_ema") is not None:
-                ema.module.load_state_dict(state["model_ema"])
+            if ema is not None:  # (an EMA switched on at resume starts from the current weights)
+                ema.module.load_state_dict(state.get("model_ema") or state["model"])
             optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise ckpt.CheckpointError(f"{state_path} does not fit this model/config: {e}") from None
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, start_step = state["position"]["epoch"], state["position"]["step"]
+        position = state["position"]
+        start_epoch, start_step = position["epoch"], position["step"]
         best_top1, stats = state.get("best_top1", -math.inf), state.get("epoch_stats") or _new_stats()
+        if start_step and position.get("steps_per_epoch") != steps_per_epoch:
+            warnings.warn(f"{state_path}: steps per epoch changed ({position.get('steps_per_epoch')} -> "
+                          f"{steps_per_epoch}: other batch size or process count); epoch {start_epoch + 1} "
+                          f"restarts from its first step", stacklevel=2)
+            start_step, stats = 0, _new_stats()
+        # the lr schedule is a function of the config and the update count: rebuilt, not loaded, so a
+        # resumed run may change e.g. --epochs (the saved "scheduler" state is for inspection)
+        scheduler.step_update(num_updates=start_epoch * steps_per_epoch + start_step)
         say(f"resumed from {state_path} at epoch {start_epoch + 1}, step {start_step}")
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -229,7 +233,8 @@ def _train(cfg: TrainConfig, env: D.DistEnv, on_epoch_end, on_step) -> dict:
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
-            "position": {"epoch": epoch, "step": step, "global_step": epoch * steps_per_epoch + step},
+            "position": {"epoch": epoch, "step": step, "global_step": epoch * steps_per_epoch + step,
+                         "steps_per_epoch": steps_per_epoch},
             "epoch_stats": stats,
             "best_top1": best_top1,
             "rng": rngs,
@@ -379,6 +384,14 @@ def _check_same_run(saved: dict, cfg: TrainConfig, path) -> None:
         if saved.get(key) != cfg.to_dict()[key]:
             raise ckpt.CheckpointError(f"{path} was saved with {key}={saved.get(key)!r}, this run has "
                                        f"{key}={cfg.to_dict()[key]!r}; use another --output or the same options")
+
+
+def _default_img_size(name: str) -> int:
+    """The input size of a registered model's default config (224 if it has none)."""
+    from timm.models import get_pretrained_cfg
+
+    pretrained_cfg = get_pretrained_cfg(name)
+    return int(pretrained_cfg.input_size[-1]) if pretrained_cfg is not None else 224
 
 
 def _seed_everything(seed: int) -> None:
