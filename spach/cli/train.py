@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def add_parser(subparsers) -> None:
@@ -29,6 +30,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args, args.config)
     result = train(cfg)
-    print(f"best top-1 {result['best_top1']:.2f}%  final top-1 {result['final_top1']:.2f}%  "
-          f"weights {result['weights']}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: rank 0 prints
+        print(f"best top-1 {result['best_top1']:.2f}%  final top-1 {result['final_top1']:.2f}%  "
+              f"weights {result['weights']}")
     return 0
