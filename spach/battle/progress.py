@@ -59,24 +59,26 @@ class Progress:
         self._print(f"[{index}/{self.total}] {name}: started ({epochs or '?'} epochs) | {self.status()}")
 
     def step(self, name: str, epoch: int, step: int, steps: int, epochs: int | None) -> None:
+        """`epoch` counts from 0, `step` from 1 (steps done in this epoch), as the engine's on_step."""
         if epochs:
-            self.fraction[name] = min(1.0, (epoch + (step + 1) / max(steps, 1)) / epochs)
+            self.fraction[name] = min(1.0, (epoch + step / max(steps, 1)) / epochs)
         if not self.tty or self.quiet:
             return
         if self._bar is None:
             from tqdm import tqdm
             self._bar = tqdm(total=steps, file=self.stream, leave=False, dynamic_ncols=True)
         self._bar.set_description(f"{name} epoch {epoch + 1}/{epochs or '?'}", refresh=False)
-        self._bar.n = step + 1
+        self._bar.n = step
         self._bar.refresh()
 
     def epoch_done(self, name: str, record: dict[str, Any], epochs: int | None) -> None:
+        """`record["epoch"]` counts from 1 (epochs finished), as the engine's records."""
         if epochs:
-            self.fraction[name] = min(1.0, (int(record["epoch"]) + 1) / epochs)
+            self.fraction[name] = min(1.0, int(record["epoch"]) / epochs)
         self._close_bar()
         top1 = record.get("val_top1")
         loss = record.get("train_loss")
-        self._print(f"    {name} epoch {int(record['epoch']) + 1}/{epochs or '?'}: train loss "
+        self._print(f"    {name} epoch {int(record['epoch'])}/{epochs or '?'}: train loss "
                     f"{_f(loss, '.3f')}, val top-1 {_f(top1, '.2f')}% | ETA {self.eta()}")
 
     def run_finished(self, name: str, ok: bool, detail: str) -> None:

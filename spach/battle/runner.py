@@ -16,6 +16,7 @@ The report is written at the end.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -131,9 +132,14 @@ def execute_run(out_dir: str | Path, key: str, threads: int | None = None,
             progress.step(name, epoch, step, steps, epochs)
 
     t0 = time.time()
+    Path(row["output_dir"]).mkdir(parents=True, exist_ok=True)
     try:
-        result = train(TrainConfig.from_dict(cfg_dict), on_epoch_end=on_epoch_end, on_step=on_step)
+        # the engine's own lines go to the run's log; the study's progress stays readable
+        with open(Path(row["output_dir"]) / "train.log", "a") as log, contextlib.redirect_stdout(log):
+            result = train(TrainConfig.from_dict(cfg_dict), on_epoch_end=on_epoch_end, on_step=on_step)
+        train_time = time.time() - t0
         if rank != 0:
+            conn.close()
             return True
         for record in result.get("history") or []:
             db.record_epoch(conn, key, record)  # complete curves, also for epochs trained before a resume
@@ -141,7 +147,7 @@ def execute_run(out_dir: str | Path, key: str, threads: int | None = None,
         history = result.get("history") or [{}]
         metrics.update(best_top1=result.get("best_top1"), final_top1=result.get("final_top1"),
                        final_top5=result.get("final_top5"), final_val_loss=result.get("final_val_loss"),
-                       final_train_loss=history[-1].get("train_loss"), train_time_s=time.time() - t0)
+                       final_train_loss=history[-1].get("train_loss"), train_time_s=train_time)
     except Exception as e:  # a failing run never stops the study
         if rank == 0:
             error = f"{type(e).__name__}: {e}\n" + "".join(traceback.format_exc(limit=8))
@@ -177,23 +183,24 @@ def _run_in_subprocesses(out_dir: Path, pending: list[dict], workers: int, threa
     """Keep `workers` worker processes busy; follow their progress through the database."""
     conn = db.connect(out_dir)
     queue = list(pending)
-    active: dict[str, tuple[subprocess.Popen, dict, Any]] = {}   # key -> (process, row, log file)
+    active: dict[str, tuple[subprocess.Popen, dict, Any, int]] = {}   # key -> (process, row, log, slot)
+    free_slots = list(range(workers))
     seen_epochs: dict[str, int] = {}
     started = 0
     try:
         while queue or active:
-            while queue and len(active) < workers:
-                row = queue.pop(0)
+            while queue and free_slots:
+                row, slot = queue.pop(0), free_slots.pop(0)
                 Path(row["output_dir"]).mkdir(parents=True, exist_ok=True)
                 log = open(Path(row["output_dir"]) / "worker.log", "a")
                 proc = subprocess.Popen(worker_command(out_dir, row["key"], threads, launcher),
-                                        stdout=log, stderr=subprocess.STDOUT, env=_child_env())
-                active[row["key"]] = (proc, row, log)
+                                        stdout=log, stderr=subprocess.STDOUT, env=_child_env(slot, workers, launcher))
+                active[row["key"]] = (proc, row, log, slot)
                 seen_epochs[row["key"]] = 0
                 started += 1
                 progress.run_started(row["name"], _epochs_of(row), started)
             time.sleep(0.5)
-            for key, (proc, row, log) in list(active.items()):
+            for key, (proc, row, log, slot) in list(active.items()):
                 for record in db.epochs(conn, key)[seen_epochs[key]:]:
                     progress.epoch_done(row["name"], record, _epochs_of(row))
                     seen_epochs[key] += 1
@@ -202,6 +209,7 @@ def _run_in_subprocesses(out_dir: Path, pending: list[dict], workers: int, threa
                     continue
                 log.close()
                 del active[key]
+                free_slots.append(slot)
                 final = db.get_run(conn, key)
                 if final["status"] == "done":
                     progress.run_finished(row["name"], True, f"top-1 {final['final_top1']:.2f}%")
@@ -210,7 +218,7 @@ def _run_in_subprocesses(out_dir: Path, pending: list[dict], workers: int, threa
                         db.mark_failed(conn, key, f"worker exited with code {code}; see {row['output_dir']}/worker.log")
                     progress.run_finished(row["name"], False, f"see {row['output_dir']}/worker.log")
     finally:
-        for proc, _, log in active.values():  # interrupted: stop our children, their runs stay 'running'
+        for proc, _, log, _ in active.values():  # interrupted: stop our children, their runs stay 'running'
             proc.terminate()
             proc.wait()
             log.close()
@@ -221,11 +229,15 @@ def _epochs_of(row: dict) -> int | None:
     return json.loads(row["config"])["train"].get("epochs")
 
 
-def _child_env() -> dict[str, str]:
-    """Workers must import the same `spach` as this process, installed or not."""
+def _child_env(slot: int = 0, workers: int = 1, launcher: dict | None = None) -> dict[str, str]:
+    """The environment of a worker: it imports the same `spach` as this process, installed or not;
+    with torchrun and several workers, worker slot i gets GPUs [i*n, (i+1)*n) (n = nproc_per_node)."""
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    if launcher and launcher.get("kind") == "torchrun" and workers > 1:
+        n = launcher["nproc_per_node"]
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(slot * n + i) for i in range(n))
     return env
 
 
