@@ -66,7 +66,9 @@ def train(cfg: TrainConfig, on_epoch_end: Optional[Callable[[dict], None]] = Non
     on_epoch_end(record) — rank 0, after each epoch's evaluation; record = {"epoch", "train_loss",
         "val_loss", "val_top1", "val_top5", "lr", "images_per_s", "epoch_time_s", "peak_mem_mb",
         "skipped_images"} (+ "ema_val_*" with an EMA).
-    on_step(epoch, step, steps_per_epoch) — rank 0, after each optimizer step.
+    on_step(epoch, step, steps_per_epoch) — rank 0, after each optimizer step (and its step
+        checkpoint, if due); `epoch` counts from 0, `step` is the number of steps done in it (1..n).
+    peak_mem_mb: peak CUDA memory allocated, or on CPU the process's peak resident set size.
     Returns {"best_top1", "final_top1", "final_top5", "final_val_loss", "history", "params",
              "checkpoint", "weights", "output"}.
     """
