@@ -59,7 +59,3 @@ def check_model_input(model: nn.Module, img_size: int, num_classes: int, device=
     if tuple(out.shape) != (1, num_classes):
         raise ValueError(f"{name} returns shape {tuple(out.shape)} for one image, expected (1, {num_classes})")
 
-
-def count_params(model: nn.Module) -> int:
-    """Number of distinct parameters (shared modules counted once)."""
-    return sum(p.numel() for p in model.parameters())

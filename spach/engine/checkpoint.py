@@ -22,6 +22,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from spach.io import fsync_dir
+
 LAST = "last.pt"
 PREV = "last.prev.pt"
 
@@ -31,19 +33,6 @@ class CheckpointError(RuntimeError):
 
 
 # --- atomic write ----------------------------------------------------------------------------
-
-def fsync_dir(directory: str | Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
 
 def save_checkpoint(state: dict, out_dir: str | Path) -> Path:
     """Write `state` as OUT/last.pt, keeping the previous one as OUT/last.prev.pt."""

@@ -50,7 +50,9 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from spach.engine import checkpoint as ckpt
 from spach.engine import distributed as D
-from spach.engine.build import build_model, check_model_input, count_params
+from spach.engine.build import build_model, check_model_input
+from spach.io import atomic_write
+from spach.models import count_params, save_safetensors
 from spach.engine.config import TrainConfig
 from spach.engine.evaluate import autocast, evaluate
 
@@ -359,9 +361,9 @@ def _train(cfg: TrainConfig, env: D.DistEnv, on_epoch_end, on_step) -> dict:
         writer.close()
     weights = out / "model.safetensors"
     if main:
-        export_safetensors(model, weights, {"model": cfg.model, "model_kwargs": json.dumps(cfg.model_kwargs)})
+        save_safetensors(model, weights, {"model": cfg.model, "model_kwargs": json.dumps(cfg.model_kwargs)})
         if ema is not None:
-            export_safetensors(ema.module, out / "model_ema.safetensors", {"model": cfg.model})
+            save_safetensors(ema.module, out / "model_ema.safetensors", {"model": cfg.model})
         say(f"saved {weights}")
     history = D.broadcast_object(history if main else None)
     last = history[-1] if history else {}
@@ -428,9 +430,8 @@ def _rewrite_history(path: Path, keep_below: int) -> list[dict]:
             if r.get("epoch", 0) <= keep_below:
                 records = [x for x in records if x["epoch"] != r["epoch"]] + [r]
     text = "".join(json.dumps(r) + "\n" for r in records)
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_write(path, "w") as f:
+        f.write(text)
     return records
 
 
@@ -475,17 +476,3 @@ def _summary_line(r: dict, epochs: int) -> str:
     if r["skipped_images"]:
         line += f"  skipped {r['skipped_images']} unreadable images"
     return line
-
-
-def export_safetensors(model: nn.Module, path: Path, metadata: Optional[dict] = None) -> None:
-    """Save the full state dict as .safetensors (atomically). Shared modules appear under each of
-    their keys as separate copies, so the file loads with a plain strict load_state_dict."""
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    ckpt.fsync_dir(path.parent)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from spach.io import atomic_write
 from spach.models.spach import checkpoint_filter_fn
 
 # prefixes added by wrappers: DistributedDataParallel, torch.compile
@@ -102,13 +103,13 @@ def _head(items: list[str], n: int = 8) -> list[str]:
     return items[:n] + ([f"... ({len(items) - n} more)"] if len(items) > n else [])
 
 
-def save_safetensors(model: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+def save_safetensors(model: nn.Module, path: str | os.PathLike, metadata: dict | None = None) -> Path:
     """Write the model's weights as ``.safetensors``, atomically (temp file, fsync, rename).
 
     Tensors shared between modules (weight sharing) are stored under every name
     (safetensors refuses aliases), so the file loads strictly like any state dict.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     path = Path(path)
     seen: set[tuple] = set()
@@ -118,9 +119,7 @@ def save_safetensors(model: nn.Module, path: str | os.PathLike, metadata: dict[s
         v = v.detach().cpu()
         tensors[k] = v.clone().contiguous() if alias in seen else v.contiguous()
         seen.add(alias)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=metadata)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    metadata = {k: str(v) for k, v in (metadata or {}).items()}
+    with atomic_write(path) as f:
+        f.write(save(tensors, metadata=metadata))
     return path

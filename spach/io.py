@@ -1,0 +1,47 @@
+"""Atomic file writes: a kill at any moment leaves either the old file or the new one, never half of one.
+
+    with atomic_write(path) as f:          # binary by default; atomic_write(path, "w") for text
+        f.write(data)
+
+The data goes to a temporary file in the same directory, is flushed and fsync'ed,
+renamed over ``path`` (``os.replace`` is atomic) and the directory is fsync'ed.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def fsync_dir(directory: str | os.PathLike) -> None:
+    """Make a rename in ``directory`` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb"):
+    """Open a temporary file for writing that replaces ``path`` when the block ends without error."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_write mode must be 'w' or 'wb', got {mode!r}")
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
