@@ -128,12 +128,18 @@ def register_study(conn: sqlite3.Connection, study, run_dir: Any) -> None:
             conn.execute("UPDATE runs SET name = ?, grp = ? WHERE key = ?", (r.name, r.group, r.key))
 
 
-def reset_interrupted(conn: sqlite3.Connection) -> list[str]:
-    """Runs left 'running' by a dead invocation (the caller holds the study lock) go back to 'queued'."""
+def reset_interrupted(conn: sqlite3.Connection) -> tuple[list[str], list[tuple[str, int]]]:
+    """Runs left 'running' by a dead owner go back to 'queued' (the caller holds the study lock).
+
+    Returns (names reset, [(name, pid)] of runs whose owner process is still alive — e.g. a worker
+    that outlived a killed `spach battle`; those are left alone).
+    """
     with _Tx(conn):
-        names = [row["name"] for row in conn.execute("SELECT name FROM runs WHERE status = 'running'")]
-        conn.execute("UPDATE runs SET status = 'queued', owner_pid = NULL WHERE status = 'running'")
-    return names
+        rows = list(conn.execute("SELECT key, name, owner_pid FROM runs WHERE status = 'running'"))
+        dead = [r for r in rows if not pid_alive(r["owner_pid"])]
+        conn.executemany("UPDATE runs SET status = 'queued', owner_pid = NULL WHERE key = ?",
+                         [(r["key"],) for r in dead])
+    return [r["name"] for r in dead], [(r["name"], r["owner_pid"]) for r in rows if r not in dead]
 
 
 def requeue_failed(conn: sqlite3.Connection, keys: Iterable[str]) -> int:
@@ -208,6 +214,7 @@ def skipped(conn: sqlite3.Connection) -> list[tuple[str, str]]:
 
 
 def pid_alive(pid: int | None) -> bool:
+    """Is `pid` a live process running spach (a recycled PID of another program does not count)?"""
     if not pid:
         return False
     try:
@@ -216,4 +223,10 @@ def pid_alive(pid: int | None) -> bool:
         return False
     except PermissionError:
         return True
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if cmdline.exists():
+        try:
+            return b"spach" in cmdline.read_bytes()
+        except OSError:
+            return False
     return True

@@ -34,8 +34,10 @@ class Stat:
             return None
         return Stat(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None, len(values))
 
-    def text(self, fmt: str = ".2f") -> str:
-        return f"{self.mean:{fmt}}" + (f" ± {self.std:{fmt}}" if self.std is not None else " (1 seed)")
+    def text(self, fmt: str = ".2f", unit: str = "") -> str:
+        if self.std is None:
+            return f"{self.mean:{fmt}}{unit} (1 seed)"
+        return f"{self.mean:{fmt}} ± {self.std:{fmt}}{unit}"
 
 
 @dataclass
@@ -165,7 +167,7 @@ def multistage_beats_singlestage(groups: list[Group]) -> Finding:
         why = "" if outcome != "inconclusive" or not c.decisive else \
             " (the more accurate layout is also the more costly one: no trade-off verdict)"
         outcomes.append(outcome)
-        lines.append(f"{ms.family} {ms.size}{_abl(ms)}: MS {ms.top1.text()}% vs SS {ss.top1.text()}% "
+        lines.append(f"{ms.family} {ms.size}{_abl(ms)}: MS {ms.top1.text(unit='%')} vs SS {ss.top1.text(unit='%')} "
                      f"(MS/SS {_costs(ms, ss)}); {c.text} => {outcome}{why}")
     return Finding(1, "Multi-stage beats single-stage for every family and size (accuracy/complexity trade-off).",
                    _verdict(outcomes), lines)
@@ -182,7 +184,7 @@ def local_modelling(groups: list[Group]) -> Finding:
             share = (f"; the conv is {100 * (on.params - off.params) / on.params:.2f}% of params, "
                      f"{100 * (on.macs - off.macs) / on.macs:.2f}% of MACs")
         lines.append(f"{on.family} {on.layout} {on.size}{' shared' if on.shared else ''}: with CPE "
-                     f"{on.top1.text()}% vs without {off.top1.text()}%{share}; {c.text} => {outcome}")
+                     f"{on.top1.text(unit='%')} vs without {off.top1.text(unit='%')}{share}; {c.text} => {outcome}")
     return Finding(2, "Local modelling is crucial: removing the depthwise-conv branch (CPE) from attention and "
                       "MLP blocks costs accuracy for almost no compute.", _verdict(outcomes), lines)
 
@@ -198,8 +200,8 @@ def mlp_overfitting(groups: list[Group]) -> Finding:
             outcome = "holds" if c.decisive and c.diff > 0 else "does not hold" if c.decisive else "inconclusive"
             outcomes.append(outcome)
             lines.append(f"scaling mlp {layout} {small.size} -> {big.size} ({_costs(big, small)}): gap "
-                         f"{small.gap.text('.3f')} -> {big.gap.text('.3f')}, top-1 {small.top1.text()}% -> "
-                         f"{big.top1.text()}%; {c.text} => {outcome}")
+                         f"{small.gap.text('.3f')} -> {big.gap.text('.3f')}, top-1 {small.top1.text(unit='%')} -> "
+                         f"{big.top1.text(unit='%')}; {c.text} => {outcome}")
     # (b) weight sharing and (c) the multi-stage layout reduce it
     for shared, plain in _pairs(groups, "shared", (True, False), ("mlp",)):
         if shared.gap is None or plain.gap is None:
@@ -208,7 +210,7 @@ def mlp_overfitting(groups: list[Group]) -> Finding:
         outcome = "holds" if c.decisive and c.diff > 0 else "does not hold" if c.decisive else "inconclusive"
         outcomes.append(outcome)
         lines.append(f"weight sharing, mlp {plain.layout} {plain.size}: gap {plain.gap.text('.3f')} -> "
-                     f"{shared.gap.text('.3f')}, top-1 {plain.top1.text()}% -> {shared.top1.text()}%; "
+                     f"{shared.gap.text('.3f')}, top-1 {plain.top1.text(unit='%')} -> {shared.top1.text(unit='%')}; "
                      f"{c.text} => {outcome}")
     for ms, ss in _pairs(groups, "layout", ("ms", "ss"), ("mlp",)):
         if ms.gap is None or ss.gap is None:
@@ -254,8 +256,8 @@ def hybrids_win(groups: list[Group]) -> Finding:
         c = compare(hyb.top1, best.top1, f"top-1 hybrid - {best.family}", " pt")
         outcome = "holds" if c.decisive and c.diff > 0 else "does not hold" if c.decisive else "inconclusive"
         outcomes.append(outcome)
-        lines.append(f"{hyb.layout} {hyb.size}: hybrid {hyb.top1.text()}% vs best single family {best.family} "
-                     f"{best.top1.text()}% ({_costs(hyb, best)}); {c.text} => {outcome}")
+        lines.append(f"{hyb.layout} {hyb.size}: hybrid {hyb.top1.text(unit='%')} vs best single family {best.family} "
+                     f"{best.top1.text(unit='%')} ({_costs(hyb, best)}); {c.text} => {outcome}")
     return Finding(5, "Hybrids win: a multi-stage conv model whose late blocks are attention beats both parents.",
                    _verdict(outcomes), lines)
 

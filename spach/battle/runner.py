@@ -20,6 +20,7 @@ import contextlib
 import fcntl
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -194,7 +195,8 @@ def _run_in_subprocesses(out_dir: Path, pending: list[dict], workers: int, threa
                 Path(row["output_dir"]).mkdir(parents=True, exist_ok=True)
                 log = open(Path(row["output_dir"]) / "worker.log", "a")
                 proc = subprocess.Popen(worker_command(out_dir, row["key"], threads, launcher),
-                                        stdout=log, stderr=subprocess.STDOUT, env=_child_env(slot, workers, launcher))
+                                        stdout=log, stderr=subprocess.STDOUT, env=_child_env(slot, workers, launcher),
+                                        preexec_fn=_die_with_parent)
                 active[row["key"]] = (proc, row, log, slot)
                 seen_epochs[row["key"]] = 0
                 started += 1
@@ -229,6 +231,14 @@ def _epochs_of(row: dict) -> int | None:
     return json.loads(row["config"])["train"].get("epochs")
 
 
+def _die_with_parent() -> None:
+    """In a worker, before exec: get SIGTERM when the battle dies, even by SIGKILL (Linux)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def _child_env(slot: int = 0, workers: int = 1, launcher: dict | None = None) -> dict[str, str]:
     """The environment of a worker: it imports the same `spach` as this process, installed or not;
     with torchrun and several workers, worker slot i gets GPUs [i*n, (i+1)*n) (n = nproc_per_node)."""
@@ -254,7 +264,12 @@ def run_study(spec: Study | str | Path | dict, out_dir: str | Path, workers: int
     with StudyLock(out_dir):
         conn = db.connect(out_dir, create=True)
         db.register_study(conn, study, lambda r: run_dir(out_dir, r))
-        interrupted = db.reset_interrupted(conn)
+        interrupted, alive = db.reset_interrupted(conn)
+        if alive:
+            conn.close()
+            raise RuntimeError("run(s) still executing in another process (a worker of an earlier, killed "
+                               f"`spach battle`?): {', '.join(f'{n} (pid {p})' for n, p in alive)}; "
+                               "wait for them to finish or stop them, then run again")
         keys = [r.key for r in study.runs]
         if retry_failed:
             db.requeue_failed(conn, keys)
