@@ -115,6 +115,7 @@ def test_zoo_sizes_and_extra_entries():
     ({"measure": {"dtype": "int8"}}, "measure.dtype"),
     ({"measure": {"batchsize": 8}}, "measure: unknown key(s) ['batchsize']"),
     ({"launcher": {"kind": "slurm"}}, "launcher.kind"),
+    ({"threads": 0}, "threads (per run) must be a positive integer"),
     ({"sizes__nano__ms__depths": [1, 1]}, "depths must be 4 positive integers"),
     ({"sizes__nano__ss__width": 3}, "unknown key(s) ['width']"),
     ({"sizes__xs": {"ss": {"hidden_dim": 1}}}, "is a zoo size"),

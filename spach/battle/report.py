@@ -178,6 +178,8 @@ def figure_overfitting(groups: list[Group], path: Path) -> Path | None:
     if not drawn:
         plt.close(fig)
         return None
+    if all(line.get_xdata().min() > 0 for line in ax.get_lines()):
+        ax.set_xscale("log")  # late epochs crowd near zero loss
     ax.invert_xaxis()  # training progresses to the right
     ax.set_xlabel("training loss (decreasing →)")
     ax.set_ylabel("validation top-1 (%)")

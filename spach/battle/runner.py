@@ -277,8 +277,11 @@ def run_study(spec: Study | str | Path | dict, out_dir: str | Path, workers: int
         conn.close()
         pending = [r for r in rows if r["status"] == "queued"]
         counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "failed")}
-        total_threads = threads or available_threads()
-        per_run = max(1, total_threads // workers)
+        # threads per run: --threads split between the workers, else the study's setting, else the machine's share
+        if threads:
+            per_run = max(1, threads // workers)
+        else:
+            per_run = study.threads or max(1, available_threads() // workers)
         progress = Progress(total=len(pending), already_done=counts["done"], quiet=quiet)
         if on_progress:
             on_progress(progress)

@@ -49,7 +49,8 @@ LAYOUTS = ("ss", "ms")
 ZOO_SIZES = ("xxs", "xs", "s")
 MIXERS = ("conv", "pass", "attn", "mlp")
 
-TOP_KEYS = {"name", "description", "data", "img_size", "recipe", "measure", "grid", "sizes", "extra", "launcher"}
+TOP_KEYS = {"name", "description", "data", "img_size", "threads", "recipe", "measure", "grid", "sizes", "extra",
+            "launcher"}
 GRID_KEYS = {"family", "layout", "size", "cpe", "shared", "seed"}
 MEASURE_DEFAULTS = {"batch_size": 64, "dtype": "fp32", "threads": None, "warmup": 10, "repeats": 10,
                     "device": "cpu"}
@@ -106,6 +107,7 @@ class Study:
     recipe: dict[str, Any]
     measure: dict[str, Any]
     launcher: dict[str, Any]
+    threads: int | None = None     # torch threads per run (None: the machine's share)
     runs: list[Run] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)   # (name, reason)
     source: dict[str, Any] = field(default_factory=dict)          # the raw mapping, for the record
@@ -155,11 +157,14 @@ def parse_study(raw: dict, where: str = "study") -> Study:
     img_size = raw.get("img_size", 224)
     if not isinstance(img_size, int) or isinstance(img_size, bool) or img_size < 8:
         _fail(where, f"img_size must be an integer >= 8, got {img_size!r}")
+    threads = raw.get("threads")
+    if threads is not None and (not _is_int(threads) or threads < 1):
+        _fail(where, f"threads (per run) must be a positive integer or null, got {threads!r}")
     recipe = _check_recipe(raw.get("recipe") or {}, where)
     measure = _check_measure(raw.get("measure") or {}, where)
     launcher = _check_launcher(raw.get("launcher") or {}, where)
     study = Study(name=name, description=str(raw.get("description", "")).strip(), data=str(raw["data"]),
-                  img_size=img_size, recipe=recipe, measure=measure, launcher=launcher, source=raw)
+                  img_size=img_size, recipe=recipe, measure=measure, launcher=launcher, threads=threads, source=raw)
     sizes = _check_sizes(raw.get("sizes") or {}, where)
     if raw.get("grid") is not None:
         _expand_grid(study, raw["grid"], sizes, where)
@@ -186,7 +191,7 @@ def _check_recipe(recipe: Any, where: str) -> dict:
     owned = sorted(set(recipe) & STUDY_OWNED)
     if owned:
         _fail(where, f"recipe key(s) {owned} are set by the study itself "
-                     "(use data/img_size at the top level, grid.seed for seeds, --workers for threads)")
+                     "(use data/img_size/threads at the top level, grid.seed for seeds)")
     from spach.engine.config import TrainConfig  # the engine validates its own options
     try:
         TrainConfig.from_dict(dict(recipe, model="recipe-check", data="recipe-check", output="recipe-check"))

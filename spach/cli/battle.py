@@ -21,7 +21,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--preset", default=None, help="a built-in study (same as giving its name as STUDY)")
     p.add_argument("--out", default=None, help="output directory (default: runs/<study name>)")
     p.add_argument("--workers", type=int, default=1, help="runs at a time on this machine (threads are split)")
-    p.add_argument("--threads", type=int, default=None, help="total CPU threads to use (default: all available)")
+    p.add_argument("--threads", type=int, default=None, help="total CPU threads, split between the workers (default: the study's "
+                                                                  "`threads` per run, else all available)")
     p.add_argument("--retry-failed", action="store_true", help="run failed runs again")
     p.add_argument("--dry-run", action="store_true", help="validate the study and list its runs; train nothing")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
