@@ -74,6 +74,13 @@ class Comparison:
     decisive: bool
     text: str
 
+    @property
+    def outcome(self) -> str:
+        """'holds' when decisively positive (a - b > spread), 'does not hold' when decisively negative."""
+        if not self.decisive:
+            return "inconclusive"
+        return "holds" if self.diff > 0 else "does not hold"
+
 
 @dataclass
 class Finding:
@@ -177,7 +184,7 @@ def local_modelling(groups: list[Group]) -> Finding:
     lines, outcomes = [], []
     for on, off in _pairs(groups, "cpe", (True, False), ("attn", "mlp")):
         c = compare(on.top1, off.top1, "top-1 with - without CPE", " pt")
-        outcome = "holds" if c.decisive and c.diff > 0 else "does not hold" if c.decisive else "inconclusive"
+        outcome = c.outcome
         outcomes.append(outcome)
         share = ""
         if on.params and off.params and on.macs and off.macs:
@@ -197,7 +204,7 @@ def mlp_overfitting(groups: list[Group]) -> Finding:
                        if g.gap is not None and g.params], key=lambda g: g.params)
         for small, big in zip(mlps, mlps[1:]):
             c = compare(big.gap, small.gap, "gap larger - smaller")
-            outcome = "holds" if c.decisive and c.diff > 0 else "does not hold" if c.decisive else "inconclusive"
+            outcome = c.outcome
             outcomes.append(outcome)
             lines.append(f"scaling mlp {layout} {small.size} -> {big.size} ({_costs(big, small)}): gap "
                          f"{small.gap.text('.3f')} -> {big.gap.text('.3f')}, top-1 {small.top1.text(unit='%')} -> "
@@ -207,7 +214,7 @@ def mlp_overfitting(groups: list[Group]) -> Finding:
         if shared.gap is None or plain.gap is None:
             continue
         c = compare(plain.gap, shared.gap, "gap unshared - shared")
-        outcome = "holds" if c.decisive and c.diff > 0 else "does not hold" if c.decisive else "inconclusive"
+        outcome = c.outcome
         outcomes.append(outcome)
         lines.append(f"weight sharing, mlp {plain.layout} {plain.size}: gap {plain.gap.text('.3f')} -> "
                      f"{shared.gap.text('.3f')}, top-1 {plain.top1.text(unit='%')} -> {shared.top1.text(unit='%')}; "
@@ -216,7 +223,7 @@ def mlp_overfitting(groups: list[Group]) -> Finding:
         if ms.gap is None or ss.gap is None:
             continue
         c = compare(ss.gap, ms.gap, "gap SS - MS")
-        outcome = "holds" if c.decisive and c.diff > 0 else "does not hold" if c.decisive else "inconclusive"
+        outcome = c.outcome
         outcomes.append(outcome)
         lines.append(f"multi-stage, mlp {ms.size}{_abl(ms)}: gap SS {ss.gap.text('.3f')} vs MS "
                      f"{ms.gap.text('.3f')}; {c.text} => {outcome}")
@@ -234,7 +241,7 @@ def conv_vs_attention(groups: list[Group]) -> Finding:
         gen = compare(attn.gap, conv.gap, "gap attn - conv")
         for c, what in ((cap, "attention fits the training data better (capacity)"),
                         (gen, "conv generalises better (smaller gap)")):
-            outcome = "holds" if c.decisive and c.diff > 0 else "does not hold" if c.decisive else "inconclusive"
+            outcome = c.outcome
             outcomes.append(outcome)
             lines.append(f"{conv.layout} {conv.size}: {what}: train loss conv {conv.train_loss.text('.3f')} vs "
                          f"attn {attn.train_loss.text('.3f')}, gap conv {conv.gap.text('.3f')} vs attn "
@@ -254,7 +261,7 @@ def hybrids_win(groups: list[Group]) -> Finding:
             continue
         best = max(rivals, key=lambda g: g.top1.mean)
         c = compare(hyb.top1, best.top1, f"top-1 hybrid - {best.family}", " pt")
-        outcome = "holds" if c.decisive and c.diff > 0 else "does not hold" if c.decisive else "inconclusive"
+        outcome = c.outcome
         outcomes.append(outcome)
         lines.append(f"{hyb.layout} {hyb.size}: hybrid {hyb.top1.text(unit='%')} vs best single family {best.family} "
                      f"{best.top1.text(unit='%')} ({_costs(hyb, best)}); {c.text} => {outcome}")

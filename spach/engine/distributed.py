@@ -68,21 +68,22 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum of `t` over all ranks (a copy); `t` itself when there is no process group."""
+def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
     if world()[1] == 1:
         return t
     t = t.clone()
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    dist.all_reduce(t, op=op)
     return t
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of `t` over all ranks (a copy); `t` itself when there is no process group."""
+    return _all_reduce(t, dist.ReduceOp.SUM)
 
 
 def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
-    if world()[1] == 1:
-        return t
-    t = t.clone()
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t
+    """Maximum of `t` over all ranks (a copy); `t` itself when there is no process group."""
+    return _all_reduce(t, dist.ReduceOp.MAX)
 
 
 def barrier() -> None:
