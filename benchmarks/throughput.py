@@ -11,12 +11,14 @@ import argparse
 import sys
 
 from spach.cli.bench import add_arguments, run
+from spach.runtime import tune_cpu_allocator
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     args = parser.parse_args(argv)
+    tune_cpu_allocator()  # as every `spach` command does
     try:
         return run(args)
     except (ValueError, RuntimeError) as e:
