@@ -243,3 +243,15 @@ def test_malformed_net_arch():
         SpachMS(net_arch=[[("conv", 1)], "attn"], img_size=32, hidden_dim=8, num_heads=2)
     with pytest.raises(ValueError, match="needs net_arch"):
         Spach()
+
+
+def test_bf16_inference_close_to_fp32():
+    torch.manual_seed(0)
+    model = tiny_ms("attn").eval()
+    for p in model.parameters():  # non-trivial weights: zero head and tiny layer scales hide errors
+        p.data.normal_(0, 0.2)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = model.forward_features(x)
+        out = model.to(torch.bfloat16).forward_features(x.bfloat16()).float()
+    assert (out - ref).abs().max() < 0.1 * ref.abs().max()

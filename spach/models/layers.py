@@ -132,7 +132,9 @@ class Attention(nn.Module):
         # (B, N, 3C) -> (3, B, heads, N, head_dim)
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        if self.fused_attn:
+        # the fused CPU kernel gains nothing from bf16 at these head widths, while the plain
+        # matmuls double their speed: take the plain maths for bf16 on CPU (benchmarks/RESULTS.md)
+        if self.fused_attn and not (x.dtype == torch.bfloat16 and x.device.type == "cpu"):
             x = F.scaled_dot_product_attention(
                 q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0, scale=self.scale)
         else:
