@@ -32,8 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "mean of 30 timed passes (inference only)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up passes (overrides the protocol's)")
     parser.add_argument("--repeats", type=int, default=None, help="timed passes (overrides the protocol's)")
-    parser.add_argument("--bf16-impl", default="autocast", choices=list(bench.BF16_IMPLS),
-                        help="bf16 inference: autocast (fp32 weights) or weights (model cast to bf16)")
+    parser.add_argument("--bf16-impl", default=None, choices=list(bench.BF16_IMPLS),
+                        help="bf16 inference: weights (model cast to bf16; default) or autocast (fp32 weights); "
+                             "training always uses autocast")
     parser.add_argument("--matmul-size", type=int, default=2048,
                         help="side n of the reference n×n matmul (default: 2048)")
     parser.add_argument("--channels-last", action="store_true", help="channels-last input and weights")
