@@ -184,14 +184,13 @@ def local_modelling(groups: list[Group]) -> Finding:
     lines, outcomes = [], []
     for on, off in _pairs(groups, "cpe", (True, False), ("attn", "mlp")):
         c = compare(on.top1, off.top1, "top-1 with - without CPE", " pt")
-        outcome = c.outcome
-        outcomes.append(outcome)
+        outcomes.append(c.outcome)
         share = ""
         if on.params and off.params and on.macs and off.macs:
             share = (f"; the conv is {100 * (on.params - off.params) / on.params:.2f}% of params, "
                      f"{100 * (on.macs - off.macs) / on.macs:.2f}% of MACs")
         lines.append(f"{on.family} {on.layout} {on.size}{' shared' if on.shared else ''}: with CPE "
-                     f"{on.top1.text(unit='%')} vs without {off.top1.text(unit='%')}{share}; {c.text} => {outcome}")
+                     f"{on.top1.text(unit='%')} vs without {off.top1.text(unit='%')}{share}; {c.text} => {c.outcome}")
     return Finding(2, "Local modelling is crucial: removing the depthwise-conv branch (CPE) from attention and "
                       "MLP blocks costs accuracy for almost no compute.", _verdict(outcomes), lines)
 
@@ -204,29 +203,26 @@ def mlp_overfitting(groups: list[Group]) -> Finding:
                        if g.gap is not None and g.params], key=lambda g: g.params)
         for small, big in zip(mlps, mlps[1:]):
             c = compare(big.gap, small.gap, "gap larger - smaller")
-            outcome = c.outcome
-            outcomes.append(outcome)
+            outcomes.append(c.outcome)
             lines.append(f"scaling mlp {layout} {small.size} -> {big.size} ({_costs(big, small)}): gap "
                          f"{small.gap.text('.3f')} -> {big.gap.text('.3f')}, top-1 {small.top1.text(unit='%')} -> "
-                         f"{big.top1.text(unit='%')}; {c.text} => {outcome}")
+                         f"{big.top1.text(unit='%')}; {c.text} => {c.outcome}")
     # (b) weight sharing and (c) the multi-stage layout reduce it
     for shared, plain in _pairs(groups, "shared", (True, False), ("mlp",)):
         if shared.gap is None or plain.gap is None:
             continue
         c = compare(plain.gap, shared.gap, "gap unshared - shared")
-        outcome = c.outcome
-        outcomes.append(outcome)
+        outcomes.append(c.outcome)
         lines.append(f"weight sharing, mlp {plain.layout} {plain.size}: gap {plain.gap.text('.3f')} -> "
                      f"{shared.gap.text('.3f')}, top-1 {plain.top1.text(unit='%')} -> {shared.top1.text(unit='%')}; "
-                     f"{c.text} => {outcome}")
+                     f"{c.text} => {c.outcome}")
     for ms, ss in _pairs(groups, "layout", ("ms", "ss"), ("mlp",)):
         if ms.gap is None or ss.gap is None:
             continue
         c = compare(ss.gap, ms.gap, "gap SS - MS")
-        outcome = c.outcome
-        outcomes.append(outcome)
+        outcomes.append(c.outcome)
         lines.append(f"multi-stage, mlp {ms.size}{_abl(ms)}: gap SS {ss.gap.text('.3f')} vs MS "
-                     f"{ms.gap.text('.3f')}; {c.text} => {outcome}")
+                     f"{ms.gap.text('.3f')}; {c.text} => {c.outcome}")
     return Finding(3, "MLPs overfit when scaled; the multi-stage layout and weight sharing of the spatial MLP "
                       "reduce it (gap = final val loss - final train loss).", _verdict(outcomes), lines)
 
@@ -241,11 +237,10 @@ def conv_vs_attention(groups: list[Group]) -> Finding:
         gen = compare(attn.gap, conv.gap, "gap attn - conv")
         for c, what in ((cap, "attention fits the training data better (capacity)"),
                         (gen, "conv generalises better (smaller gap)")):
-            outcome = c.outcome
-            outcomes.append(outcome)
+            outcomes.append(c.outcome)
             lines.append(f"{conv.layout} {conv.size}: {what}: train loss conv {conv.train_loss.text('.3f')} vs "
                          f"attn {attn.train_loss.text('.3f')}, gap conv {conv.gap.text('.3f')} vs attn "
-                         f"{attn.gap.text('.3f')}; {c.text} => {outcome}")
+                         f"{attn.gap.text('.3f')}; {c.text} => {c.outcome}")
     return Finding(4, "Conv generalises best, attention has the most capacity (complementary).",
                    _verdict(outcomes), lines)
 
@@ -261,10 +256,9 @@ def hybrids_win(groups: list[Group]) -> Finding:
             continue
         best = max(rivals, key=lambda g: g.top1.mean)
         c = compare(hyb.top1, best.top1, f"top-1 hybrid - {best.family}", " pt")
-        outcome = c.outcome
-        outcomes.append(outcome)
+        outcomes.append(c.outcome)
         lines.append(f"{hyb.layout} {hyb.size}: hybrid {hyb.top1.text(unit='%')} vs best single family {best.family} "
-                     f"{best.top1.text(unit='%')} ({_costs(hyb, best)}); {c.text} => {outcome}")
+                     f"{best.top1.text(unit='%')} ({_costs(hyb, best)}); {c.text} => {c.outcome}")
     return Finding(5, "Hybrids win: a multi-stage conv model whose late blocks are attention beats both parents.",
                    _verdict(outcomes), lines)
 
