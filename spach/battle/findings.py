@@ -213,7 +213,7 @@ def mlp_overfitting(groups: list[Group]) -> Finding:
             continue
         c = compare(plain.gap, shared.gap, "gap unshared - shared")
         outcomes.append(c.outcome)
-        lines.append(f"weight sharing, mlp {plain.layout} {plain.size}: gap {plain.gap.text('.3f')} -> "
+        lines.append(f"weight sharing, mlp {plain.layout} {plain.size}{_abl(plain)}: gap {plain.gap.text('.3f')} -> "
                      f"{shared.gap.text('.3f')}, top-1 {plain.top1.text(unit='%')} -> {shared.top1.text(unit='%')}; "
                      f"{c.text} => {c.outcome}")
     for ms, ss in _pairs(groups, "layout", ("ms", "ss"), ("mlp",)):
