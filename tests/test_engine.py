@@ -296,3 +296,14 @@ def test_lr_schedule_linear_scaling_warmup_cosine_and_cooldown(tmp_path):
     lrs = [h["lr"] for h in r["history"]]
     assert lrs[0] == pytest.approx(1e-5 + (peak - 1e-5) * 0.5 * (1 + math.cos(math.pi * 2 / 4)))
     assert lrs[1] == pytest.approx(1e-5) and lrs[2] == pytest.approx(1e-5)
+
+
+def test_any_timm_model_trains_with_the_same_engine(tmp_path):
+    # not only the spach zoo: a plain timm CNN goes through the same loop, checkpoint and export
+    cfg = TrainConfig.from_dict({**PLAIN, "model": "resnet10t", "model_kwargs": {}, "epochs": 2,
+                                 "output": str(tmp_path / "resnet")})
+    result = train(cfg)
+    losses = [r["train_loss"] for r in result["history"]]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses) and losses[1] < losses[0]
+    model = spach.create_model("resnet10t", num_classes=10)
+    spach.load_checkpoint(model, result["weights"])

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from spach.io import atomic_write
-from spach.models.spach import checkpoint_filter_fn
+from spach.models.spach import SpachNet, checkpoint_filter_fn
 
 # prefixes added by wrappers: DistributedDataParallel, torch.compile
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -79,7 +79,9 @@ def load_checkpoint(model: nn.Module, source, key: str | None = None, strict: bo
     obj = read_state_file(source) if isinstance(source, (str, os.PathLike)) else source
     if not isinstance(obj, dict):
         raise TypeError(f"source must be a path or a dict, got {type(obj).__name__}")
-    state_dict = checkpoint_filter_fn(extract_state_dict(obj, key, where), model)
+    state_dict = extract_state_dict(obj, key, where)
+    if isinstance(model, SpachNet):  # other (timm) models keep their own layout
+        state_dict = checkpoint_filter_fn(state_dict, model)
 
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]

@@ -347,8 +347,8 @@ _ORIGINAL_BLOCK_KEYS = [
 
 
 def is_original_layout(state_dict: dict) -> bool:
-    """True for a state dict in the original release's layout (``layer1.``/``blocks.``, ``norm1`` after the stem)."""
-    return any(k.startswith(("layer1.", "blocks.")) for k in state_dict) or "norm2.weight" in state_dict
+    """True for a state dict in the original SPACH release's layout (blocks with ``channel_func``)."""
+    return any(k.startswith(("layer1.", "blocks.")) and ".channel_func." in k for k in state_dict)
 
 
 def _map_block_key(rest: str) -> str:
