@@ -200,13 +200,18 @@ def _check_recipe(recipe: Any, where: str) -> dict:
     return dict(recipe)
 
 
-def _check_measure(measure: Any, where: str) -> dict:
-    if not isinstance(measure, dict):
-        _fail(where, "measure must be a mapping")
-    unknown = set(measure) - set(MEASURE_DEFAULTS)
+def _with_defaults(value: Any, defaults: dict, name: str, where: str) -> dict:
+    """A mapping with only the keys of ``defaults``, completed by them."""
+    if not isinstance(value, dict):
+        _fail(where, f"{name} must be a mapping")
+    unknown = set(value) - set(defaults)
     if unknown:
-        _fail(where, f"measure: unknown key(s) {sorted(unknown)}; allowed: {sorted(MEASURE_DEFAULTS)}")
-    out = dict(MEASURE_DEFAULTS, **measure)
+        _fail(where, f"{name}: unknown key(s) {sorted(unknown)}; allowed: {sorted(defaults)}")
+    return dict(defaults, **value)
+
+
+def _check_measure(measure: Any, where: str) -> dict:
+    out = _with_defaults(measure, MEASURE_DEFAULTS, "measure", where)
     if out["dtype"] not in ("fp32", "bf16", "fp16"):
         _fail(where, f"measure.dtype must be fp32, bf16 or fp16, got {out['dtype']!r}")
     for key in ("batch_size", "warmup", "repeats"):
@@ -220,12 +225,7 @@ def _check_measure(measure: Any, where: str) -> dict:
 
 
 def _check_launcher(launcher: Any, where: str) -> dict:
-    if not isinstance(launcher, dict):
-        _fail(where, "launcher must be a mapping")
-    unknown = set(launcher) - set(LAUNCHER_DEFAULTS)
-    if unknown:
-        _fail(where, f"launcher: unknown key(s) {sorted(unknown)}; allowed: {sorted(LAUNCHER_DEFAULTS)}")
-    out = dict(LAUNCHER_DEFAULTS, **launcher)
+    out = _with_defaults(launcher, LAUNCHER_DEFAULTS, "launcher", where)
     if out["kind"] not in ("local", "torchrun"):
         _fail(where, f"launcher.kind must be 'local' or 'torchrun', got {out['kind']!r}")
     if not _is_int(out["nproc_per_node"]) or out["nproc_per_node"] < 1:
