@@ -8,7 +8,7 @@ import torch.nn as nn
 from timm.layers import to_2tuple
 from torch.utils.flop_counter import FlopCounterMode
 
-from spach.models.layers import Attention
+from spach.models.layers import Attention, MixingBlock
 
 
 def count_params(model: nn.Module) -> int:
@@ -17,17 +17,21 @@ def count_params(model: nn.Module) -> int:
 
 
 @contextmanager
-def plain_attention(model: nn.Module):
-    """Run attention through explicit matmuls so the FLOP counter sees them on every device."""
-    modules = [m for m in model.modules() if isinstance(m, Attention)]
-    saved = [m.fused_attn for m in modules]
-    for m in modules:
-        m.fused_attn = False
+def countable_ops(model: nn.Module):
+    """Run attention and channel MLPs through plain aten matmuls, which the FLOP counter sees.
+
+    (Fused kernels — CPU flash attention, oneDNN linear+GELU — are invisible to it.)
+    """
+    flags = [(m, "fused_attn") for m in model.modules() if isinstance(m, Attention)]
+    flags += [(m, "fused_mlp") for m in model.modules() if isinstance(m, MixingBlock)]
+    saved = [getattr(m, name) for m, name in flags]
+    for m, name in flags:
+        setattr(m, name, False)
     try:
         yield
     finally:
-        for m, fused in zip(modules, saved):
-            m.fused_attn = fused
+        for (m, name), value in zip(flags, saved):
+            setattr(m, name, value)
 
 
 def count_macs(model: nn.Module, img_size=224, in_chans: int = 3, batch_size: int = 1) -> int:
@@ -41,7 +45,7 @@ def count_macs(model: nn.Module, img_size=224, in_chans: int = 3, batch_size: in
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), plain_attention(model), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), countable_ops(model), FlopCounterMode(display=False) as counter:
             model(x)
     finally:
         model.train(was_training)

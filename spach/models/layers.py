@@ -13,9 +13,12 @@ from functools import partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp
+from timm.layers import DropPath
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
+
+# oneDNN linear with a fused GELU or residual add (the kernels torch.compile uses on CPU)
+_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 MIXERS = ("conv", "attn", "mlp")
 MIXER_ALIASES = {"pass": "conv"}  # the original release calls the conv family's mixer "pass"
@@ -181,6 +184,26 @@ class TokenMlp(nn.Module):
         return self.drop2(x).reshape(B, H, W, C)
 
 
+class ChannelMlp(nn.Module):
+    """Linear(C -> rC) -> GELU -> Dropout -> Linear(rC -> C) -> Dropout, on the channel axis."""
+
+    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+    def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``residual + self(x)`` for inference on CPU: bias, GELU and the sum fused into the matmuls."""
+        h = torch.ops.mkldnn._linear_pointwise(x, self.fc1.weight, self.fc1.bias, "gelu", [], "none")
+        return torch.ops.mkldnn._linear_pointwise.binary(h, residual, self.fc2.weight, self.fc2.bias, "add")
+
+
 class MixingBlock(nn.Module):
     """The SPACH block; only ``token_mixer`` differs between the families::
 
@@ -189,7 +212,11 @@ class MixingBlock(nn.Module):
 
     For the conv family the depthwise conv (``cpe``) *is* the spatial mixer.
     ``token_mixer`` may be a module shared with other blocks (weight sharing).
+    In inference on CPU the channel MLP runs through oneDNN kernels that fuse its
+    bias, GELU and residual sum (same numbers); ``fused_mlp = False`` turns that off.
     """
+
+    fused_mlp = True
 
     def __init__(self, dim: int, mixer: str, token_mixer: nn.Module | None, channel_ratio: float = 2.0,
                  cpe: bool = True, scaled: bool = True, init_values: float = 1e-4,
@@ -208,7 +235,7 @@ class MixingBlock(nn.Module):
             self.gamma = nn.Parameter(init_values * torch.ones(dim)) if scaled else None
         self.cpe = DepthwiseConv(dim) if cpe else None
         self.norm2 = LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * channel_ratio), act_layer=nn.GELU, drop=drop)
+        self.mlp = ChannelMlp(dim, int(dim * channel_ratio), drop=drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -219,4 +246,7 @@ class MixingBlock(nn.Module):
             y = x + s if self.gamma is None else torch.addcmul(x, self.gamma, s)  # x + gamma * s
         if self.cpe is not None:
             y = self.cpe(x).add_(y)  # CPE reads the block input x
+        if self.fused_mlp and _ONEDNN_LINEAR and not self.training and not torch.is_grad_enabled() \
+                and y.device.type == "cpu" and y.dtype in (torch.float32, torch.bfloat16):
+            return self.mlp.forward_add(self.norm2(y), y)  # inference: dropout and drop path are identities
         return self.drop_path(self.mlp(self.norm2(y))).add_(y)
