@@ -35,13 +35,15 @@ import math
 import os
 import platform
 import statistics
-import tempfile
 import time
 from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from spach.io import atomic_write
+from spach.models import count_macs, count_params
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MODES = ("infer", "train")
@@ -326,44 +328,9 @@ def create_model(name: str, img_size: int = 224) -> nn.Module:
     """Build `name` (random weights) through timm; SPACH models get `img_size`."""
     import timm
 
-    if _is_spach(name):
-        import spach  # noqa: F401  (registers the zoo in timm)
-
+    if _is_spach(name):  # the zoo is registered in timm by the spach.models import above
         return timm.create_model(name, pretrained=False, img_size=img_size)
     return timm.create_model(name, pretrained=False)
-
-
-def count_params(model: nn.Module) -> int:
-    try:
-        from spach.models import count_params as library_count
-    except ImportError:
-        return sum(p.numel() for p in model.parameters())
-    return int(library_count(model))
-
-
-def count_macs(model: nn.Module, img_size: int = 224, in_chans: int = 3) -> float:
-    """Multiply-accumulates of one image at `img_size`² (the library's counter
-    when present, else `torch.utils.flop_counter` directly: FLOPs / 2)."""
-    try:
-        from spach.models import count_macs as library_count
-    except ImportError:
-        library_count = None
-    if library_count is not None:
-        return float(library_count(model, img_size))
-    from torch.utils.flop_counter import FlopCounterMode
-
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    dtype = param.dtype if param is not None else torch.float32
-    x = torch.zeros(1, in_chans, img_size, img_size, device=device, dtype=dtype)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(x)
-    finally:
-        model.train(was_training)
-    return counter.get_total_flops() / 2
 
 
 # --------------------------------------------------------------------------
@@ -467,7 +434,7 @@ def benchmark(models, batch_size: int = 16, img_size: int = 224, dtypes: Iterabl
         for name, module in named:
             model = module if module is not None else create_model(name, img_size)
             params = count_params(model)
-            macs = count_macs(model, img_size)
+            macs = float(count_macs(model, img_size))
             for dtype in dtypes:
                 for mode in modes:
                     if protocol == "swin" and mode != "infer":
@@ -574,18 +541,7 @@ def format_table(result: dict) -> str:
 def write_json(result: dict, path: str | os.PathLike) -> None:
     """Write `result` as JSON atomically (a temporary file in the same folder, then rename)."""
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".bench-", suffix=".json.tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it a normal file's mode
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_write(path, "w") as f:
+        json.dump(result, f, indent=2)
+        f.write("\n")

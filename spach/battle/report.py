@@ -15,13 +15,12 @@ database: it can run while a study is still going.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from spach.battle import db
+from spach.io import atomic_write
 from spach.battle.findings import Group, Stat, evaluate_findings
 
 FAMILY_ORDER = {"conv": 0, "attn": 1, "mlp": 2, "hybrid": 3}
@@ -32,17 +31,13 @@ FAMILY_COLOR = {"conv": "tab:blue", "attn": "tab:red", "mlp": "tab:green", "hybr
 # --------------------------------------------------------------------------- atomic files
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
+    with atomic_write(path, "w") as f:
         f.write(text)
-    os.replace(tmp, path)
 
 
 def _atomic_savefig(fig, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
 
 
 # --------------------------------------------------------------------------- data

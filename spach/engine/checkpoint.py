@@ -57,14 +57,13 @@ def save_checkpoint(state: dict, out_dir: str | Path) -> Path:
 
 def load_checkpoint_file(path: str | Path) -> dict:
     """Load a training checkpoint with weights_only=True; CheckpointError with the reason if it cannot."""
+    from spach.models import read_state_file
+
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 — truncated zip, bad pickle, disallowed globals, ...
-        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt?): "
-                              f"{type(e).__name__}: {e}") from None
+        state = read_state_file(path)
+    except (FileNotFoundError, ValueError) as e:  # missing, truncated, corrupt, or code in the pickle
+        raise CheckpointError(str(e)) from None
     if not isinstance(state, dict) or "model" not in state or "position" not in state:
         raise CheckpointError(f"{path} is not a spach training checkpoint (no 'model'/'position' entries); "
                               f"to start from its weights use init_checkpoint / --init-checkpoint")

@@ -118,21 +118,11 @@ def evaluate_checkpoint(model_name: str, checkpoint: str, data: str, *, img_size
 
     from spach import load_checkpoint
     from spach.data import open_source
+    from spach.models import read_state_file
     from spach.engine.build import build_model, check_model_input
 
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    source: object = str(path)
-    run_cfg: dict = {}
-    if path.suffix != ".safetensors":
-        try:
-            source = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001
-            raise RuntimeError(f"checkpoint {path} is unreadable (truncated or corrupt?): "
-                               f"{type(e).__name__}: {e}") from None
-        if isinstance(source, dict) and isinstance(source.get("config"), dict):
-            run_cfg = source["config"]
+    source = read_state_file(Path(checkpoint))  # .pth (weights_only) or .safetensors
+    run_cfg = source["config"] if isinstance(source.get("config"), dict) else {}
     if model_kwargs is None:
         model_kwargs = run_cfg.get("model_kwargs") or {}
     img_size = img_size or run_cfg.get("img_size")

@@ -38,7 +38,7 @@ def read_state_file(path: str | os.PathLike) -> dict:
             f"refusing to load {path}: it contains Python objects that loading with weights_only=True "
             f"does not allow (loading it would run code from the file). Details: {e}") from e
     except (RuntimeError, EOFError, OSError) as e:
-        raise ValueError(f"cannot read checkpoint {path}: truncated or corrupt ({e})") from e
+        raise ValueError(f"checkpoint {path} is unreadable (truncated or corrupt?): {type(e).__name__}: {e}") from e
     if not isinstance(obj, dict):
         raise ValueError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict")
     return obj
