@@ -98,7 +98,7 @@ def measure(config: dict[str, Any], threads: int | None) -> dict[str, Any]:
     speed = measure_throughput(model, batch_size=m["batch_size"], img_size=img_size, dtype=m["dtype"],
                                threads=m["threads"] or threads, mode="infer", warmup=m["warmup"],
                                repeats=m["repeats"], device=m.get("device", "cpu"))
-    out["images_per_s"] = float(speed["images_per_s"] if isinstance(speed, dict) else speed)
+    out["images_per_s"] = float(speed["images_per_s"])
     return out
 
 
