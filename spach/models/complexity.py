@@ -8,7 +8,8 @@ import torch.nn as nn
 from timm.layers import to_2tuple
 from torch.utils.flop_counter import FlopCounterMode
 
-from spach.models.layers import Attention, MixingBlock
+from spach.models import kernels
+from spach.models.layers import Attention
 
 
 def count_params(model: nn.Module) -> int:
@@ -22,16 +23,17 @@ def countable_ops(model: nn.Module):
 
     (Fused kernels — CPU flash attention, oneDNN linear+GELU — are invisible to it.)
     """
-    flags = [(m, "fused_attn") for m in model.modules() if isinstance(m, Attention)]
-    flags += [(m, "fused_mlp") for m in model.modules() if isinstance(m, MixingBlock)]
-    saved = [getattr(m, name) for m, name in flags]
-    for m, name in flags:
-        setattr(m, name, False)
+    attention = [m for m in model.modules() if isinstance(m, Attention)]
+    saved = [m.fused_attn for m in attention], kernels.fused_kernels_enabled()
+    for m in attention:
+        m.fused_attn = False
+    kernels.set_fused_kernels(False)
     try:
         yield
     finally:
-        for (m, name), value in zip(flags, saved):
-            setattr(m, name, value)
+        for m, value in zip(attention, saved[0]):
+            m.fused_attn = value
+        kernels.set_fused_kernels(saved[1])
 
 
 def count_macs(model: nn.Module, img_size=224, in_chans: int = 3, batch_size: int = 1) -> int:

@@ -13,12 +13,11 @@ from functools import partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath
+from timm.layers import DropPath, register_notrace_function, use_fused_attn
+
+from spach.models.kernels import use_fused_mlp, use_sdpa
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
-
-# oneDNN linear with a fused GELU or residual add (the kernels torch.compile uses on CPU)
-_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 MIXERS = ("conv", "attn", "mlp")
 MIXER_ALIASES = {"pass": "conv"}  # the original release calls the conv family's mixer "pass"
@@ -106,15 +105,26 @@ class DepthwiseConv(nn.Module):
         return nchw_to_nhwc(self.conv(nhwc_to_nchw(x)))
 
 
+@register_notrace_function  # torch.fx: a leaf, so the kernel is chosen when the graph runs
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout_p: float,
+              fused: bool) -> torch.Tensor:
+    """``softmax(q k^T * scale) v`` on ``(B, heads, N, head_dim)``; fused kernel or plain maths (same numbers)."""
+    if use_sdpa(q, fused):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+    attn = ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+    if dropout_p > 0.0:
+        attn = F.dropout(attn, dropout_p)
+    return attn @ v
+
+
 class Attention(nn.Module):
     """Multi-head self-attention without class token or absolute position embedding.
 
-    ``qkv`` output features are laid out as (3, heads, head_dim). Uses the fused
-    ``F.scaled_dot_product_attention``; ``fused_attn = False`` selects the plain
-    maths (same numbers), kept for export, debugging and FLOP counting.
+    ``qkv`` output features are laid out as (3, heads, head_dim). ``fused_attn``
+    (timm's ``use_fused_attn()`` at build time) selects
+    ``F.scaled_dot_product_attention``; ``False`` selects the plain maths (same
+    numbers), kept for export, debugging and FLOP counting.
     """
-
-    fused_attn = True
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qk_scale: float | None = None,
                  attn_drop: float = 0.0, proj_drop: float = 0.0):
@@ -124,6 +134,7 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = qk_scale or self.head_dim ** -0.5
+        self.fused_attn = use_fused_attn()
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
@@ -135,18 +146,21 @@ class Attention(nn.Module):
         # (B, N, 3C) -> (3, B, heads, N, head_dim)
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        # the fused CPU kernel gains nothing from bf16 at these head widths, while the plain
-        # matmuls double their speed: take the plain maths for bf16 on CPU (benchmarks/RESULTS.md)
-        if self.fused_attn and not (x.dtype == torch.bfloat16 and x.device.type == "cpu"):
-            x = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0, scale=self.scale)
-        else:
-            attn = (q * self.scale) @ k.transpose(-2, -1)
-            attn = self.attn_drop(attn.softmax(dim=-1))
-            x = attn @ v
+        x = attention(q, k, v, self.scale, self.attn_drop.p if self.training else 0.0, self.fused_attn)
         # (B, heads, N, head_dim) -> (B, H, W, C)
         x = x.transpose(1, 2).reshape(B, H, W, C)
         return self.proj_drop(self.proj(x))
+
+
+@register_notrace_function  # torch.fx: checked when the graph runs, not while tracing
+def check_token_grid(x: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+    """A token-mixing MLP's weights depend on the number of tokens: refuse any other grid; returns ``x``."""
+    if x.shape[1] != grid_size[0] or x.shape[2] != grid_size[1]:
+        raise ValueError(
+            f"the token-mixing MLP was built for a {grid_size[0]}x{grid_size[1]} token grid and got "
+            f"{x.shape[1]}x{x.shape[2]}: MLP models take only the input size they were built for "
+            f"(rebuild the model with img_size matching your input)")
+    return x
 
 
 class TokenMlp(nn.Module):
@@ -158,7 +172,7 @@ class TokenMlp(nn.Module):
 
     def __init__(self, grid_size: tuple[int, int], token_ratio: float = 0.5, drop: float = 0.0):
         super().__init__()
-        self.grid_size = tuple(grid_size)
+        self.grid_size = (int(grid_size[0]), int(grid_size[1]))
         num_tokens = self.grid_size[0] * self.grid_size[1]
         if int(num_tokens * token_ratio) < 1:
             raise ValueError(f"a token-mixing MLP over {num_tokens} tokens with token_ratio={token_ratio} has no "
@@ -170,17 +184,15 @@ class TokenMlp(nn.Module):
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = check_token_grid(x, self.grid_size)
         B, H, W, C = x.shape
-        if (H, W) != self.grid_size:
-            raise ValueError(
-                f"the token-mixing MLP was built for a {self.grid_size[0]}x{self.grid_size[1]} token grid "
-                f"and got {H}x{W}: MLP models take only the input size they were built for "
-                f"(rebuild the model with img_size matching your input)")
         x = x.reshape(B, H * W, C)
-        # (tN, N) @ (B, N, C) -> (B, tN, C)
-        x = torch.matmul(self.fc1.weight, x) + self.fc1.bias[:, None]
+        # (tN, N) @ (B, N, C) -> (B, tN, C); the bias in the product's dtype (bf16 under autocast)
+        x = torch.matmul(self.fc1.weight, x)
+        x = x + self.fc1.bias[:, None].to(x.dtype)
         x = self.drop1(self.act(x))
-        x = torch.matmul(self.fc2.weight, x) + self.fc2.bias[:, None]
+        x = torch.matmul(self.fc2.weight, x)
+        x = x + self.fc2.bias[:, None].to(x.dtype)
         return self.drop2(x).reshape(B, H, W, C)
 
 
@@ -198,8 +210,12 @@ class ChannelMlp(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 
-    def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """``residual + self(x)`` for inference on CPU: bias, GELU and the sum fused into the matmuls."""
+    @torch.jit.unused
+    def fused_residual(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``residual + self(x)`` in inference, with bias, GELU and the sum fused into oneDNN's matmuls.
+
+        Only called where :func:`spach.models.kernels.use_fused_mlp` allows it.
+        """
         h = torch.ops.mkldnn._linear_pointwise(x, self.fc1.weight, self.fc1.bias, "gelu", [], "none")
         return torch.ops.mkldnn._linear_pointwise.binary(h, residual, self.fc2.weight, self.fc2.bias, "add")
 
@@ -212,11 +228,9 @@ class MixingBlock(nn.Module):
 
     For the conv family the depthwise conv (``cpe``) *is* the spatial mixer.
     ``token_mixer`` may be a module shared with other blocks (weight sharing).
-    In inference on CPU the channel MLP runs through oneDNN kernels that fuse its
-    bias, GELU and residual sum (same numbers); ``fused_mlp = False`` turns that off.
+    Where :mod:`spach.models.kernels` allows it (CPU inference), the channel MLP
+    and its residual sum run through fused kernels (same numbers).
     """
-
-    fused_mlp = True
 
     def __init__(self, dim: int, mixer: str, token_mixer: nn.Module | None, channel_ratio: float = 2.0,
                  cpe: bool = True, scaled: bool = True, init_values: float = 1e-4,
@@ -239,14 +253,15 @@ class MixingBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: (B, H, W, C). Sums are done in place on tensors this block created (fewer allocations).
+        # x: (B, H, W, C)
         y = x
-        if self.token_mixer is not None:
-            s = self.drop_path(self.token_mixer(self.norm1(x)))
-            y = x + s if self.gamma is None else torch.addcmul(x, self.gamma, s)  # x + gamma * s
+        if self.token_mixer is not None and self.norm1 is not None:
+            s = self.token_mixer(self.norm1(x))
+            if self.gamma is not None:
+                s = self.gamma * s
+            y = y + self.drop_path(s)
         if self.cpe is not None:
-            y = self.cpe(x).add_(y)  # CPE reads the block input x
-        if self.fused_mlp and _ONEDNN_LINEAR and not self.training and not torch.is_grad_enabled() \
-                and y.device.type == "cpu" and y.dtype in (torch.float32, torch.bfloat16):
-            return self.mlp.forward_add(self.norm2(y), y)  # inference: dropout and drop path are identities
-        return self.drop_path(self.mlp(self.norm2(y))).add_(y)
+            y = y + self.cpe(x)  # CPE reads the block input x
+        if not torch.jit.is_scripting() and use_fused_mlp(y, self.training):
+            return self.mlp.fused_residual(self.norm2(y), y)
+        return y + self.drop_path(self.mlp(self.norm2(y)))

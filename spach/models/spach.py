@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-from timm.layers import to_2tuple
+from timm.layers import register_notrace_function, to_2tuple
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
@@ -50,6 +50,19 @@ def parse_stage_arch(arch, where: str) -> list[str]:
     if not mixers:
         raise ValueError(f"{where}: the stage has no blocks")
     return mixers
+
+
+@register_notrace_function  # torch.fx: checked when the graph runs, not while tracing
+def check_input_size(x: torch.Tensor, img_size: tuple[int, int], stride: int, fixed: bool) -> torch.Tensor:
+    """Refuse an input the network cannot take, naming the size it needs; returns ``x`` (a graph node)."""
+    H, W = x.shape[-2], x.shape[-1]
+    if fixed and (H != img_size[0] or W != img_size[1]):
+        raise ValueError(
+            f"this model has token-mixing MLPs built for {img_size[0]}x{img_size[1]} input "
+            f"and got {H}x{W}; build it with img_size=({H}, {W}) to use that size")
+    if H % stride or W % stride:
+        raise ValueError(f"input size {H}x{W} is not divisible by the network's total stride {stride}")
+    return x
 
 
 class SpachStage(nn.Module):
@@ -109,7 +122,7 @@ class SpachNet(nn.Module):
             raise ValueError(f"global_pool must be 'avg' or '' (unpooled), got {global_pool!r}")
         self.num_classes = num_classes
         self.global_pool = global_pool
-        self.img_size = to_2tuple(img_size)
+        self.img_size = tuple(int(s) for s in to_2tuple(img_size))
         self.patch_size = patch_size
         self.stride = patch_size * 2 ** (len(stage_mixers) - 1)
         self.fixed_input_size = any("mlp" in m for m in stage_mixers)
@@ -196,19 +209,14 @@ class SpachNet(nn.Module):
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
-    def check_input_size(self, x: torch.Tensor) -> None:
-        H, W = x.shape[-2:]
-        if self.fixed_input_size and (H, W) != self.img_size:
-            raise ValueError(
-                f"this model has token-mixing MLPs built for {self.img_size[0]}x{self.img_size[1]} input "
-                f"and got {H}x{W}; build it with img_size=({H}, {W}) to use that size")
-        if H % self.stride or W % self.stride:
-            raise ValueError(f"input size {H}x{W} is not divisible by the network's total stride {self.stride}")
+    def check_input_size(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` if the network can take its size, else a ValueError naming the size it needs."""
+        return check_input_size(x, self.img_size, self.stride, self.fixed_input_size)
 
     # ------------------------------------------------------------------ forward
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C_in, H, W) -> (B, H/s, W/s, C) after the final LayerNorm (``output_fmt = 'NHWC'``)."""
-        self.check_input_size(x)
+        x = self.check_input_size(x)
         x = self.norm_pre(self.stem(x))
         x = self.stages(x)
         return self.norm(x)
@@ -234,7 +242,7 @@ class SpachNet(nn.Module):
         take_indices, max_index = feature_take_indices(len(self._feature_points), indices)
         take = {self._feature_points[i] for i in take_indices}
         last = self._feature_points[max_index]
-        self.check_input_size(x)
+        x = self.check_input_size(x)
         x = self.norm_pre(self.stem(x))
         intermediates = []
         for si, stage in enumerate(self.stages):

@@ -1,0 +1,146 @@
+"""Kernel choice: the fast CPU paths give the plain path's numbers and never break a tool."""
+import pytest
+import timm
+import torch
+from timm.layers import set_scriptable
+from timm.models._features_fx import create_feature_extractor
+
+import spach  # noqa: F401  (registers the zoo)
+from spach.models import kernels
+
+# one model per code path: conv, attention, token MLP, single-stage, hybrid with the conv4 stem
+NAMES = ["spach_ms_xxs_patch4_224_conv", "spach_ms_xxs_patch4_224_attn", "spach_ms_xxs_patch4_224_mlp",
+         "spach_xxs_patch16_224_attn", "spach_ms_s_plus_patch4_224_hybrid"]
+TINY = dict(hidden_dim=16, num_heads=2, img_size=64)
+
+
+def tiny(name, **kw):
+    torch.manual_seed(0)
+    model = timm.create_model(name, **{**TINY, **kw})
+    for p in model.parameters():  # randomise every weight so no branch is negligible
+        torch.nn.init.normal_(p, std=0.2)
+    return model.eval()
+
+
+def plain(model, x):
+    kernels.set_fused_kernels(False)
+    try:
+        with torch.no_grad():
+            return model(x)
+    finally:
+        kernels.set_fused_kernels(True)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fused_and_plain_paths_give_the_same_logits_in_fp32(name):
+    model, x = tiny(name), torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        fused = model(x)
+    torch.testing.assert_close(fused, plain(model, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fused_and_plain_paths_agree_in_bf16(name):
+    model, x = tiny(name).to(torch.bfloat16), torch.randn(2, 3, 64, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        fused = model(x).float()
+    ref = plain(model, x).float()
+    # bf16 keeps 8 bits of mantissa: compare relative to the logits' scale
+    assert (fused - ref).abs().max() <= 0.02 * ref.abs().max() + 1e-3
+
+
+@pytest.mark.parametrize("name", NAMES[:3])
+def test_fused_and_plain_paths_agree_under_bf16_autocast(name):
+    model, x = tiny(name), torch.randn(2, 3, 64, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = model(x).float()
+    kernels.set_fused_kernels(False)
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            ref = model(x).float()
+    finally:
+        kernels.set_fused_kernels(True)
+    torch.testing.assert_close(fused, ref)
+
+
+def test_fast_paths_are_off_while_a_tool_reads_the_model():
+    x = torch.randn(1, 4, 4, 8)
+    with torch.no_grad():
+        assert kernels.use_fused_mlp(x, training=False) == kernels.HAS_ONEDNN_LINEAR
+        assert not kernels.use_fused_mlp(x, training=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not kernels.use_fused_mlp(x, training=False)
+        with set_scriptable(True):
+            assert not kernels.use_fused_mlp(x, training=False)
+        kernels.set_fused_kernels(False)
+        try:
+            assert not kernels.use_fused_mlp(x, training=False)
+        finally:
+            kernels.set_fused_kernels(True)
+    assert not kernels.use_fused_mlp(x, training=False)  # autograd on: plain path
+
+
+def test_bf16_attention_on_cpu_takes_the_plain_matmuls():
+    q = torch.randn(1, 2, 4, 8)
+    assert kernels.use_sdpa(q, True) and not kernels.use_sdpa(q, False)
+    assert not kernels.use_sdpa(q.bfloat16(), True)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_torchscript_gives_the_eager_logits(name):
+    model, x = tiny(name), torch.randn(2, 3, 64, 64)
+    with set_scriptable(True):
+        scripted_src = timm.create_model(name, **TINY).eval()
+    scripted_src.load_state_dict(model.state_dict())
+    scripted = torch.jit.script(scripted_src)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fx_graph_runs_forward_and_backward(name):
+    model, x = tiny(name), torch.randn(2, 3, 64, 64)
+    graph = create_feature_extractor(model, return_nodes={"head": "logits"})
+    with torch.no_grad():
+        torch.testing.assert_close(graph(x)["logits"], model(x), rtol=1e-5, atol=1e-5)
+    graph.train()
+    graph(x)["logits"].sum().backward()
+    assert all(p.grad is not None for p in graph.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fx_feature_extraction_gives_the_getter_maps(name):
+    torch.manual_seed(0)
+    getter = timm.create_model(name, features_only=True, **TINY).eval()
+    torch.manual_seed(0)  # the same initial weights
+    fx = timm.create_model(name, features_only=True, feature_cls="fx", **TINY).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        maps, fx_maps = getter(x), fx(x)
+    assert fx.output_fmt.name == "NHWC"  # timm's convention for models with NHWC outputs (as Swin)
+    assert len(fx_maps) == len(maps) == 4
+    for m, f in zip(maps, fx_maps):
+        torch.testing.assert_close(f.permute(0, 3, 1, 2), m, rtol=1e-5, atol=1e-5)
+
+
+def test_fx_graph_still_refuses_a_wrong_input_size():
+    model = tiny("spach_ms_xxs_patch4_224_mlp")
+    graph = create_feature_extractor(model, return_nodes={"head": "logits"})
+    with pytest.raises(ValueError, match="built for 64x64"):
+        graph(torch.randn(1, 3, 96, 96))
+
+
+@pytest.mark.parametrize("name", ["spach_ms_xxs_patch4_224_attn", "spach_ms_xxs_patch4_224_mlp"])
+def test_torch_export_under_no_grad_gives_the_eager_logits(name):
+    model, x = tiny(name), torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        program = torch.export.export(model, (x,))
+        torch.testing.assert_close(program.module()(x), model(x), rtol=1e-5, atol=1e-5)
