@@ -1,0 +1,79 @@
+"""The shift and sparse axial-MLP operators of ShiftViT and sMLPNet, for NCHW and channels-last tensors."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _channel_dim(ndim: int, channel_dim: int) -> int:
+    # the channel dim of a 4-d tensor laid out NCHW (channel_dim 1) or NHWC (channel_dim 3 / -1)
+    if ndim != 4:
+        raise ValueError(f"partial_shift takes a 4-d image tensor (NCHW or NHWC), got {ndim} dims")
+    if channel_dim % 4 not in (1, 3):
+        raise ValueError(f"channel_dim={channel_dim}: use 1 for NCHW tensors or -1 (3) for channels-last NHWC tensors")
+    return channel_dim % 4
+
+
+def partial_shift(x: torch.Tensor, n_div: int = 12, channel_dim: int = 1) -> torch.Tensor:
+    """ShiftViT's shift: four groups of ``C // n_div`` channels move one pixel, the rest stay.
+
+    With ``g = C // n_div``: channels ``[0, g)`` move left (``out[.., w] = x[.., w + 1]``),
+    ``[g, 2g)`` right, ``[2g, 3g)`` up (``out[h] = x[h + 1]``), ``[3g, 4g)`` down; the pixel
+    line a group leaves behind is zero; channels ``[4g, C)`` are copied unchanged.
+    ``channel_dim`` is 1 for ``(B, C, H, W)`` tensors and -1 (or 3) for ``(B, H, W, C)``.
+    The result keeps ``x``'s memory format. Only shapes steer the code (scriptable, traceable).
+    """
+    cd = _channel_dim(x.dim(), channel_dim)
+    g = x.shape[cd] // n_div
+    out = torch.empty_like(x)
+    # both layouts seen as (C, B, H, W) views; slices clip at C like the original's (n_div < 4)
+    xc, oc = x.movedim(cd, 0), out.movedim(cd, 0)
+    oc[4 * g:] = xc[4 * g:]
+    oc[0:g, :, :, :-1] = xc[0:g, :, :, 1:]  # left
+    oc[0:g, :, :, -1:] = 0
+    oc[g:2 * g, :, :, 1:] = xc[g:2 * g, :, :, :-1]  # right
+    oc[g:2 * g, :, :, :1] = 0
+    oc[2 * g:3 * g, :, :-1] = xc[2 * g:3 * g, :, 1:]  # up
+    oc[2 * g:3 * g, :, -1:] = 0
+    oc[3 * g:4 * g, :, 1:] = xc[3 * g:4 * g, :, :-1]  # down
+    oc[3 * g:4 * g, :, :1] = 0
+    return out
+
+
+class SparseMLP(nn.Module):
+    """sMLP's sparse token mixing (without its BN + GELU), on channels-last tokens.
+
+    ``(B, H, W, C) -> (B, H, W, C)``::
+
+        x_h = mix along W with proj_h     (an S_w x S_w matrix + bias, the same for every row and channel)
+        x_w = mix along H with proh_w     (an S_h x S_h matrix + bias)
+        out = fuse(cat([x, x_h, x_w]))    (3C -> C, no bias)
+
+    Parameter names and shapes are the original release's: ``proj_h``, ``proh_w``
+    (sic) and ``fuse`` are 1x1 ``Conv2d`` weights, so its checkpoints load as they are;
+    they are applied here as matrices on the channels-last tensor. ``grid_size`` is
+    the token grid ``S`` or ``(H, W)`` the weights are built for; another size is an error.
+    """
+
+    def __init__(self, dim: int, grid_size: int | tuple[int, int]):
+        super().__init__()
+        gh, gw = (grid_size, grid_size) if isinstance(grid_size, int) else tuple(grid_size)
+        self.dim = dim
+        self.grid_size = (int(gh), int(gw))
+        self.proj_h = nn.Conv2d(gw, gw, 1)  # mixes along W (the original moves W to the channel axis)
+        self.proh_w = nn.Conv2d(gh, gh, 1)  # mixes along H
+        self.fuse = nn.Conv2d(dim * 3, dim, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        if H != self.grid_size[0] or W != self.grid_size[1]:
+            raise ValueError(
+                f"the sparse MLP was built for a {self.grid_size[0]}x{self.grid_size[1]} token grid and got "
+                f"{H}x{W}: its weights depend on the grid, so feed the input size the model was built for "
+                f"(or rebuild it with that img_size)")
+        # along W: (B, H, W, C) -> (B, H, C, W) @ Wh^T -> (B, H, W, C)
+        x_h = F.linear(x.transpose(2, 3), self.proj_h.weight.flatten(1), self.proj_h.bias).transpose(2, 3)
+        # along H: (B, H, W, C) -> (B, W, C, H) @ Ww^T -> (B, H, W, C)
+        x_w = F.linear(x.permute(0, 2, 3, 1), self.proh_w.weight.flatten(1), self.proh_w.bias).permute(0, 3, 1, 2)
+        return F.linear(torch.cat([x, x_h, x_w], dim=-1), self.fuse.weight.flatten(1))
