@@ -139,7 +139,7 @@ def test_second_invocation_refused(tmp_path, capsys):
             run_study(micro(), tmp_path, quiet=True)
         study = tmp_path / "micro.yaml"
         study.write_text(yaml.safe_dump(micro()))
-        assert main(["battle", str(study), "--out", str(tmp_path)]) == 2
+        assert main(["battle", str(study), "--out", str(tmp_path)]) == 1  # busy: a failure, not a usage error
         assert f"(pid {os.getpid()})" in capsys.readouterr().err
     assert not (tmp_path / "battle.db").exists()  # the refused invocations touched nothing
 

@@ -178,7 +178,7 @@ def test_corrupt_checkpoint_falls_back_on_auto_and_errors_on_explicit_path(tmp_p
     torch.load(out / "last.pt", weights_only=True)  # a good one again
     (out / "bad.pt").write_bytes(data[:1000])
     rc = cli(["train", "--config", str(out / "config.yaml"), "--resume", str(out / "bad.pt")])
-    assert rc == 2
+    assert rc == 1  # a failure (corrupt file), not a usage error
     assert "bad.pt is unreadable (truncated or corrupt?)" in capsys.readouterr().err
     with pytest.raises(CheckpointError, match="not found"):
         train(cfg.replace(resume=str(out / "missing.pt")))
@@ -228,7 +228,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tm
     assert state["position"]["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
     assert len((Path(cfg.output) / "metrics.jsonl").read_text().splitlines()) == 1
     cfg.replace(output=str(tmp_path / "cli")).to_yaml(tmp_path / "nan.yaml")
-    assert cli(["train", "--config", str(tmp_path / "nan.yaml")]) == 2
+    assert cli(["train", "--config", str(tmp_path / "nan.yaml")]) == 1  # the run failed
     assert "non-finite loss" in capsys.readouterr().err
 
 

@@ -148,7 +148,8 @@ def execute_run(out_dir: str | Path, key: str, threads: int | None = None,
         history = result.get("history") or [{}]
         metrics.update(best_top1=result.get("best_top1"), final_top1=result.get("final_top1"),
                        final_top5=result.get("final_top5"), final_val_loss=result.get("final_val_loss"),
-                       final_train_loss=history[-1].get("train_loss"), train_time_s=train_time)
+                       final_train_loss=history[-1].get("train_loss"),
+                       train_time_s=result.get("train_time_s", train_time))  # resumed runs: all epochs
     except Exception as e:  # a failing run never stops the study
         if rank == 0:
             error = f"{type(e).__name__}: {e}\n" + "".join(traceback.format_exc(limit=8))

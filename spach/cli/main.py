@@ -2,11 +2,18 @@
 
 Each sub-command lives in its own module of this package and exposes
 `add_parser(subparsers)` (which sets `func` on its parser) — see `COMMANDS`.
+
+Errors: bad input (ValueError, a missing file) -> one line, exit 2; a failure of the
+work (RuntimeError such as a corrupt checkpoint or a NaN loss, an OS error such as a
+read-only directory, a broken database) -> one line, exit 1. Any other exception is a
+bug and keeps its traceback. `spach --debug ...` or SPACH_DEBUG=1 shows every traceback.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import sqlite3
 import sys
 
 from spach.runtime import tune_cpu_allocator
@@ -27,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="spach",
         description="SPACH: a fair battle of network structures (conv vs attention vs MLP vs hybrids).",
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error (also: environment SPACH_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module_name in COMMANDS.values():
         try:
@@ -43,15 +52,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     tune_cpu_allocator()
+    debug = args.debug or os.environ.get("SPACH_DEBUG", "") not in ("", "0")
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError, OSError, sqlite3.Error) as e:
+        if debug:
+            raise
         # library errors are written to be read by people: no traceback needed
-        print(f"spach {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        print(f"spach {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2 if isinstance(e, (ValueError, FileNotFoundError)) else 1
     except KeyboardInterrupt:
         print(f"spach {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line(e: BaseException) -> str:
+    """The error as one line; an OS error without a library message says what to check."""
+    text = " ".join(str(e).split())
+    if isinstance(e, PermissionError) or (isinstance(e, OSError) and e.errno == 30):  # EROFS
+        return f"{text} (is the directory read-only? choose a writable location)"
+    return text
 
 
 if __name__ == "__main__":

@@ -1,12 +1,16 @@
 """Crash-safe checkpoints: atomic writes, a previous good copy, weights_only loading.
 
     save_checkpoint(state, out_dir)            # -> out_dir/last.pt (old one kept as last.prev.pt)
-    state, path = find_resumable(out_dir)      # newest loadable of last.pt, last.prev.pt (warns on a bad one)
-    state = load_checkpoint_file(path)         # CheckpointError (a RuntimeError) if unreadable
+    state, path = find_resumable(out_dir)      # newest loadable of last.pt, last.prev.pt (warns on a bad one;
+                                               # CheckpointError if there are some but none can be read)
+    state = load_checkpoint_file(path)         # CheckpointError (a RuntimeError) if unreadable or corrupt
+    moved = set_aside_results(out_dir)         # earlier results -> out_dir/earlier-<time>/ before a fresh start
 
 A write goes to a temporary file in the same directory, is flushed and fsync'ed, then
 `last.pt` is renamed to `last.prev.pt` and the temporary file renamed to `last.pt`
-(os.replace is atomic), and the directory is fsync'ed. A kill at any moment leaves at
+(os.replace is atomic), and the directory is fsync'ed. Each checkpoint carries a checksum of
+its content (`spach.models.with_checksum`), verified on load: flipped bytes fall back like
+any unreadable file. A kill at any moment leaves at
 least one complete checkpoint. Everything inside is tensors and plain Python data, so
 `torch.load(path, weights_only=True)` reads it: RNG states are stored as tensors/lists.
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 import os
 import random
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -26,6 +31,8 @@ from spach.io import fsync_dir
 
 LAST = "last.pt"
 PREV = "last.prev.pt"
+# what a run directory holds that a fresh start would overwrite (see set_aside_results)
+RESULTS = ("metrics.jsonl", "model.safetensors", "model_ema.safetensors", "config.yaml", "tb")
 
 
 class CheckpointError(RuntimeError):
@@ -36,7 +43,10 @@ class CheckpointError(RuntimeError):
 
 def save_checkpoint(state: dict, out_dir: str | Path) -> Path:
     """Write `state` as OUT/last.pt, keeping the previous one as OUT/last.prev.pt."""
+    from spach.models import with_checksum
+
     out_dir = Path(out_dir)
+    state = with_checksum(state)
     fd, tmp = tempfile.mkstemp(prefix=".last.", suffix=".tmp", dir=out_dir)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -71,8 +81,11 @@ def load_checkpoint_file(path: str | Path) -> dict:
 
 
 def find_resumable(out_dir: str | Path) -> tuple[Optional[dict], Optional[Path]]:
-    """The newest loadable checkpoint in `out_dir` (last.pt, else last.prev.pt), or (None, None)."""
-    found = []
+    """The newest loadable checkpoint in `out_dir` (last.pt, else last.prev.pt), or (None, None) if there is none.
+
+    CheckpointError if checkpoints exist but none can be read: starting afresh would overwrite their run.
+    """
+    found, errors = [], []
     for name in (LAST, PREV):
         path = Path(out_dir) / name
         if not path.exists():
@@ -80,11 +93,38 @@ def find_resumable(out_dir: str | Path) -> tuple[Optional[dict], Optional[Path]]
         try:
             found.append((load_checkpoint_file(path), path))
         except CheckpointError as e:
+            errors.append(str(e))
             warnings.warn(f"{e}; falling back to an older checkpoint", stacklevel=2)
+    if errors and not found:
+        raise CheckpointError(f"no checkpoint in {out_dir} can be read ({'; '.join(errors)}); nothing was "
+                              f"overwritten: to start that run over, move {out_dir} aside or use another --output")
     if not found:
         return None, None
     # normally last.pt; if a crash left only/also last.prev.pt, still take the furthest position
     return max(found, key=lambda sp: tuple(sp[0]["position"][k] for k in ("epoch", "step")))
+
+
+def set_aside_results(out_dir: str | Path) -> Optional[Path]:
+    """Move the results of an earlier run in `out_dir` (RESULTS) into out_dir/earlier-<time>/; returns it or None.
+
+    Called before a run starts from scratch in a directory that has no checkpoint to continue,
+    so that nothing of an earlier run is overwritten. An empty metrics.jsonl is not a result.
+    """
+    out_dir = Path(out_dir)
+    metrics = out_dir / "metrics.jsonl"
+    if not (out_dir / "model.safetensors").exists() and not (metrics.is_file() and metrics.read_text().strip()):
+        return None
+    dest = out_dir / time.strftime("earlier-%Y%m%d-%H%M%S")
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = dest.with_name(f"{dest.name.split('.')[0]}.{n}")
+    dest.mkdir()
+    for name in RESULTS:
+        if (out_dir / name).exists():
+            os.replace(out_dir / name, dest / name)
+    fsync_dir(out_dir)
+    return dest
 
 
 # --- RNG state as plain data -------------------------------------------------------------------

@@ -123,6 +123,11 @@ def evaluate_checkpoint(model_name: str, checkpoint: str, data: str, *, img_size
 
     source = read_state_file(Path(checkpoint))  # .pth (weights_only) or .safetensors
     run_cfg = source["config"] if isinstance(source.get("config"), dict) else {}
+    if run_cfg.get("model") and run_cfg["model"] != model_name:
+        import warnings
+        warnings.warn(f"{checkpoint} was trained as {run_cfg['model']}, not {model_name}: the run's model options "
+                      f"are reused, so the numbers are {run_cfg['model']}'s; pass --model {run_cfg['model']}",
+                      stacklevel=2)
     if model_kwargs is None:
         model_kwargs = run_cfg.get("model_kwargs") or {}
     img_size = img_size or run_cfg.get("img_size")

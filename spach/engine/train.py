@@ -58,7 +58,7 @@ from spach.engine.evaluate import autocast, evaluate
 
 
 class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; the run stopped, its last good checkpoint is kept."""
+    """The training loss became NaN or infinite; the run stopped, its last good checkpoint (if any) is kept."""
 
 
 def train(cfg: TrainConfig, on_epoch_end: Optional[Callable[[dict], None]] = None,
@@ -71,8 +71,8 @@ def train(cfg: TrainConfig, on_epoch_end: Optional[Callable[[dict], None]] = Non
     on_step(epoch, step, steps_per_epoch) — rank 0, after each optimizer step (and its step
         checkpoint, if due); `epoch` counts from 0, `step` is the number of steps done in it (1..n).
     peak_mem_mb: peak CUDA memory allocated, or on CPU the process's peak resident set size.
-    Returns {"best_top1", "final_top1", "final_top5", "final_val_loss", "history", "params",
-             "checkpoint", "weights", "output"}.
+    Returns {"best_top1", "final_top1", "final_top5", "final_val_loss", "history", "train_time_s" (the
+             epochs' time, those before a resume included), "params", "checkpoint", "weights", "output"}.
     """
     cfg.validate()
     threads_before = torch.get_num_threads()
@@ -200,6 +200,11 @@ def _train(cfg: TrainConfig, env: D.DistEnv, on_epoch_end, on_step) -> dict:
         scheduler.step_update(num_updates=start_epoch * steps_per_epoch + start_step)
         say(f"resumed from {state_path} at epoch {start_epoch + 1}, step {start_step}")
     if main:
+        if state is None and out.is_dir():  # a fresh start never overwrites an earlier run's results
+            moved = ckpt.set_aside_results(out)
+            if moved is not None:
+                say(f"{out} held results of an earlier run but no checkpoint to continue: "
+                    f"moved the results of an earlier run to {moved}")
         out.mkdir(parents=True, exist_ok=True)
         cfg.to_yaml(out / "config.yaml")
         history = _rewrite_history(out / "metrics.jsonl", keep_below=start_epoch)
@@ -373,6 +378,7 @@ def _train(cfg: TrainConfig, env: D.DistEnv, on_epoch_end, on_step) -> dict:
         "final_top5": last.get("val_top5", float("nan")),
         "final_val_loss": last.get("val_loss", float("nan")),
         "history": history,
+        "train_time_s": sum(r.get("epoch_time_s", 0.0) for r in history),  # all epochs, resumes included
         "params": n_params,
         "checkpoint": str(out / ckpt.LAST),
         "weights": str(weights),
@@ -447,9 +453,10 @@ def _check_finite(loss: torch.Tensor, epoch: int, step: int, out: Path) -> None:
     """Stop every rank together on a NaN/inf loss (the check is all-reduced)."""
     bad = D.all_reduce_sum((~torch.isfinite(loss.detach())).float().reshape(1))
     if bad.item() > 0:
+        kept = (f"The last good checkpoint is kept in {out} (resume with --resume auto)."
+                if (out / ckpt.LAST).exists() else f"No checkpoint was written to {out} yet.")
         raise NonFiniteLossError(
-            f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step + 1}; training stopped. "
-            f"The last good checkpoint is kept in {out} (resume with --resume auto). "
+            f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step + 1}; training stopped. {kept} "
             f"Try a lower --lr, --clip-grad 1.0, or --amp bf16 instead of fp16.")
 
 

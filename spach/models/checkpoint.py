@@ -5,6 +5,7 @@ would need to run code to load is refused, never executed.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 from pathlib import Path
@@ -17,6 +18,54 @@ from spach.models.spach import SpachNet, checkpoint_filter_fn
 
 # prefixes added by wrappers: DistributedDataParallel, torch.compile
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# the entry (pickles) / metadata key (safetensors) holding the content checksum of a file written by spach
+CHECKSUM_KEY = "checksum"
+
+
+class MissingEntryError(KeyError, ValueError):
+    """A checkpoint lacks the requested entry (e.g. EMA weights); a ValueError too, for one clear message."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+def state_checksum(obj) -> str:
+    """SHA-256 of a state's content: every tensor's dtype, shape and bytes, and the plain data around them."""
+    h = hashlib.sha256()
+
+    def feed(x) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)};".encode())
+            if t.numel():
+                h.update(t.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(x, dict):
+            h.update(f"D{len(x)};".encode())
+            for k, v in x.items():
+                feed(k)
+                feed(v)
+        elif isinstance(x, (list, tuple)):
+            h.update(f"L{len(x)};".encode())
+            for v in x:
+                feed(v)
+        else:
+            h.update(f"{type(x).__name__}:{x!r};".encode())
+    feed(obj)
+    return h.hexdigest()
+
+
+def with_checksum(state: dict) -> dict:
+    """`state` plus its content checksum (verified by `read_state_file`)."""
+    state = {k: v for k, v in state.items() if k != CHECKSUM_KEY}
+    return {**state, CHECKSUM_KEY: state_checksum(state)}
+
+
+def _verify(path: Path, state: dict, expected, sort: bool = False) -> dict:
+    content = dict(sorted(state.items())) if sort else state  # safetensors stores tensors in its own order
+    if expected is not None and state_checksum(content) != expected:
+        raise ValueError(f"checkpoint {path} is corrupt: its content does not match the checksum written with it "
+                         "(flipped bytes on disk or in transfer?)")
+    return state
 
 
 def read_state_file(path: str | os.PathLike) -> dict:
@@ -27,28 +76,60 @@ def read_state_file(path: str | os.PathLike) -> dict:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
+        from safetensors import safe_open
+
         try:
-            return load_file(str(path), device="cpu")
-        except Exception as e:  # safetensors raises its own error types
+            tensors = load_file(str(path), device="cpu")
+            with safe_open(str(path), framework="pt") as f:
+                expected = (f.metadata() or {}).get(CHECKSUM_KEY)
+        except Exception as e:  # noqa: BLE001 — safetensors raises its own error types
             raise ValueError(f"cannot read safetensors file {path}: {e}") from e
+        return _verify(path, tensors, expected, sort=True)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        detail = _unpickler_detail(e)
+        if "global" not in detail.lower():  # no Python object to build: garbage bytes
+            raise ValueError(f"checkpoint {path} is unreadable (truncated or corrupt?): {detail}") from e
         raise ValueError(
             f"refusing to load {path}: it contains Python objects that loading with weights_only=True "
-            f"does not allow (loading it would run code from the file). Details: {e}") from e
-    except (RuntimeError, EOFError, OSError) as e:
+            f"does not allow (loading it would run code from the file). Details: {detail}") from e
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 — torch's reader fails on garbage in many ways (KeyError, IndexError, ...)
         raise ValueError(f"checkpoint {path} is unreadable (truncated or corrupt?): {type(e).__name__}: {e}") from e
     if not isinstance(obj, dict):
         raise ValueError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict")
+    if isinstance(obj.get(CHECKSUM_KEY), str):
+        expected = obj.pop(CHECKSUM_KEY)
+        return _verify(path, obj, expected)
     return obj
+
+
+def _unpickler_detail(e: Exception) -> str:
+    """The informative line of torch's weights-only error (its message is a page of advice)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    for line in lines:
+        if "global" in line.lower():  # "Unsupported global: ..." / "unsupported GLOBAL posix.system ..."
+            return line
+    for i, line in enumerate(lines):
+        if line.startswith("WeightsUnpickler error"):
+            return line.split(":", 1)[1].strip() or (lines[i + 1] if i + 1 < len(lines) else line)
+    return lines[0] if lines else type(e).__name__
 
 
 def extract_state_dict(obj: dict, key: str | None = None, source: str = "checkpoint") -> dict:
     """Pick the model's state dict from a checkpoint dict and drop wrapper prefixes."""
     if key is not None:
         if key not in obj:
-            raise KeyError(f"{source} has no entry {key!r}; it has: {', '.join(map(str, obj))}")
+            hint = ""
+            if key == "model_ema" and "model" not in obj:  # a flat state dict (.safetensors export)
+                hint = " (it is a bare set of weights; the EMA weights of a run are in its model_ema.safetensors)"
+            raise MissingEntryError(f"{source} has no entry {key!r}{hint}; it has: {', '.join(_head(list(map(str, obj))))}")
+        if not isinstance(obj[key], dict):
+            what = "no EMA weights (trained with --no-model-ema?)" if key == "model_ema" else f"no weights under {key!r}"
+            raise MissingEntryError(f"{source} has {what}; evaluate its main weights instead (without --ema)"
+                                    if key == "model_ema" else f"{source} has {what}")
         obj = obj[key]
     else:
         for candidate in ("model", "state_dict"):
@@ -88,9 +169,13 @@ def load_checkpoint(model: nn.Module, source, key: str | None = None, strict: bo
     unexpected = [k for k in state_dict if k not in expected]
     mismatched = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
                   for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
+    wrong_dtype = [f"{k}: checkpoint {state_dict[k].dtype} vs model {v.dtype}" for k, v in expected.items()
+                   if isinstance(state_dict.get(k), torch.Tensor) and _kind(state_dict[k]) != _kind(v)]
     problems = []
     if mismatched:
         problems.append(f"shape mismatch for {len(mismatched)} tensors: " + "; ".join(_head(mismatched)))
+    if wrong_dtype:  # load_state_dict would cast them silently (int64 weights -> garbage floats)
+        problems.append(f"dtype mismatch for {len(wrong_dtype)} tensors: " + "; ".join(_head(wrong_dtype)))
     if strict and missing:
         problems.append(f"{len(missing)} missing keys: " + ", ".join(_head(missing)))
     if strict and unexpected:
@@ -99,6 +184,11 @@ def load_checkpoint(model: nn.Module, source, key: str | None = None, strict: bo
         raise ValueError(f"cannot load {where} into {name}: " + " | ".join(problems))
     model.load_state_dict(state_dict, strict=strict)
     return model
+
+
+def _kind(t: torch.Tensor) -> str:
+    """float / complex / integer (bool included): a checkpoint may change precision, not kind."""
+    return "float" if t.is_floating_point() else "complex" if t.is_complex() else "integer"
 
 
 def _head(items: list[str], n: int = 8) -> list[str]:
@@ -122,6 +212,7 @@ def save_safetensors(model: nn.Module, path: str | os.PathLike, metadata: dict |
         tensors[k] = v.clone().contiguous() if alias in seen else v.contiguous()
         seen.add(alias)
     metadata = {k: str(v) for k, v in (metadata or {}).items()}
+    metadata[CHECKSUM_KEY] = state_checksum(dict(sorted(tensors.items())))
     with atomic_write(path) as f:
         f.write(save(tensors, metadata=metadata))
     return path
