@@ -89,8 +89,9 @@ def read_state_file(path: str | os.PathLike) -> dict:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         detail = _unpickler_detail(e)
-        if "global" not in detail.lower():  # no Python object to build: garbage bytes
-            raise ValueError(f"checkpoint {path} is unreadable (truncated or corrupt?): {detail}") from e
+        if "global" not in detail.lower():  # an opcode it cannot read: garbage, or a pickle it does not support
+            raise ValueError(f"refusing to load {path}: unreadable with weights_only=True (truncated or corrupt, "
+                             f"or a pickle that needs more than plain tensors and data). Details: {detail}") from e
         raise ValueError(
             f"refusing to load {path}: it contains Python objects that loading with weights_only=True "
             f"does not allow (loading it would run code from the file). Details: {detail}") from e
