@@ -2,12 +2,15 @@
 
     with atomic_write(path) as f:          # binary by default; atomic_write(path, "w") for text
         f.write(data)
+    check_output_file(path, "--json")      # before long work: ValueError if `path` cannot be a file
+    check_writable_dir(path, "--output")   # PermissionError (one clear line) if nothing can be written there
 
 The data goes to a temporary file in the same directory, is flushed and fsync'ed,
 renamed over ``path`` (``os.replace`` is atomic) and the directory is fsync'ed.
 """
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from contextlib import contextmanager
@@ -52,3 +55,28 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb"):
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def check_output_file(path: str | os.PathLike, flag: str) -> None:
+    """ValueError unless ``path`` can be written as a file: not a directory, in an existing directory."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a directory; give a file name, e.g. {path / 'result.json'}")
+    if not path.parent.is_dir():
+        raise ValueError(f"{flag} {path}: the directory {path.parent} does not exist")
+
+
+def check_writable_dir(path: str | os.PathLike, flag: str) -> None:
+    """Before long work: ValueError if ``path`` is a file, PermissionError if it (or the existing directory
+    it would be created in) cannot be written."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path} is a file, not a directory; give a directory")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{flag} {path}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, f"{flag} {path}: cannot write in {existing} (read-only?); "
+                                            "choose a writable location")

@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from spach import bench
+from spach.io import check_output_file
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.warmup is not None and args.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.json:  # where the result goes is checked before any timing, not after it
+        check_output_file(args.json, "--json")
     models = bench.resolve_models(args.models)  # unknown names fail here, before any timing
     log = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     result = bench.benchmark(

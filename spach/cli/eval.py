@@ -12,7 +12,7 @@ import os
 
 
 def add_parser(subparsers) -> None:
-    from spach.engine.config import _key_value
+    from spach.engine.config import INTERPOLATIONS, _key_value
 
     p = subparsers.add_parser(
         "eval", help="evaluate a checkpoint (original release or the project's own)",
@@ -30,7 +30,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--max-val-samples", type=int, help="a deterministic class-balanced slice of the val split")
     p.add_argument("--crop-pct", type=float, default=0.875)
-    p.add_argument("--interpolation", default="bicubic")
+    p.add_argument("--interpolation", default="bicubic", choices=INTERPOLATIONS)
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", help="default: cuda if available, else cpu")
@@ -44,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
 
     from spach.engine.evaluate import evaluate_checkpoint
 
+    check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     m = evaluate_checkpoint(
@@ -59,3 +60,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%  loss {m['loss']:.4f}  ({m['n']} images"
               + (f", {m['skipped']} unreadable skipped)" if m["skipped"] else ")"))
     return 0
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse bad values before loading anything (ValueError naming the flag)."""
+    if not 0 < args.crop_pct <= 1:  # also NaN
+        raise ValueError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
+    for name in ("batch_size", "img_size", "max_val_samples", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {args.workers}")

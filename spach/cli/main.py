@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 def _one_line(e: BaseException) -> str:
     """The error as one line; an OS error without a library message says what to check."""
     text = " ".join(str(e).split())
-    if isinstance(e, PermissionError) or (isinstance(e, OSError) and e.errno == 30):  # EROFS
+    if "read-only" not in text and (isinstance(e, PermissionError) or getattr(e, "errno", None) == 30):  # EROFS
         return f"{text} (is the directory read-only? choose a writable location)"
     return text
 

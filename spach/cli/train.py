@@ -27,8 +27,10 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from spach.engine import train
     from spach.engine.config import config_from_args
+    from spach.io import check_writable_dir
 
     cfg = config_from_args(args, args.config)
+    check_writable_dir(cfg.output, "--output")  # before the data and the model are loaded
     result = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: rank 0 prints
         print(f"best top-1 {result['best_top1']:.2f}%  final top-1 {result['final_top1']:.2f}%  "

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 import torch
@@ -40,6 +41,12 @@ def build_model(name: str, *, num_classes: int, img_size: Optional[int] = None,
         if "Unknown model" in str(e):
             raise ValueError(f"unknown model {name!r} (see `spach models`, or any timm model name)") from None
         raise
+    except TypeError as e:  # a model_kwargs key the constructor does not know
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+        if unknown is None:
+            raise
+        raise ValueError(f"model_kwargs: {name} does not take {unknown.group(1)!r} "
+                         f"(check the spelling against its constructor)") from None
 
 
 def check_model_input(model: nn.Module, img_size: int, num_classes: int, device=None) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
+
+# choices timm accepts (timm.data.transforms.str_to_interp_mode, timm.data.random_erasing.RandomErasing)
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+REMODES = ("const", "rand", "pixel")
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -109,6 +114,11 @@ class TrainConfig:
         def bad(name: str, why: str) -> None:
             raise ValueError(f"TrainConfig.{name}: {why} (got {getattr(self, name)!r})")
 
+        for f in dataclasses.fields(self):  # NaN passes every comparison below; inf breaks int()
+            value = getattr(self, f.name)
+            if any(isinstance(v, float) and not math.isfinite(v)
+                   for v in (value if isinstance(value, (tuple, list)) else [value])):
+                bad(f.name, "must be a finite number")
         for name in ("model", "data", "output"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 bad(name, "required")
@@ -150,6 +160,15 @@ class TrainConfig:
             bad("mixup_mode", "must be one of batch, pair, elem")
         if self.amp not in ("none", "bf16", "fp16"):
             bad("amp", "must be one of none, bf16, fp16")
+        if self.interpolation not in INTERPOLATIONS:
+            bad("interpolation", f"must be one of {', '.join(INTERPOLATIONS)}")
+        if self.remode not in REMODES:
+            bad("remode", f"must be one of {', '.join(REMODES)}")
+        if self.auto_augment and (why := auto_augment_error(self.auto_augment)):
+            bad("auto_augment", f"{self.auto_augment!r} is not a timm augmentation policy ({why}); e.g. "
+                                "'rand-m9-mstd0.5-inc1' (RandAugment), 'augmix-m5-w3', 'v0', or none")
+        if not all(isinstance(k, str) and k.isidentifier() for k in self.model_kwargs):
+            bad("model_kwargs", "keys must be keyword names of the model's constructor")
         if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1] <= 1:
             bad("scale", "must be two numbers 0 < lo <= hi <= 1")
         if len(self.ratio) != 2 or not 0 < self.ratio[0] <= self.ratio[1]:
@@ -195,11 +214,28 @@ class TrainConfig:
         return TrainConfig.from_dict({**self.to_dict(), **changes})
 
 
+def auto_augment_error(policy: str) -> Optional[str]:
+    """Why timm cannot build the auto-augment `policy` (as timm.data.create_transform would), or None."""
+    from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+
+    hparams = dict(translate_const=100, img_mean=(124, 116, 104))
+    build = (rand_augment_transform if policy.startswith("rand") else
+             augment_and_mix_transform if policy.startswith("augmix") else auto_augment_transform)
+    try:
+        build(policy, hparams)
+    except Exception as e:  # noqa: BLE001 — timm asserts, or fails on parsing, in several ways
+        return " ".join(str(e).split()) or type(e).__name__
+    return None
+
+
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
-    d = yaml.safe_load(path.read_text()) or {}
+    try:
+        d = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:  # syntax errors, and tags such as !!python/object (safe_load never runs them)
+        raise ValueError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(d, dict):
         raise ValueError(f"{path}: expected a mapping of options at the top level")
     return d
@@ -232,24 +268,19 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
         raise bad()
-    if tp is int:
+    if tp in (int, float):
         if isinstance(value, str):
             try:
                 value = float(value)
             except ValueError:
                 raise bad() from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
-            raise bad()
-        return int(value)
-    if tp is float:
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                raise bad() from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad()
-        return float(value)
+        if not math.isfinite(value):
+            raise ValueError(f"TrainConfig.{name}: must be a finite number (got {value!r})")
+        if tp is int and int(value) != value:
+            raise bad()
+        return int(value) if tp is int else float(value)
     if tp is str:
         if not isinstance(value, str):
             raise bad()
