@@ -6,16 +6,21 @@
     ds = SafeDataset(base, transform, indices=class_balanced_indices(base.targets, 1000), seed=0)
     loader = DataLoader(ds, batch_size=64, collate_fn=collate_skip)   # -> (images, targets, n_skipped)
 
-`SafeDataset` returns None for an image that cannot be read (with a warning);
+An ImageFolder root is read by `SafeImageFolder`: hidden entries (`.ipynb_checkpoints`,
+`._x.jpg`) are skipped, every folder is read once however many symlinks lead to it (no
+loops), 16-bit images keep their values, and what was skipped is counted (`.skipped`) and
+said in one warning. `SafeDataset` returns None for an image that cannot be read (with a warning);
 `collate_skip` drops those and counts them. With a `seed`, the augmentation of item
 `i` in epoch `e` is drawn from RNGs seeded by (seed, e, i) alone: independent of
 worker processes, ranks and resumption (the caller's RNG state is left untouched).
 """
 from __future__ import annotations
 
+import functools
 import os
 import random
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -67,8 +72,6 @@ def _torchvision(name: str, root: str, split: str):
 
 
 def _image_folder(root: Path, split: str):
-    from torchvision.datasets import ImageFolder
-
     if not root.exists():
         raise FileNotFoundError(f"data not found: {root} (expected 'mnist5k', NAME:ROOT for a torchvision "
                                 f"dataset, or an ImageFolder root with train/ and val/)")
@@ -76,11 +79,143 @@ def _image_folder(root: Path, split: str):
     if missing:
         raise FileNotFoundError(f"{root}: missing {' and '.join(s + '/' for s in missing)} — an ImageFolder "
                                 f"root must hold train/CLASS/*.jpg and val/CLASS/*.jpg")
-    ds = ImageFolder(str(root / split))
-    other = sorted(p.name for p in (root / ("val" if split == "train" else "train")).iterdir() if p.is_dir())
-    if other != ds.classes:
+    ds = _image_folder_class()(str(root / split))
+    if ds.skipped:
+        warnings.warn(f"{root / split}: {ds.skipped_summary()}", stacklevel=3)
+    if class_folders(root / ("val" if split == "train" else "train")) != ds.classes:
         raise ValueError(f"{root}: train/ and val/ have different class folders")
     return ds
+
+
+def class_folders(directory: str | os.PathLike) -> list[str]:
+    """The class names of an ImageFolder split: its sub-folders, hidden ones excepted, sorted."""
+    return sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+
+
+def to_8bit(img):
+    """A 16-bit (or 32-bit) greyscale PIL image as 8-bit 'L' over its full range; others unchanged.
+
+    PIL's convert("RGB") clips such images at 255 (all white); here 65535 -> 255.
+    """
+    from PIL import Image
+
+    if img.mode.startswith("I;16") or img.mode == "I":
+        a = np.asarray(img).astype(np.float64)
+        if img.mode.startswith("I;16") or a.max(initial=0) > 255:  # 'I': 8-bit values stay as they are
+            a = a / 257.0
+        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
+    if img.mode == "F":
+        a = np.asarray(img).astype(np.float64)
+        a = a * 255.0 if a.max(initial=0) <= 1.0 else a  # [0, 1] floats, else already 0..255
+        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
+    return img
+
+
+def load_image(path: str):
+    """Open and decode an image file (8-bit or 16-bit; mode kept, see `to_8bit`)."""
+    from PIL import Image
+
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        img.load()
+    return img
+
+
+@functools.lru_cache(maxsize=None)
+def _image_folder_class():
+    from torchvision.datasets import ImageFolder
+    from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+
+    class SafeImageFolder(ImageFolder):
+        """torchvision's ImageFolder, same samples in the same order for a clean folder, but: hidden
+        entries skipped, each folder read once (symlink loops, two links to one folder), 16-bit images
+        loaded correctly; `skipped` counts what was left out, by reason."""
+
+        HIDDEN, TWICE, NOT_IMAGE, SPECIAL = ("hidden", "folder(s) already visited through a symlink (a loop?)",
+                                             "not image file(s)", "broken link(s) or special file(s)")
+
+        def __init__(self, root: str):
+            self.skipped: Counter = Counter()
+            self._examples: dict[str, list[str]] = {}
+            super().__init__(root, loader=load_image)
+
+        def find_classes(self, directory):
+            classes = class_folders(directory)
+            for e in os.scandir(directory):
+                if e.name.startswith("."):
+                    self._skip(self.HIDDEN, e.name)
+            if not classes:
+                raise FileNotFoundError(f"no class folders in {directory} (expected {directory}/CLASS/*.jpg)")
+            return classes, {c: i for i, c in enumerate(classes)}
+
+        def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+            extensions = extensions or IMG_EXTENSIONS
+            top = os.stat(directory)  # the split's own folder is no class's sub-folder (a link up to it: a loop)
+            found = self._scan([(i, Path(directory) / c) for c, i in class_to_idx.items()], {(top.st_dev, top.st_ino)})
+            samples, counts = [], Counter()
+            for idx, folder, names in sorted(found):  # torchvision's order: class, then folder path, then name
+                for name in names:
+                    if has_file_allowed_extension(name, extensions):
+                        samples.append((os.path.join(folder, name), idx))
+                        counts[idx] += 1
+                    else:
+                        self._skip(self.NOT_IMAGE, name)
+            empty = [c for c, i in class_to_idx.items() if not counts[i]]
+            if empty:
+                raise FileNotFoundError(f"{directory}: no image files ({', '.join(extensions)}) for class(es) "
+                                        f"{', '.join(sorted(empty))}")
+            return samples
+
+        def _scan(self, starts: list, seen: set) -> list:
+            """(class index, folder, sorted file names) of every folder under `starts`, each folder once.
+            Real sub-folders are read before folders reached through symlinks, so a link never takes a
+            folder away from the class it is really in."""
+            found, links = [], []
+            queue = list(starts)
+            while queue or links:
+                idx, folder = queue.pop() if queue else links.pop(0)
+                try:
+                    st = os.stat(folder)
+                except OSError:
+                    self._skip(self.SPECIAL, folder.name)
+                    continue
+                if (st.st_dev, st.st_ino) in seen:
+                    self._skip(self.TWICE, folder.name)
+                    continue
+                seen.add((st.st_dev, st.st_ino))
+                names = []
+                for e in os.scandir(folder):
+                    if e.name.startswith("."):
+                        self._skip(self.HIDDEN, e.name)
+                    elif e.is_dir():
+                        (links if e.is_symlink() else queue).append((idx, Path(e.path)))
+                    elif e.is_file():
+                        names.append(e.name)
+                    else:
+                        self._skip(self.SPECIAL, e.name)
+                found.append((idx, str(folder), sorted(names)))
+            return found
+
+        def _skip(self, reason: str, name: str) -> None:
+            self.skipped[reason] += 1
+            self._examples.setdefault(reason, []).append(name)
+
+        def skipped_summary(self) -> str:
+            """One line: how many entries were skipped and why, with examples."""
+            parts = []
+            for reason, n in self.skipped.items():
+                examples = sorted(set(self._examples[reason]))
+                shown = ", ".join(examples[:3]) + (", ..." if len(examples) > 3 else "")
+                parts.append(f"{n} {reason}" + (f" ({shown})" if reason != self.TWICE else ""))
+            return f"skipped {sum(self.skipped.values())} entries: " + "; ".join(parts)
+
+    return SafeImageFolder
+
+
+def __getattr__(name: str):
+    if name == "SafeImageFolder":  # built on first use: torchvision is imported lazily
+        return _image_folder_class()
+    raise AttributeError(name)
 
 
 def class_balanced_indices(targets: Sequence[int], n: Optional[int]) -> list[int]:
@@ -121,7 +256,7 @@ class SafeDataset(Dataset):
         j = self.indices[i]
         try:
             img, target = self.base[j]
-            img = img.convert("RGB")  # greyscale (MNIST) and palette images -> 3 channels
+            img = to_8bit(img).convert("RGB")  # greyscale (MNIST, 16-bit) and palette images -> 3 channels
         except Exception as e:  # noqa: BLE001 — any unreadable file is skipped, never fatal
             warnings.warn(f"skipping unreadable image {self._name(j)}: {type(e).__name__}: {e}", stacklevel=2)
             return None
