@@ -9,9 +9,16 @@ Tables:
 
 Every process opens its own connection; writes are short transactions, so a
 parent and its worker subprocesses can share the file.
+
+A running run is owned by the process that executes it, which holds an exclusive
+`flock` on `RUN_DIR/run.lock` from `mark_running` until `mark_done`/`mark_failed` or
+its death. Whether the owner of a 'running' run is alive is asked of that lock, not of
+a PID: a PID can be reused (a container restart, a fresh PID namespace where every
+battle is pid 1), a lock dies with its process.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sqlite3
@@ -20,6 +27,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 DB_NAME = "battle.db"
+RUN_LOCK = "run.lock"
+_held: dict[str, int] = {}   # key -> fd of the run lock this process holds
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -85,12 +94,39 @@ def connect(out_dir: str | Path, create: bool = False) -> sqlite3.Connection:
         raise FileNotFoundError(f"no study database at {path} (run `spach battle --out {out_dir}` first)")
     conn = sqlite3.connect(path, timeout=60.0, isolation_level=None)  # autocommit; explicit BEGIN below
     conn.row_factory = sqlite3.Row
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
-    conn.execute("PRAGMA busy_timeout=60000")
-    if create:
-        conn.executescript(SCHEMA)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA busy_timeout=60000")
+        if create:
+            conn.executescript(SCHEMA)
+        conn.execute("SELECT key, status, config FROM runs LIMIT 1").fetchall()
+    except sqlite3.DatabaseError as e:
+        conn.close()
+        raise RuntimeError(f"{path} is not a study database ({e}); it was left as it is: move it aside, or use "
+                           "another --out") from None
     return conn
+
+
+def connect_readonly(out_dir: str | Path) -> sqlite3.Connection:
+    """Open OUT/battle.db only to read it: never changes the file, works in a read-only directory."""
+    path = Path(out_dir) / DB_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no study database at {path} (run `spach battle --out {out_dir}` first)")
+    error: Exception | None = None
+    # WAL readers need the -shm file; where it cannot be created (read-only folder, nobody writing) read as immutable
+    for mode in ("mode=ro", "immutable=1"):
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?{mode}", uri=True, timeout=60.0)
+        conn.row_factory = sqlite3.Row
+        try:
+            conn.execute("SELECT key, status, config FROM runs LIMIT 1").fetchall()
+            return conn
+        except sqlite3.DatabaseError as e:
+            conn.close()
+            error = e
+            if not isinstance(e, sqlite3.OperationalError):  # "file is not a database"
+                break
+    raise RuntimeError(f"{path} cannot be read as a study database ({error})")
 
 
 class _Tx:
@@ -135,8 +171,8 @@ def reset_interrupted(conn: sqlite3.Connection) -> tuple[list[str], list[tuple[s
     that outlived a killed `spach battle`; those are left alone).
     """
     with _Tx(conn):
-        rows = list(conn.execute("SELECT key, name, owner_pid FROM runs WHERE status = 'running'"))
-        dead = [r for r in rows if not pid_alive(r["owner_pid"])]
+        rows = list(conn.execute("SELECT key, name, owner_pid, output_dir FROM runs WHERE status = 'running'"))
+        dead = [r for r in rows if not owner_alive(r)]
         conn.executemany("UPDATE runs SET status = 'queued', owner_pid = NULL WHERE key = ?",
                          [(r["key"],) for r in dead])
     return [r["name"] for r in dead], [(r["name"], r["owner_pid"]) for r in rows if r not in dead]
@@ -151,6 +187,8 @@ def requeue_failed(conn: sqlite3.Connection, keys: Iterable[str]) -> int:
 
 
 def mark_running(conn: sqlite3.Connection, key: str, pid: int) -> None:
+    """The calling process (pid) executes the run from now on: it takes the run's lock (see the module doc)."""
+    _take_run_lock(key, Path(get_run(conn, key)["output_dir"]))
     with _Tx(conn):
         conn.execute("UPDATE runs SET status = 'running', owner_pid = ?, started_at = ?, attempts = attempts + 1,"
                      " error = NULL WHERE key = ?", (pid, time.time(), key))
@@ -161,12 +199,14 @@ def mark_done(conn: sqlite3.Connection, key: str, metrics: dict[str, Any]) -> No
     with _Tx(conn):
         conn.execute(f"UPDATE runs SET status = 'done', finished_at = ?, owner_pid = NULL, {cols} WHERE key = ?",
                      (time.time(), *[metrics.get(m) for m in METRICS], key))
+    _release_run_lock(key)
 
 
 def mark_failed(conn: sqlite3.Connection, key: str, error: str) -> None:
     with _Tx(conn):
         conn.execute("UPDATE runs SET status = 'failed', finished_at = ?, owner_pid = NULL, error = ? WHERE key = ?",
                      (time.time(), error, key))
+    _release_run_lock(key)
 
 
 def record_epoch(conn: sqlite3.Connection, key: str, record: dict[str, Any]) -> None:
@@ -211,6 +251,42 @@ def epochs(conn: sqlite3.Connection, key: str) -> list[dict[str, Any]]:
 
 def skipped(conn: sqlite3.Connection) -> list[tuple[str, str]]:
     return [(r["name"], r["reason"]) for r in conn.execute("SELECT * FROM skipped ORDER BY name")]
+
+
+def _take_run_lock(key: str, run_dir: Path) -> None:
+    _release_run_lock(key)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RuntimeError(f"{run_dir} is being trained by another process (its {RUN_LOCK} is held)") from None
+    _held[key] = fd
+
+
+def _release_run_lock(key: str) -> None:
+    fd = _held.pop(key, None)
+    if fd is not None:
+        os.close(fd)  # closing releases the flock
+
+
+def owner_alive(row: Any) -> bool:
+    """Is the run of this 'running' row still executed by a live process? (its run lock is held)"""
+    if row["key"] in _held:  # this very process, which is not executing it now (an interrupted run_study)
+        _release_run_lock(row["key"])
+        return False
+    path = Path(row["output_dir"]) / RUN_LOCK
+    if not path.is_file():  # started by a spach without run locks: only the PID is known
+        return pid_alive(row["owner_pid"])
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def pid_alive(pid: int | None) -> bool:

@@ -44,7 +44,7 @@ def _atomic_savefig(fig, path: Path) -> None:
 
 def load_results(out_dir: str | Path) -> dict[str, Any]:
     """The study's runs (those of the study as last launched), their curves, skipped combinations."""
-    conn = db.connect(out_dir)
+    conn = db.connect_readonly(out_dir)  # reading only: also in a read-only directory
     keys = db.study_keys(conn)
     runs = db.runs(conn, keys)
     for run in runs:
@@ -210,10 +210,14 @@ def figure_run_curves(run: dict, path: Path) -> Path | None:
 
 # --------------------------------------------------------------------------- the report
 
-def write_report(out_dir: str | Path) -> Path:
-    """(Re)write OUT/report.md and OUT/figures/*.png from OUT/battle.db; returns the report's path."""
-    out_dir = Path(out_dir)
+def write_report(out_dir: str | Path, to: str | Path | None = None) -> Path:
+    """(Re)write OUT/report.md and OUT/figures/*.png from OUT/battle.db; returns the report's path.
+
+    `to`: write report.md and figures/ into that directory instead (e.g. when OUT is read-only).
+    """
     data = load_results(out_dir)
+    out_dir = Path(to if to is not None else out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     runs = data["runs"]
     groups = aggregate(runs)
     fig_dir = out_dir / "figures"

@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 from spach.battle import db
 from spach.battle.progress import Progress
-from spach.battle.spec import Run, Study, load_study
+from spach.battle.spec import Run, Study, check_runnable_here, load_study
 from spach.io import check_writable_dir
 
 LOCK_NAME = "battle.lock"
@@ -263,6 +263,7 @@ def run_study(spec: Study | str | Path | dict, out_dir: str | Path, workers: int
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     out_dir = Path(out_dir)
+    check_runnable_here(study)
     check_writable_dir(out_dir, "--out")
     with StudyLock(out_dir):
         conn = db.connect(out_dir, create=True)

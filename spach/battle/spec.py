@@ -32,11 +32,18 @@ hybrid model (it needs a single non-conv mixer per stage). The same
 combinations in an `extra` entry, which the user wrote by hand, are *rejected*.
 Every run has a key: a hash of its resolved configuration (stable JSON), so a
 run is identified by what it computes, not by its name.
+
+Hostile or careless files are refused before anything is expanded or run: names
+(study, sizes, extra entries) must be safe path components (`NAME_RULE`), the
+file may expand (YAML aliases) to at most `MAX_SPEC_NODES` values, and a study may
+declare at most `MAX_RUNS` runs unless `max_runs` (`spach battle --max-runs`) says more.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import re
+from collections import Counter
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -61,6 +68,53 @@ SS_SIZE_KEYS = {"hidden_dim", "num_heads", "channel_ratio", "token_ratio", "dept
 MS_SIZE_KEYS = {"hidden_dim", "num_heads", "channel_ratio", "token_ratio", "depths", "patch_size", "hybrid_attn"}
 EXTRA_KEYS = {"name", "model", "family", "layout", "net_arch", "hidden_dim", "num_heads", "channel_ratio",
               "token_ratio", "patch_size", "stem_type", "cpe", "shared", "seeds", "model_kwargs"}
+
+
+# names become directory and file names under OUT: one path component, no '.'/'..', no separators
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]{0,99}")
+NAME_RULE = "1-100 characters from A-Z a-z 0-9 _ . + = -, starting with a letter or digit"
+MAX_SPEC_NODES = 1_000_000   # values a study file may expand to (YAML aliases are expanded by the run keys)
+MAX_RUNS = 10_000            # runs a study may declare without an explicit max_runs
+
+
+def check_name(name: Any, what: str, where: str) -> str:
+    """`name` if it is a safe path component (NAME_RULE), else ValueError naming the rule."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        _fail(where, f"{what} {name!r} is not a safe name: use {NAME_RULE} (it names folders and files "
+                     "under the output directory)")
+    return name
+
+
+def _check_expansion(raw: Any, where: str, limit: int = MAX_SPEC_NODES) -> None:
+    """Refuse a spec whose values, with YAML aliases expanded, exceed `limit` (an alias bomb, a cycle)."""
+    count, stack = 0, [raw]
+    while stack:
+        x = stack.pop()
+        count += 1
+        if count > limit:
+            _fail(where, f"the study expands to more than {limit:,} values (nested YAML aliases?); "
+                         "write it out without aliases")
+        if isinstance(x, dict):
+            stack.extend(x.keys())
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+
+
+def _declared_runs(raw: dict) -> int:
+    """How many runs the grid and extra entries declare (an upper bound: skipped cells included)."""
+    def n(values: Any) -> int:
+        return len(values) if isinstance(values, list) else 1
+    grid = raw.get("grid") if isinstance(raw.get("grid"), dict) else None
+    total = 0
+    if grid is not None:
+        total = 1
+        for axis in GRID_KEYS:
+            total *= n(grid.get(axis, [0]))
+    extra = raw.get("extra")
+    for entry in extra if isinstance(extra, list) else []:
+        total += n(entry.get("seeds", [0])) if isinstance(entry, dict) else 1
+    return total
 
 
 def _fail(where: str, msg: str) -> None:
@@ -120,10 +174,13 @@ def list_presets() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in root.iterdir() if p.name.endswith(".yaml"))
 
 
-def load_study(path_or_preset: str | Path | dict) -> Study:
-    """Load a study from a YAML file, a preset name (e.g. "cpu-mini") or a mapping; validate and expand it."""
+def load_study(path_or_preset: str | Path | dict, max_runs: int = MAX_RUNS) -> Study:
+    """Load a study from a YAML file, a preset name (e.g. "cpu-mini") or a mapping; validate and expand it.
+
+    `max_runs`: refuse a study that declares more runs (a typo such as 100,000 seeds); raise it on purpose.
+    """
     if isinstance(path_or_preset, dict):
-        return parse_study(path_or_preset, where="study")
+        return parse_study(path_or_preset, where="study", max_runs=max_runs)
     text_path = str(path_or_preset)
     path = Path(text_path)
     if path.is_file():
@@ -138,22 +195,27 @@ def load_study(path_or_preset: str | Path | dict) -> Study:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ValueError(f"{where}: not valid YAML: {e}") from None
+        raise ValueError(f"{where}: not valid YAML: {' '.join(str(e).split())}") from None
+    except RecursionError:
+        raise ValueError(f"{where}: nested too deeply to be a study") from None
     if not isinstance(raw, dict):
         _fail(where, "a study must be a YAML mapping")
-    return parse_study(raw, where=where)
+    return parse_study(raw, where=where, max_runs=max_runs)
 
 
-def parse_study(raw: dict, where: str = "study") -> Study:
+def parse_study(raw: dict, where: str = "study", max_runs: int = MAX_RUNS) -> Study:
+    _check_expansion(raw, where)  # first: everything below may expand aliases
     unknown = set(raw) - TOP_KEYS
     if unknown:
         _fail(where, f"unknown key(s) {sorted(unknown)}; allowed: {sorted(TOP_KEYS)}")
     for key in ("name", "data", "grid"):
         if key not in raw and not (key == "grid" and raw.get("extra")):
             _fail(where, f"missing required key {key!r}")
-    name = raw["name"]
-    if not isinstance(name, str) or not name or "/" in name:
-        _fail(where, f"name must be a non-empty string without '/', got {name!r}")
+    name = check_name(raw["name"], "the study name", where)
+    declared = _declared_runs(raw)
+    if declared > max_runs:
+        _fail(where, f"the study declares {declared:,} runs, more than the limit of {max_runs:,} (a typo in "
+                     f"grid/seeds?); if you mean it, pass --max-runs {declared} (load_study(..., max_runs=...))")
     img_size = raw.get("img_size", 224)
     if not isinstance(img_size, int) or isinstance(img_size, bool) or img_size < 8:
         _fail(where, f"img_size must be an integer >= 8, got {img_size!r}")
@@ -178,8 +240,9 @@ def parse_study(raw: dict, where: str = "study") -> Study:
         if run.key in keys:
             _fail(where, f"runs {keys[run.key]!r} and {run.name!r} are the same configuration")
         keys[run.key] = run.name
-    names = [r.name for r in study.runs]
-    dup = sorted({n for n in names if names.count(n) > 1})
+    for run in study.runs:  # names built from sizes and extra entries: still one safe path component
+        check_name(run.name, "run name", where)
+    dup = sorted(n for n, count in Counter(r.name for r in study.runs).items() if count > 1)
     if dup:
         _fail(where, f"duplicate run name(s) {dup}; give extra entries distinct names")
     return study
@@ -224,6 +287,18 @@ def _check_measure(measure: Any, where: str) -> dict:
     return out
 
 
+def check_runnable_here(study: Study) -> None:
+    """Before any training: runs launched on this machine are measured on it, so a CUDA measurement needs
+    CUDA here (a study is still loadable, listable and launchable elsewhere without it)."""
+    if study.measure["device"] == "cuda" and study.launcher["kind"] in ("local", "torchrun"):
+        import torch
+
+        if not torch.cuda.is_available():
+            _fail(f"study {study.name}", "measure.device is cuda but this machine has no CUDA device "
+                  "(torch.cuda.is_available() is false): every run would train and then fail to be measured; "
+                  "use measure: {device: cpu}, or run the study on a GPU machine")
+
+
 def _check_launcher(launcher: Any, where: str) -> dict:
     out = _with_defaults(launcher, LAUNCHER_DEFAULTS, "launcher", where)
     if out["kind"] not in ("local", "torchrun"):
@@ -239,6 +314,7 @@ def _check_sizes(sizes: Any, where: str) -> dict:
     if not isinstance(sizes, dict):
         _fail(where, "sizes must be a mapping of size name -> {ss: {...}, ms: {...}}")
     for name, layouts in sizes.items():
+        check_name(name, "size name", f"{where}: sizes")
         w = f"{where}: sizes.{name}"
         if name in ZOO_SIZES:
             _fail(w, f"{name!r} is a zoo size; pick another name for an explicit size")
@@ -495,6 +571,7 @@ def _expand_extra(study: Study, entry: Any, where: str) -> list[Run]:
         name = entry.get("name")
         if not name:
             _fail(where, "a custom net_arch entry needs a name")
+        check_name(name, "name", where)
         size = "custom"
     elif "model" in entry:
         model = entry["model"]
@@ -505,7 +582,7 @@ def _expand_extra(study: Study, entry: Any, where: str) -> list[Run]:
         size = model.split("_")[2 if layout == "ms" else 1]
         if size == "s" and "_s_plus_" in model:
             size = "s_plus"
-        name = entry.get("name") or model
+        name = check_name(entry.get("name") or model, "name", where)
     else:
         _fail(where, "an extra entry needs a zoo `model` name or a custom `net_arch`")
     if family not in FAMILIES:
@@ -529,5 +606,5 @@ def summary(study: Study) -> str:
             f"{study.recipe.get('epochs', '?')} epochs")
 
 
-__all__ = ["Run", "Study", "load_study", "parse_study", "list_presets", "stable_json", "summary",
+__all__ = ["Run", "Study", "load_study", "parse_study", "check_runnable_here", "check_name", "list_presets", "stable_json", "summary",
            "resolve_architecture", "FAMILIES", "LAYOUTS", "ZOO_SIZES"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 
 from spach.battle import list_presets, load_study, run_study
-from spach.battle.spec import summary
+from spach.battle.spec import MAX_RUNS, summary
 
 
 def add_parser(subparsers) -> None:
@@ -24,6 +24,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--threads", type=int, default=None, help="total CPU threads, split between the workers (default: the study's "
                                                                   "`threads` per run, else all available)")
     p.add_argument("--retry-failed", action="store_true", help="run failed runs again")
+    p.add_argument("--max-runs", type=int, default=MAX_RUNS, metavar="N",
+                   help=f"refuse a study that declares more than N runs (default: {MAX_RUNS:,})")
     p.add_argument("--dry-run", action="store_true", help="validate the study and list its runs; train nothing")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=run)
@@ -32,7 +34,7 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.study and args.preset:
         raise ValueError("give a study file or --preset, not both")
-    study = load_study(args.preset or args.study or "cpu-mini")
+    study = load_study(args.preset or args.study or "cpu-mini", max_runs=args.max_runs)
     if args.dry_run:
         print(summary(study))
         for r in study.runs:
