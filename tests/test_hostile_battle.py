@@ -185,7 +185,8 @@ def test_a_garbage_battle_db_is_one_clear_line_and_left_as_it_is(tmp_path, capsy
     args = ["report", str(tmp_path)] if command == "report" else ["battle", str(tmp_path / "s.yaml"), "--out",
                                                                     str(tmp_path)]
     assert cli(args) == 1
-    assert "battle.db" in one_line_error(capsys) and "study database" in capsys.readouterr().err + "study database"
+    err = one_line_error(capsys)
+    assert "battle.db" in err and "study database" in err
     assert (tmp_path / "battle.db").read_bytes() == garbage
 
 

@@ -262,6 +262,9 @@ def _take_run_lock(key: str, run_dir: Path) -> None:
     except BlockingIOError:
         os.close(fd)
         raise RuntimeError(f"{run_dir} is being trained by another process (its {RUN_LOCK} is held)") from None
+    except OSError:  # a file system without locks: owner_alive falls back to the PID
+        os.close(fd)
+        return
     _held[key] = fd
 
 
@@ -284,6 +287,8 @@ def owner_alive(row: Any) -> bool:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return True
+    except OSError:  # a file system without locks
+        return pid_alive(row["owner_pid"])
     finally:
         os.close(fd)
     return False

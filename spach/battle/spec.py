@@ -606,5 +606,6 @@ def summary(study: Study) -> str:
             f"{study.recipe.get('epochs', '?')} epochs")
 
 
-__all__ = ["Run", "Study", "load_study", "parse_study", "check_runnable_here", "check_name", "list_presets", "stable_json", "summary",
+__all__ = ["Run", "Study", "load_study", "parse_study", "check_runnable_here", "check_name", "list_presets",
+           "stable_json", "summary",
            "resolve_architecture", "FAMILIES", "LAYOUTS", "ZOO_SIZES"]

@@ -26,7 +26,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         check_writable_dir(dest, "--to" if args.to is not None else "DIR")
     except PermissionError as e:
-        hint = "" if args.to is not None else "; the database can still be read: write the report elsewhere with --to DEST"
+        hint = "" if args.to is not None else \
+            "; the database can still be read: write the report elsewhere with --to DEST"
         raise PermissionError(e.errno, f"{e.strerror}{hint}") from None
     print(write_report(args.out_dir, to=args.to))
     return 0

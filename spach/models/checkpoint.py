@@ -126,11 +126,13 @@ def extract_state_dict(obj: dict, key: str | None = None, source: str = "checkpo
             hint = ""
             if key == "model_ema" and "model" not in obj:  # a flat state dict (.safetensors export)
                 hint = " (it is a bare set of weights; the EMA weights of a run are in its model_ema.safetensors)"
-            raise MissingEntryError(f"{source} has no entry {key!r}{hint}; it has: {', '.join(_head(list(map(str, obj))))}")
+            entries = ", ".join(_head(list(map(str, obj))))
+            raise MissingEntryError(f"{source} has no entry {key!r}{hint}; it has: {entries}")
         if not isinstance(obj[key], dict):
-            what = "no EMA weights (trained with --no-model-ema?)" if key == "model_ema" else f"no weights under {key!r}"
-            raise MissingEntryError(f"{source} has {what}; evaluate its main weights instead (without --ema)"
-                                    if key == "model_ema" else f"{source} has {what}")
+            if key == "model_ema":
+                raise MissingEntryError(f"{source} has no EMA weights (trained with --no-model-ema?); evaluate "
+                                        "its main weights instead (without --ema)")
+            raise MissingEntryError(f"{source} has no weights under {key!r}")
         obj = obj[key]
     else:
         for candidate in ("model", "state_dict"):
