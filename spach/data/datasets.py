@@ -14,16 +14,15 @@ worker processes, ranks and resumption (the caller's RNG state is left untouched
 from __future__ import annotations
 
 import os
-import random
 import warnings
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
 from spach.data.mnist5k import Mnist5k
+from spach.rng import seeded
 
 # torchvision datasets usable as NAME:ROOT (train/val flavour of their constructor)
 TORCHVISION = {
@@ -76,11 +75,22 @@ def _image_folder(root: Path, split: str):
     if missing:
         raise FileNotFoundError(f"{root}: missing {' and '.join(s + '/' for s in missing)} — an ImageFolder "
                                 f"root must hold train/CLASS/*.jpg and val/CLASS/*.jpg")
-    ds = ImageFolder(str(root / split))
+    ds = ImageFolder(str(root / split), loader=open_image)
     other = sorted(p.name for p in (root / ("val" if split == "train" else "train")).iterdir() if p.is_dir())
     if other != ds.classes:
         raise ValueError(f"{root}: train/ and val/ have different class folders")
     return ds
+
+
+def open_image(path: str):
+    """A decoded PIL image in its own mode (`SafeDataset` converts non-RGB ones once; torchvision's
+    default loader would convert every image, a copy, before that)."""
+    from PIL import Image
+
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        img.load()
+    return img
 
 
 def class_balanced_indices(targets: Sequence[int], n: Optional[int]) -> list[int]:
@@ -117,41 +127,26 @@ class SafeDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        """Item `i`, or `(epoch, i)`: item i as augmented in that epoch (how `EpochSampler` tells
+        persistent worker processes the epoch)."""
+        epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
         j = self.indices[i]
         try:
             img, target = self.base[j]
-            img = img.convert("RGB")  # greyscale (MNIST) and palette images -> 3 channels
+            if img.mode != "RGB":  # greyscale (MNIST) and palette images -> 3 channels; RGB ones are not copied
+                img = img.convert("RGB")
         except Exception as e:  # noqa: BLE001 — any unreadable file is skipped, never fatal
             warnings.warn(f"skipping unreadable image {self._name(j)}: {type(e).__name__}: {e}", stacklevel=2)
             return None
         if self.seed is None:
             return self.transform(img), int(target)
-        with _seeded_rngs(((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i) % 2**62):
+        with seeded(((self.seed * 1_000_003 + epoch) * 10_000_019 + i) % 2**62):
             return self.transform(img), int(target)
 
     def _name(self, j: int) -> str:
         samples = getattr(self.base, "samples", None)
         return str(samples[j][0]) if samples else f"#{j}"
-
-
-class _seeded_rngs:
-    """Seed torch (CPU), numpy and python RNGs for a block; restore the previous states afterwards."""
-
-    def __init__(self, seed: int):
-        self.seed = seed
-
-    def __enter__(self):
-        self.saved = (torch.get_rng_state(), np.random.get_state(), random.getstate())
-        torch.default_generator.manual_seed(self.seed)
-        np.random.seed(self.seed % 2**32)
-        random.seed(self.seed)
-
-    def __exit__(self, *exc):
-        torch.set_rng_state(self.saved[0])
-        np.random.set_state(self.saved[1])
-        random.setstate(self.saved[2])
-        return False
 
 
 def collate_skip(batch: list):
