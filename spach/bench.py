@@ -26,7 +26,6 @@ Example::
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import datetime
 import difflib
@@ -42,7 +41,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from spach.engine.device import autocast as amp_autocast
 from spach.io import atomic_write
+from spach.runtime import num_threads
 from spach.models import count_macs, count_params
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -76,20 +77,6 @@ def _check_device(device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' requested but no CUDA GPU is available")
     return torch.device(device)
-
-
-@contextlib.contextmanager
-def num_threads(threads: int | None) -> Iterator[int]:
-    """Run the body with `threads` intra-op threads (None: leave as is); restore afterwards."""
-    before = torch.get_num_threads()
-    if threads is not None:
-        if threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
-        torch.set_num_threads(threads)
-    try:
-        yield torch.get_num_threads()
-    finally:
-        torch.set_num_threads(before)
 
 
 def _sync(device: torch.device) -> None:
@@ -231,10 +218,10 @@ def measure_throughput(model: nn.Module, batch_size: int = 16, img_size: int = 2
         x = x.to(torch.bfloat16)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    use_autocast = dtype == "bf16" and not cast_weights
+    amp = "bf16" if dtype == "bf16" and not cast_weights else "none"
 
     def autocast():
-        return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_autocast)
+        return amp_autocast(dev, amp)
 
     try:
         with num_threads(threads) as used_threads:
