@@ -3,6 +3,8 @@ memory, persistent loaders carrying the epoch, host syncs per step, evaluation a
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import json
 import os
 import sys
 from pathlib import Path
@@ -272,3 +274,156 @@ def test_compile_also_compiles_the_evaluated_models(tmp_path):
     for compiled, bare in ((run.train_model, run.model), (run.eval_model, run.model),
                            (run.ema_eval_model, run.ema.module)):
         assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule) and compiled._orig_mod is bare
+
+
+# ---- spach bench on a GPU: peaks, CUDA-event timing, MFU --------------------------------------------
+
+def test_dense_peaks_per_device_and_precision():
+    from spach.accelerators import peak_flops
+
+    assert peak_flops("NVIDIA H200", "bf16") == 989e12
+    assert peak_flops("NVIDIA H100 80GB HBM3", "fp32", "high") == 495e12       # TF32 matmuls
+    assert peak_flops("NVIDIA H100 80GB HBM3", "fp32", "highest") == 67e12     # true fp32
+    assert peak_flops("NVIDIA H100 PCIe", "bf16") == 756e12
+    assert peak_flops("NVIDIA A100-SXM4-80GB", "fp32", "high") == 156e12
+    assert peak_flops("NVIDIA A100-SXM4-80GB", "fp32", "highest") == 19.5e12
+    assert peak_flops("Tesla V100-SXM2-16GB", "bf16") is None                  # no bf16 tensor cores
+    assert peak_flops("Some Future GPU", "bf16") is None
+
+
+class FakeEvent:
+    """torch.cuda.Event's timing interface on the host clock."""
+
+    def __init__(self, enable_timing=False):
+        self.t = None
+
+    def record(self):
+        import time
+        self.t = time.perf_counter()
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, other):
+        return 1e3 * (other.t - self.t)
+
+
+def test_event_timing_enqueues_every_pass_between_two_events():
+    from spach.accelerators import time_with_events
+
+    calls = []
+    seconds = time_with_events(lambda: calls.append(1) or __import__("time").sleep(0.002), 2, 5, FakeEvent)
+    assert len(calls) == 7 and 0.002 <= seconds < 0.05
+    with pytest.raises(ValueError, match="repeats >= 1"):
+        time_with_events(lambda: None, 0, 0, FakeEvent)
+
+
+def test_gpu_reference_gemm_is_at_least_8192():
+    from spach.accelerators import cuda_gemm_rate
+
+    with pytest.raises(ValueError, match="n >= 8192"):
+        cuda_gemm_rate("bf16", n=2048)
+
+
+def test_bench_rows_on_a_gpu_carry_peak_and_mfu(monkeypatch):
+    import spach.bench as bench
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    got = bench.cuda_mfu(494.5e12, "bf16")
+    assert got["peak_tflops"] == 989.0 and got["mfu"] == pytest.approx(0.5) and got["peak_precision"] == "bf16"
+    row = dict(model="m", params=1e6, gmacs=1.0, precision="bf16", mode="infer", batch=256, threads=None,
+               images_per_s=1000.0, spread=0.01, achieved_gflops=2000.0, matmul_gflops=700e3, fraction=0.003,
+               **got)
+    table = bench.format_table({"rows": [row], "summary": []})
+    assert "| MFU |" in table and "50.0%" in table and "989" in table
+
+
+# ---- make gpu-check -----------------------------------------------------------------------------------
+
+def _gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", Path(__file__).parents[1] / "benchmarks" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_without_cuda_says_so_and_exits_0(monkeypatch, capsys, tmp_path):
+    gc = _gpu_check()
+    monkeypatch.setattr(gc, "cuda_devices", lambda: 0)
+    assert gc.main(["--out", str(tmp_path / "x")]) == 0
+    assert "no CUDA device here" in capsys.readouterr().out and not (tmp_path / "x").exists()
+
+
+def test_gpu_check_plan_on_a_gpu_node(tmp_path):
+    steps = dict(_gpu_check().plan("cuda", 8, tmp_path))
+    assert list(steps) == ["train", "resume", "eval", "battle", "bench-bf16", "bench-fp32"]
+    train_cmd = " ".join(steps["train"])
+    assert "--nproc_per_node=8" in train_cmd  # DDP over every visible GPU
+    assert all(f in train_cmd for f in ("--amp bf16", "--channels-last", "--compile", "--epochs 1"))
+    assert "--resume auto" in " ".join(steps["resume"]) and "--epochs 2" in " ".join(steps["resume"])
+    assert "--workers 2" in " ".join(steps["battle"])
+    bench = " ".join(steps["bench-bf16"])
+    assert "--batch 256" in bench and "spach_ms_s_patch4_224_attn" in bench and "--device cuda" in bench
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_every_step_on_cpu(tmp_path):
+    out = tmp_path / "gc"
+    assert _gpu_check().main(["--device", "cpu", "--out", str(out)]) == 0
+    result = json.loads((out / "gpu-check.json").read_text())
+    assert result["ok"] and list(result["steps"]) == ["train", "resume", "eval", "battle", "bench-bf16"]
+    steps = result["steps"]
+    assert [r["epoch"] for r in steps["resume"]["figures"]["history"]] == [1, 2]
+    assert steps["eval"]["figures"]["n"] == 32
+    assert [r["status"] for r in steps["battle"]["figures"]["runs"]] == ["done", "done"]
+    assert all(r["images_per_s"] > 0 for r in steps["battle"]["figures"]["runs"])
+    assert steps["bench-bf16"]["figures"]["rows"][0]["images_per_s"] > 0
+
+
+# ---- mixed precision -----------------------------------------------------------------------------------
+
+MIXED = [[("conv", 1)], [("attn", 1)], [("mlp", 1)], [("attn", 1)]]
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_bf16_autocast_dtypes_are_the_original_codes(scaled):
+    # The original runs every mixer, channel MLP, CPE conv, stem and head as nn.Linear / nn.Conv2d
+    # (bf16 out under autocast) and adds them to the residual stream as `x + gamma * f(norm(x))`: a
+    # block's output is bf16 only when its input was bf16 and no fp32 layer scale multiplied a branch.
+    from spach.models import Spach, SpachMS
+
+    models = [SpachMS(img_size=64, hidden_dim=8, num_heads=2, num_classes=5, net_arch=MIXED, scaled=scaled),
+              Spach(img_size=32, patch_size=8, hidden_dim=16, num_heads=2, num_classes=5, scaled=scaled,
+                    net_arch=[("mlp", 1), ("attn", 1), ("conv", 1)])]
+    for model, size in zip(models, (64, 32)):
+        seen = []
+        for name, module in model.named_modules():
+            if name == "stem" or name == "head" or name.rsplit(".", 1)[-1] in ("token_mixer", "mlp", "cpe") \
+                    or type(module).__name__ == "MixingBlock":
+                module.register_forward_hook(lambda m, i, o, name=name: seen.append((name, m, i[0].dtype, o.dtype)))
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            model(torch.randn(2, 3, size, size))
+        blocks = 0
+        for name, module, dtype_in, dtype_out in seen:
+            if type(module).__name__ == "MixingBlock":
+                blocks += 1
+                fp32_branch = module.gamma is not None and module.token_mixer is not None
+                expected = torch.float32 if dtype_in == torch.float32 or fp32_branch else torch.bfloat16
+                assert dtype_out == expected, (name, dtype_in, dtype_out)
+            else:
+                assert dtype_out == torch.bfloat16, (name, dtype_out)  # a Linear / conv product
+        assert blocks == (4 if isinstance(model, SpachMS) else 3)
+
+
+@pytest.mark.slow
+def test_bf16_loss_curve_is_within_noise_of_fp32(tmp_path):
+    plain = dict(augment=False, mixup=0.0, cutmix=0.0, smoothing=0.0, repeated_aug=False, drop_path=0.0,
+                 model_ema=False, lr=3e-3, epochs=3, batch_size=32, max_train_samples=256)
+    curves = {}
+    for name, over in {"fp32": {}, "fp32-seed1": {"seed": 1}, "bf16": {"amp": "bf16"}}.items():
+        r = train(tiny(tmp_path / name, **plain, **over))
+        curves[name] = [h["train_loss"] for h in r["history"]]
+    noise = max(abs(a - b) for a, b in zip(curves["fp32"], curves["fp32-seed1"]))  # seed-to-seed spread
+    for a, b in zip(curves["fp32"], curves["bf16"]):
+        assert abs(a - b) <= max(2 * noise, 0.02), (curves, noise)
+    assert curves["bf16"][-1] < curves["bf16"][0] - 0.1  # and it learns
