@@ -95,7 +95,7 @@ def plan(device: str, n_gpus: int, out: Path) -> list[tuple[str, list[str]]]:
              ("resume", spach_cmd(*train_args(s, device, run, 2), "--resume", "auto", nproc=nproc)),
              ("eval", spach_cmd("eval", "--model", "spach_ms_xxs_patch4_224_conv", "--checkpoint",
                                 str(run / "last.pt"), "--data", "mnist5k", "--max-val-samples", str(s["val_samples"]),
-                                "--amp", s["amp"], "--device", device, "--json"))]
+                                "--amp", s["amp"], "--device", device, "--json", *(["--threads", "1"] if device == "cpu" else [])))]
     battle = ["battle", str(study), "--out", str(out / "battle")] + (["--workers", "2"] if n_gpus >= 2 else [])
     steps.append(("battle", spach_cmd(*battle, *(["--threads", "1"] if device == "cpu" else []))))
     for dtype, modes in s["bench_runs"]:
