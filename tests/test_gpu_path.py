@@ -155,12 +155,16 @@ def test_no_gpu_no_cuda_visible_devices(monkeypatch):
 # ---- peak memory ------------------------------------------------------------------------------------
 
 def test_peak_memory_is_reset_per_window_on_cpu_and_cuda(monkeypatch):
+    import mmap
+
     cpu = torch.device("cpu")
     dev.reset_peak_memory(cpu)
-    x = torch.ones(40_000_000)  # 160 MB
-    x += 1
+    size, chunk = 160 << 20, b"\1" * (1 << 20)
+    block = mmap.mmap(-1, size)  # pages of its own, given back to the system on close
+    for i in range(0, size, len(chunk)):
+        block[i:i + len(chunk)] = chunk
     high = dev.peak_memory_mb(cpu)
-    del x
+    block.close()
     dev.reset_peak_memory(cpu)
     if Path("/proc/self/clear_refs").exists():
         assert dev.peak_memory_mb(cpu) < high - 100
