@@ -1,4 +1,4 @@
-"""The device side of a run: autocast, CUDA math modes (TF32, cuDNN autotuning), peak memory, pinning.
+"""The device side of a run: autocast, CUDA math modes (TF32, cuDNN autotuning), peak memory.
 
     with autocast(device, "bf16"):                      # no-op for "none"
         loss = model(x)
@@ -79,7 +79,3 @@ def peak_memory_mb(device: torch.device) -> float:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux: kB
 
-
-def pin_memory(device: torch.device) -> bool:
-    """Pin loader memory only when batches go to a CUDA device (pinning opens a context on the GPU)."""
-    return torch.device(device).type == "cuda"
