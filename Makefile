@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,6 +20,10 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/spach bench --models zoo --batch 16 --img-size 224 --dtype fp32 bf16 --threads 2
+
+# the GPU path end to end (< 5 min on a CUDA machine; a message and exit 0 without CUDA)
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py --out runs/gpu-check-$$(date +%Y%m%d-%H%M%S)
 
 clean:
 	rm -rf $(VENV) build *.egg-info runs

@@ -26,7 +26,6 @@ Example::
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import datetime
 import difflib
@@ -42,7 +41,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from spach.engine.device import autocast as amp_autocast
 from spach.io import atomic_write
+from spach.runtime import num_threads
 from spach.models import count_macs, count_params
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -76,20 +77,6 @@ def _check_device(device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' requested but no CUDA GPU is available")
     return torch.device(device)
-
-
-@contextlib.contextmanager
-def num_threads(threads: int | None) -> Iterator[int]:
-    """Run the body with `threads` intra-op threads (None: leave as is); restore afterwards."""
-    before = torch.get_num_threads()
-    if threads is not None:
-        if threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
-        torch.set_num_threads(threads)
-    try:
-        yield torch.get_num_threads()
-    finally:
-        torch.set_num_threads(before)
 
 
 def _sync(device: torch.device) -> None:
@@ -150,6 +137,8 @@ def matmul_rate(dtype: str = "fp32", n: int = 2048, threads: int | None = None, 
     """
     _check_choice("dtype", dtype, DTYPES)
     dev = _check_device(device)
+    if dev.type == "cuda":
+        return _cuda_matmul_rate(dtype, n, warmup, repeats, details)
     torch_dtype = DTYPES[dtype]
     with num_threads(threads) as used_threads:
         gen = torch.Generator().manual_seed(0)
@@ -162,6 +151,27 @@ def matmul_rate(dtype: str = "fp32", n: int = 2048, threads: int | None = None, 
     if not details:
         return rate
     return {"dtype": dtype, "n": n, "threads": used_threads, "device": device, "flops_per_s": rate, **stats}
+
+
+def _cuda_matmul_rate(dtype: str, n: int, warmup: int, repeats: int, details: bool) -> float | dict:
+    """On a GPU: an n x n GEMM with n >= 8192, passes timed together with CUDA events (see
+    `spach.accelerators`); `details` adds the device's dense peak and the fraction of it."""
+    from spach.accelerators import cuda_gemm_rate
+
+    ref = cuda_gemm_rate(dtype, n=max(n, 8192), warmup=max(warmup, 3), repeats=max(repeats, 10))
+    if not details:
+        return ref["flops_per_s"]
+    return {**ref, "threads": None, "median_s": ref["seconds"], "mean_s": ref["seconds"], "min_s": ref["seconds"],
+            "max_s": ref["seconds"], "spread": 0.0}
+
+
+def cuda_mfu(achieved_flops_per_s: float, dtype: str) -> dict:
+    """On a GPU: the device's dense peak for the precision its matmuls run in, and MFU against it."""
+    from spach.accelerators import matmul_precision_kind, peak_flops
+
+    peak = peak_flops(torch.cuda.get_device_name(), dtype)
+    return {"peak_tflops": peak / 1e12 if peak else None, "peak_precision": matmul_precision_kind(dtype),
+            "mfu": achieved_flops_per_s / peak if peak else None}
 
 
 # --------------------------------------------------------------------------
@@ -231,10 +241,10 @@ def measure_throughput(model: nn.Module, batch_size: int = 16, img_size: int = 2
         x = x.to(torch.bfloat16)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    use_autocast = dtype == "bf16" and not cast_weights
+    amp = "bf16" if dtype == "bf16" and not cast_weights else "none"
 
     def autocast():
-        return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_autocast)
+        return amp_autocast(dev, amp)
 
     try:
         with num_threads(threads) as used_threads:
@@ -463,6 +473,8 @@ def benchmark(models, batch_size: int = 16, img_size: int = 224, dtypes: Iterabl
                         "matmul_gflops_after": after["flops_per_s"] / 1e9,
                         "fraction": achieved / matmul,
                     }
+                    if device == "cuda":
+                        row.update(cuda_mfu(achieved, dtype))
                     rows.append(row)
                     log(f"{name:40s} {dtype} {mode:5s} {row['images_per_s']:8.1f} img/s  "
                         f"{row['achieved_gflops']:6.1f} GFLOP/s  {100 * row['fraction']:5.1f}% of matmul "
@@ -521,10 +533,16 @@ def format_table(result: dict) -> str:
     head = ["model", "params", "GMACs", "dtype", "mode", "batch", "threads", "images/s", "spread",
             "GFLOP/s", "matmul GFLOP/s", "fraction"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    with_mfu = any("mfu" in r for r in result["rows"])
+    if with_mfu:  # on a GPU: the fraction of the device's dense peak, too
+        lines = ["| " + " | ".join(head + ["peak TFLOP/s", "MFU"]) + " |", "|" + "|".join("---" for _ in head + [0, 0]) + "|"]
     for r in result["rows"]:
         cells = [r["model"], f"{r['params'] / 1e6:.2f}M", f"{r['gmacs']:.2f}", r["precision"], r["mode"],
                  str(r["batch"]), str(r["threads"]), f"{r['images_per_s']:.1f}", f"{100 * r['spread']:.0f}%",
                  f"{r['achieved_gflops']:.1f}", f"{r['matmul_gflops']:.1f}", f"{100 * r['fraction']:.1f}%"]
+        if with_mfu:
+            cells += [f"{r['peak_tflops']:.0f}" if r.get("peak_tflops") else "?",
+                      f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "?"]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     for s in result["summary"]:

@@ -83,11 +83,14 @@ def available_threads() -> int:
 def measure(config: dict[str, Any], threads: int | None) -> dict[str, Any]:
     """Params, MACs and inference images/s of a run's architecture at the study's settings.
 
-    The model is built exactly as the engine builds it for training (3-channel input).
+    The model is built exactly as the engine builds it for training (3-channel input); images/s
+    by the Swin protocol (eval mode, `warmup` untimed passes, the mean of `repeats` timed ones),
+    on CUDA with cuDNN autotuning and TF32 matmuls as in training.
     """
     from spach.bench import measure_throughput
     from spach.data import open_source
     from spach.engine.build import build_model
+    from spach.engine.device import cuda_math
     from spach.models import count_macs, count_params
 
     train, m = config["train"], config["measure"]
@@ -96,9 +99,11 @@ def measure(config: dict[str, Any], threads: int | None) -> dict[str, Any]:
     model = build_model(config["model"], num_classes=num_classes, img_size=img_size,
                         model_kwargs=config["model_kwargs"])
     out = {"params": int(count_params(model)), "macs": int(count_macs(model, img_size, in_chans=3))}
-    speed = measure_throughput(model, batch_size=m["batch_size"], img_size=img_size, dtype=m["dtype"],
-                               threads=m["threads"] or threads, mode="infer", warmup=m["warmup"],
-                               repeats=m["repeats"], device=m.get("device", "cpu"))
+    device = m.get("device", "cpu")
+    with cuda_math(device):
+        speed = measure_throughput(model, batch_size=m["batch_size"], img_size=img_size, dtype=m["dtype"],
+                                   threads=m["threads"] or threads, mode="infer", warmup=m["warmup"],
+                                   repeats=m["repeats"], device=device, protocol="swin")
     out["images_per_s"] = float(speed["images_per_s"])
     return out
 
@@ -111,7 +116,9 @@ def execute_run(out_dir: str | Path, key: str, threads: int | None = None,
     """
     from spach.engine import TrainConfig, train
 
-    rank = int(os.environ.get("RANK", "0"))
+    from spach.engine.distributed import process_rank
+
+    rank = process_rank()
     conn = db.connect(out_dir)
     row = db.get_run(conn, key)
     config = json.loads(row["config"])
@@ -243,14 +250,42 @@ def _die_with_parent() -> None:
 
 def _child_env(slot: int = 0, workers: int = 1, launcher: dict | None = None) -> dict[str, str]:
     """The environment of a worker: it imports the same `spach` as this process, installed or not;
-    with torchrun and several workers, worker slot i gets GPUs [i*n, (i+1)*n) (n = nproc_per_node)."""
+    with several workers on a GPU machine, worker slot i sees only its own GPUs (see `gpus_for_slot`)."""
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    if launcher and launcher.get("kind") == "torchrun" and workers > 1:
-        n = launcher["nproc_per_node"]
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(slot * n + i) for i in range(n))
+    if workers > 1:
+        per_slot = launcher["nproc_per_node"] if launcher and launcher.get("kind") == "torchrun" else 1
+        gpus = visible_gpus()
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus_for_slot(slot, per_slot, gpus))
     return env
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use: CUDA_VISIBLE_DEVICES if set, else every GPU torch sees."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [g.strip() for g in listed.split(",") if g.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+
+
+def gpus_for_slot(slot: int, per_slot: int, gpus: list[str]) -> list[str]:
+    """Worker slot i's GPUs: `per_slot` consecutive ones from slot i * per_slot (one GPU per local
+    worker, nproc_per_node per torchrun worker), wrapping round when the slots outnumber the GPUs."""
+    return [gpus[(slot * per_slot + i) % len(gpus)] for i in range(per_slot)]
+
+
+def check_measurable(study: Study) -> None:
+    """Stop before any training if the study measures on CUDA and this machine has none."""
+    if study.measure.get("device") == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"study {study.name}: measure.device is cuda but no CUDA GPU is available here; "
+                             "set measure: {device: cpu} or run the battle on a GPU machine")
 
 
 # --------------------------------------------------------------------------- the study
@@ -262,6 +297,7 @@ def run_study(spec: Study | str | Path | dict, out_dir: str | Path, workers: int
     study = spec if isinstance(spec, Study) else load_study(spec)
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    check_measurable(study)
     out_dir = Path(out_dir)
     check_runnable_here(study)
     check_writable_dir(out_dir, "--out")

@@ -59,8 +59,10 @@ MIXERS = ("conv", "pass", "attn", "mlp")
 TOP_KEYS = {"name", "description", "data", "img_size", "threads", "recipe", "measure", "grid", "sizes", "extra",
             "launcher"}
 GRID_KEYS = {"family", "layout", "size", "cpe", "shared", "seed"}
-MEASURE_DEFAULTS = {"batch_size": 64, "dtype": "fp32", "threads": None, "warmup": 10, "repeats": 10,
+# throughput by the Swin protocol: eval mode, `warmup` untimed passes, then the mean of `repeats` timed ones
+MEASURE_DEFAULTS = {"batch_size": 64, "dtype": "fp32", "threads": None, "warmup": 50, "repeats": 30,
                     "device": "cpu"}
+MEASURE_DTYPES = ("fp32", "bf16")  # the precisions spach.bench measures
 LAUNCHER_DEFAULTS = {"kind": "local", "nproc_per_node": 1, "args": []}
 # keys of TrainConfig that the study sets itself, per run
 STUDY_OWNED = {"model", "model_kwargs", "data", "output", "seed", "img_size", "resume", "threads"}
@@ -275,8 +277,8 @@ def _with_defaults(value: Any, defaults: dict, name: str, where: str) -> dict:
 
 def _check_measure(measure: Any, where: str) -> dict:
     out = _with_defaults(measure, MEASURE_DEFAULTS, "measure", where)
-    if out["dtype"] not in ("fp32", "bf16", "fp16"):
-        _fail(where, f"measure.dtype must be fp32, bf16 or fp16, got {out['dtype']!r}")
+    if out["dtype"] not in MEASURE_DTYPES:
+        _fail(where, f"measure.dtype must be fp32 or bf16 (the precisions spach bench measures), got {out['dtype']!r}")
     for key in ("batch_size", "warmup", "repeats"):
         if not _is_int(out[key]) or out[key] < (0 if key == "warmup" else 1):
             _fail(where, f"measure.{key} must be a positive integer, got {out[key]!r}")

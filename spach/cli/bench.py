@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--matmul-size", type=int, default=2048,
                         help="side n of the reference n×n matmul (default: 2048)")
     parser.add_argument("--channels-last", action="store_true", help="channels-last input and weights")
+    parser.add_argument("--matmul-precision", default="high", choices=["highest", "high", "medium"],
+                        help="CUDA only: fp32 matmuls as fp32 (highest) or TF32 (high, the default, as in "
+                             "training); cuDNN autotuning is on")
     parser.add_argument("--json", metavar="FILE", default=None, help="also write the result as JSON (atomically)")
     parser.add_argument("--quiet", action="store_true", help="no per-model progress lines on stderr")
 
@@ -63,11 +66,15 @@ def run(args: argparse.Namespace) -> int:
         check_output_file(args.json, "--json")
     models = bench.resolve_models(args.models)  # unknown names fail here, before any timing
     log = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
-    result = bench.benchmark(
-        models, batch_size=args.batch, img_size=args.img_size, dtypes=args.dtype, modes=args.mode,
-        threads=args.threads, warmup=args.warmup, repeats=args.repeats, device=args.device,
-        channels_last=args.channels_last, protocol=args.protocol, bf16_impl=args.bf16_impl,
-        matmul_n=args.matmul_size, log=log)
+    from spach.engine.device import cuda_math
+
+    with cuda_math(args.device, args.matmul_precision) as math_modes:  # the settings training uses
+        result = bench.benchmark(
+            models, batch_size=args.batch, img_size=args.img_size, dtypes=args.dtype, modes=args.mode,
+            threads=args.threads, warmup=args.warmup, repeats=args.repeats, device=args.device,
+            channels_last=args.channels_last, protocol=args.protocol, bf16_impl=args.bf16_impl,
+            matmul_n=args.matmul_size, log=log)
+    result["meta"].update(math_modes)
     result["meta"]["args"] = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
     print(bench.format_table(result))
     if args.json:

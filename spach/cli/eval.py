@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 
 def add_parser(subparsers) -> None:
@@ -40,19 +39,18 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
+    from spach.engine.distributed import process_rank
     from spach.engine.evaluate import evaluate_checkpoint
+    from spach.runtime import num_threads
 
     check_args(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    m = evaluate_checkpoint(
-        args.model, args.checkpoint, args.data, img_size=args.img_size, ema=args.ema,
-        model_kwargs=dict(args.model_kwargs) if args.model_kwargs else None,
-        batch_size=args.batch_size, max_samples=args.max_val_samples, crop_pct=args.crop_pct,
-        interpolation=args.interpolation, amp=args.amp, workers=args.workers, device=args.device)
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: rank 0 prints
+    with num_threads(args.threads):
+        m = evaluate_checkpoint(
+            args.model, args.checkpoint, args.data, img_size=args.img_size, ema=args.ema,
+            model_kwargs=dict(args.model_kwargs) if args.model_kwargs else None,
+            batch_size=args.batch_size, max_samples=args.max_val_samples, crop_pct=args.crop_pct,
+            interpolation=args.interpolation, amp=args.amp, workers=args.workers, device=args.device)
+    if process_rank() != 0:  # under torchrun: rank 0 prints
         return 0
     if args.json:
         print(json.dumps(m))

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 
 def add_parser(subparsers) -> None:
@@ -27,12 +26,13 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from spach.engine import train
     from spach.engine.config import config_from_args
+    from spach.engine.distributed import process_rank
     from spach.io import check_writable_dir
 
     cfg = config_from_args(args, args.config)
     check_writable_dir(cfg.output, "--output")  # before the data and the model are loaded
     result = train(cfg)
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: rank 0 prints
+    if process_rank() == 0:  # under torchrun: rank 0 prints
         print(f"best top-1 {result['best_top1']:.2f}%  final top-1 {result['final_top1']:.2f}%  "
               f"weights {result['weights']}")
     return 0

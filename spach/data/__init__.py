@@ -13,24 +13,27 @@ from __future__ import annotations
 from typing import Optional
 
 from spach.data.datasets import SafeDataset, class_balanced_indices, collate_skip, open_source
+from spach.data.loader import DeviceLoader, EpochSampler, make_loader
 from spach.data.mnist5k import Mnist5k
 from spach.data.transforms import eval_transform, train_transform
 
 __all__ = ["build_dataset", "open_source", "SafeDataset", "class_balanced_indices", "collate_skip",
-           "Mnist5k", "train_transform", "eval_transform"]
+           "Mnist5k", "train_transform", "eval_transform", "DeviceLoader", "EpochSampler", "make_loader"]
 
 
 def build_dataset(source: str, split: str, img_size: int, *, train: bool = False, max_samples: Optional[int] = None,
                   seed: Optional[int] = None, crop_pct: float = 0.875, interpolation: str = "bicubic",
-                  mean=None, std=None, **train_aug) -> SafeDataset:
+                  mean=None, std=None, uint8: bool = False, **train_aug) -> SafeDataset:
     """A SafeDataset of SOURCE's split with the recipe's train (`train=True`) or eval transform.
 
     `train_aug` are `train_transform` keywords (auto_augment, reprob, hflip, scale, ...).
+    `uint8=True`: items are uint8 tensors, to be normalised (and random-erased) on the device by
+    `DeviceLoader` (see `spach.data.loader`).
     """
     norm = {k: v for k, v in (("mean", mean), ("std", std)) if v is not None}
     if train:
-        transform = train_transform(img_size, interpolation=interpolation, **norm, **train_aug)
+        transform = train_transform(img_size, interpolation=interpolation, uint8=uint8, **norm, **train_aug)
     else:
-        transform = eval_transform(img_size, crop_pct=crop_pct, interpolation=interpolation, **norm)
+        transform = eval_transform(img_size, crop_pct=crop_pct, interpolation=interpolation, uint8=uint8, **norm)
     base = open_source(source, split)
     return SafeDataset(base, transform, class_balanced_indices(base.targets, max_samples), seed=seed)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import os
-import random
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 from torch.utils.data import Dataset, default_collate
 
 from spach.data.mnist5k import Mnist5k
+from spach.rng import seeded
 
 # torchvision datasets usable as NAME:ROOT (train/val flavour of their constructor)
 TORCHVISION = {
@@ -252,41 +252,26 @@ class SafeDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        """Item `i`, or `(epoch, i)`: item i as augmented in that epoch (how `EpochSampler` tells
+        persistent worker processes the epoch)."""
+        epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
         j = self.indices[i]
         try:
             img, target = self.base[j]
-            img = to_8bit(img).convert("RGB")  # greyscale (MNIST, 16-bit) and palette images -> 3 channels
+            if img.mode != "RGB":  # greyscale (MNIST, 16-bit) and palette images -> 3 channels; RGB not copied
+                img = to_8bit(img).convert("RGB")
         except Exception as e:  # noqa: BLE001 — any unreadable file is skipped, never fatal
             warnings.warn(f"skipping unreadable image {self._name(j)}: {type(e).__name__}: {e}", stacklevel=2)
             return None
         if self.seed is None:
             return self.transform(img), int(target)
-        with _seeded_rngs(((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i) % 2**62):
+        with seeded(((self.seed * 1_000_003 + epoch) * 10_000_019 + i) % 2**62):
             return self.transform(img), int(target)
 
     def _name(self, j: int) -> str:
         samples = getattr(self.base, "samples", None)
         return str(samples[j][0]) if samples else f"#{j}"
-
-
-class _seeded_rngs:
-    """Seed torch (CPU), numpy and python RNGs for a block; restore the previous states afterwards."""
-
-    def __init__(self, seed: int):
-        self.seed = seed
-
-    def __enter__(self):
-        self.saved = (torch.get_rng_state(), np.random.get_state(), random.getstate())
-        torch.default_generator.manual_seed(self.seed)
-        np.random.seed(self.seed % 2**32)
-        random.seed(self.seed)
-
-    def __exit__(self, *exc):
-        torch.set_rng_state(self.saved[0])
-        np.random.set_state(self.saved[1])
-        random.setstate(self.saved[2])
-        return False
 
 
 def collate_skip(batch: list):

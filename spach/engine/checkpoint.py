@@ -12,19 +12,18 @@ A write goes to a temporary file in the same directory, is flushed and fsync'ed,
 its content (`spach.models.with_checksum`), verified on load: flipped bytes fall back like
 any unreadable file. A kill at any moment leaves at
 least one complete checkpoint. Everything inside is tensors and plain Python data, so
-`torch.load(path, weights_only=True)` reads it: RNG states are stored as tensors/lists.
+`torch.load(path, weights_only=True)` reads it: RNG states are stored as tensors/lists
+(`spach.rng.get_rng_state`, each rank's own).
 """
 from __future__ import annotations
 
 import os
-import random
 import tempfile
 import time
 import warnings
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 
 from spach.io import fsync_dir
@@ -126,29 +125,3 @@ def set_aside_results(out_dir: str | Path) -> Optional[Path]:
     fsync_dir(out_dir)
     return dest
 
-
-# --- RNG state as plain data -------------------------------------------------------------------
-
-def rng_state() -> dict:
-    """torch / cuda / numpy / python RNG states as tensors and lists (weights_only-loadable)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, py_state, py_gauss = random.getstate()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
-        "python": {"version": version, "state": list(py_state), "gauss": py_gauss},
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

@@ -98,6 +98,11 @@ class TrainConfig:
     workers: int = _opt(2, "data loader worker processes per training process")
     threads: Optional[int] = _opt(None, "torch.set_num_threads (CPU) for the run")
     device: Optional[str] = _opt(None, "device (default: cuda:LOCAL_RANK if available, else cpu)")
+    matmul_precision: str = _opt("high", "CUDA fp32 matmuls: highest (fp32) | high (TF32, as cuDNN convs "
+                                         "already are) | medium (bf16 passes); torch.set_float32_matmul_precision")
+    cudnn_benchmark: bool = _opt(True, "CUDA: let cuDNN autotune convolution algorithms (torch.backends.cudnn.benchmark)")
+    check_finite_every: int = _opt(1, "read the loss (one host sync) and stop on NaN/inf every N optimizer steps; "
+                                      "0 = only before checkpoints and at the end of each epoch")
 
     # --- reproducibility and crash safety ----------------------------------------------
     seed: int = _opt(0, "random seed (data order, augmentation, init)")
@@ -130,6 +135,10 @@ class TrainConfig:
                 bad(name, "must be >= 1 or None")
         if self.workers < 0:
             bad("workers", "must be >= 0")
+        if self.check_finite_every < 0:
+            bad("check_finite_every", "must be >= 0 (0 = only at checkpoints and epoch ends)")
+        if self.matmul_precision not in ("highest", "high", "medium"):
+            bad("matmul_precision", "must be one of highest, high, medium")
         if self.checkpoint_every_steps < 0:
             bad("checkpoint_every_steps", "must be >= 0 (0 = off)")
         if self.lr is not None and not self.lr > 0:

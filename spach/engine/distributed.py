@@ -35,10 +35,15 @@ class DistEnv:
         return self.world_size > 1
 
 
+def process_rank() -> int:
+    """This process's global rank as torchrun set it (RANK; 0 outside torchrun), with or without a group."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def setup(device: Optional[str] = None) -> DistEnv:
     """Pick the device and, under torchrun, join the process group (nccl on CUDA, gloo on CPU)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    rank = process_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"

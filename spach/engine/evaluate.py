@@ -10,40 +10,36 @@ and the sums of loss, hits and counts are all-reduced, so every image counts onc
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Iterable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
 
+from spach.data.loader import DeviceLoader, make_loader
+from spach.engine.device import autocast
 from spach.engine.distributed import ShardSampler, all_reduce_sum, world
-
-
-def autocast(device: torch.device, amp: str):
-    """torch.autocast for 'bf16' / 'fp16', a no-op for 'none'."""
-    if amp == "none":
-        return contextlib.nullcontext()
-    if amp == "fp16" and device.type != "cuda":
-        raise ValueError("amp='fp16' needs a CUDA device (loss scaling); on CPU use amp='bf16'")
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
 def make_eval_loader(source: str, img_size: int, *, batch_size: int = 128, max_samples: Optional[int] = None,
                      workers: int = 0, crop_pct: float = 0.875, interpolation: str = "bicubic",
-                     mean=None, std=None) -> DataLoader:
-    """A loader of SOURCE's val split, sharded over the ranks of the process group (if any)."""
-    from spach.data import build_dataset, collate_skip
+                     mean=None, std=None, device: torch.device | str = "cpu",
+                     channels_last: bool = False) -> DeviceLoader:
+    """A loader of SOURCE's val split, sharded over the ranks of the process group (if any): uint8
+    batches from persistent workers, normalised on `device` (memory pinned only for CUDA)."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+    from spach.data import build_dataset
+
+    mean, std = mean or IMAGENET_DEFAULT_MEAN, std or IMAGENET_DEFAULT_STD
     ds = build_dataset(source, "val", img_size, max_samples=max_samples, crop_pct=crop_pct,
-                       interpolation=interpolation, mean=mean, std=std)
+                       interpolation=interpolation, uint8=True)
     rank, world_size = world()
-    return DataLoader(ds, batch_size=batch_size, sampler=ShardSampler(len(ds), rank, world_size),
-                      num_workers=workers, collate_fn=collate_skip, pin_memory=torch.cuda.is_available())
+    loader = make_loader(ds, batch_size=batch_size, sampler=ShardSampler(len(ds), rank, world_size),
+                         workers=workers, device=device)
+    return DeviceLoader(loader, device, mean=mean, std=std, channels_last=channels_last)
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, loader_or_source: Iterable | str, *, img_size: Optional[int] = None,
              batch_size: int = 128, max_samples: Optional[int] = None, workers: int = 0,
              device: Optional[torch.device | str] = None, amp: str = "none", channels_last: bool = False,
@@ -63,22 +59,41 @@ def evaluate(model: nn.Module, loader_or_source: Iterable | str, *, img_size: Op
         img_size = img_size or int(cfg.get("input_size", (3, 224, 224))[-1])
         loader = make_eval_loader(loader_or_source, img_size, batch_size=batch_size, max_samples=max_samples,
                                   workers=workers, crop_pct=crop_pct, interpolation=interpolation,
-                                  mean=cfg.get("mean"), std=cfg.get("std"))
+                                  mean=cfg.get("mean"), std=cfg.get("std"), device=device)
     else:
         loader = loader_or_source
     if distributed is None:
         distributed = world()[1] > 1
+    if progress:
+        from tqdm import tqdm
+        loader = tqdm(loader, desc="eval", leave=False, dynamic_ncols=True)
 
     was_training = model.training
     model.eval()
-    sums = torch.zeros(5, dtype=torch.float64)  # loss, top1 hits, top5 hits, n, skipped
-    batches = loader
-    if progress:
-        from tqdm import tqdm
-        batches = tqdm(loader, desc="eval", leave=False, dynamic_ncols=True)
+    try:
+        sums, n, skipped = _eval_sums(model, loader, device, amp, channels_last)
+    finally:
+        model.train(was_training)
+    totals = torch.cat([sums, torch.tensor([n, skipped], dtype=torch.float64).to(device)])
+    if distributed:
+        totals = all_reduce_sum(totals)
+    loss, top1, top5, n, skipped = totals.tolist()  # the one host sync of the evaluation
+    if n == 0:
+        raise RuntimeError("evaluation saw no readable images")
+    return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "loss": loss / n, "n": int(n),
+            "skipped": int(skipped)}
+
+
+@torch.inference_mode()
+def _eval_sums(model: nn.Module, batches: Iterable, device: torch.device, amp: str,
+               channels_last: bool) -> tuple[torch.Tensor, int, int]:
+    """(device tensor [loss sum, top-1 hits, top-5 hits], images seen, images skipped): no host sync
+    per batch."""
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    n = skipped = 0
     for batch in batches:
-        images, targets, skipped = batch if len(batch) == 3 else (*batch, 0)
-        sums[4] += skipped
+        images, targets, n_skipped = batch if len(batch) == 3 else (*batch, 0)
+        skipped += n_skipped
         if images is None:
             continue
         images = images.to(device, non_blocking=True)
@@ -88,21 +103,12 @@ def evaluate(model: nn.Module, loader_or_source: Iterable | str, *, img_size: Op
         with autocast(device, amp):
             logits = model(images)
         logits = logits.float()
-        k = min(5, logits.shape[-1])
-        top = logits.topk(k, dim=-1).indices
-        sums[0] += F.cross_entropy(logits, targets, reduction="sum").item()
-        sums[1] += (logits.argmax(-1) == targets).sum().item()  # argmax: ties -> first index
-        sums[2] += (top == targets[:, None]).any(-1).sum().item()
-        sums[3] += targets.numel()
-    model.train(was_training)
-
-    if distributed:
-        sums = all_reduce_sum(sums.to(device)).cpu()  # nccl needs the tensor on the GPU
-    n = int(sums[3])
-    if n == 0:
-        raise RuntimeError("evaluation saw no readable images")
-    return {"top1": 100.0 * sums[1].item() / n, "top5": 100.0 * sums[2].item() / n,
-            "loss": sums[0].item() / n, "n": n, "skipped": int(sums[4])}
+        top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+        sums += torch.stack([F.cross_entropy(logits, targets, reduction="sum").double(),
+                             (logits.argmax(-1) == targets).sum().double(),  # argmax: ties -> first index
+                             (top == targets[:, None]).any(-1).sum().double()])
+        n += targets.numel()
+    return sums, n, skipped
 
 
 def evaluate_checkpoint(model_name: str, checkpoint: str, data: str, *, img_size: Optional[int] = None,

@@ -27,6 +27,11 @@ are in %; only rank 0 prints and writes files. Exact resumption: the sampler is 
 from seed + epoch, a mid-epoch resume skips the batches already done, each image's
 augmentation is seeded from (seed, epoch, index), and the RNG states of every rank are
 checkpointed; on CPU, a killed and resumed run ends bit-identical to an uninterrupted one.
+
+The loop reads as timm's and nanoGPT's: `setup` (data, model, optimisation, resume), then per
+epoch `train_one_epoch` and `end_of_epoch` (evaluate, log, checkpoint), then `finish`. The device
+never waits on the host inside an epoch: losses are summed on the device and read once every
+`check_finite_every` optimizer steps (the NaN/inf check), before a checkpoint and at the epoch's end.
 """
 from __future__ import annotations
 
@@ -34,27 +39,27 @@ import contextlib
 import json
 import math
 import os
-import random
-import resource
 import sys
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, DistributedSampler
 
 from spach.engine import checkpoint as ckpt
 from spach.engine import distributed as D
 from spach.engine.build import build_model, check_model_input
+from spach.engine.config import TrainConfig
+from spach.engine.device import autocast, cuda_math, peak_memory_mb, reset_peak_memory
+from spach.engine.evaluate import evaluate
 from spach.io import atomic_write
 from spach.models import count_params, save_safetensors
-from spach.engine.config import TrainConfig
-from spach.engine.evaluate import autocast, evaluate
+from spach.rng import get_rng_state, set_rng_state
+from spach.runtime import num_threads
 
 
 class NonFiniteLossError(RuntimeError):
@@ -70,101 +75,174 @@ def train(cfg: TrainConfig, on_epoch_end: Optional[Callable[[dict], None]] = Non
         "skipped_images"} (+ "ema_val_*" with an EMA).
     on_step(epoch, step, steps_per_epoch) — rank 0, after each optimizer step (and its step
         checkpoint, if due); `epoch` counts from 0, `step` is the number of steps done in it (1..n).
-    peak_mem_mb: peak CUDA memory allocated, or on CPU the process's peak resident set size.
+    peak_mem_mb: this epoch's peak CUDA memory allocated, or on CPU the process's peak resident set
+        size (reset each epoch on Linux).
     Returns {"best_top1", "final_top1", "final_top5", "final_val_loss", "history", "train_time_s" (the
              epochs' time, those before a resume included), "params", "checkpoint", "weights", "output"}.
     """
     cfg.validate()
-    threads_before = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
-    env = D.setup(cfg.device)
-    try:
-        return _train(cfg, env, on_epoch_end, on_step)
-    finally:
-        torch.set_num_threads(threads_before)
-        if owns_group:
-            D.cleanup()
+    with num_threads(cfg.threads):
+        env = D.setup(cfg.device)
+        try:
+            with cuda_math(env.device, cfg.matmul_precision, cfg.cudnn_benchmark):
+                run = setup(cfg, env)
+                for epoch in range(run.start_epoch, cfg.epochs):
+                    stats = train_one_epoch(run, epoch, on_step)
+                    end_of_epoch(run, epoch, stats, on_epoch_end)
+                return finish(run)
+        finally:
+            if owns_group:
+                D.cleanup()
 
 
-def _train(cfg: TrainConfig, env: D.DistEnv, on_epoch_end, on_step) -> dict:
-    from spach.data import build_dataset, collate_skip
+@dataclass
+class Run:
+    """What a training run holds from its set-up to its end (built by `setup`)."""
+    cfg: TrainConfig
+    env: D.DistEnv
+    out: Path
+    model: nn.Module                     # the bare model (saved, exported)
+    train_model: nn.Module               # what the step calls: DDP and/or compiled
+    eval_model: nn.Module                # the model for evaluation (compiled under --compile)
+    ema: Any                             # timm ModelEmaV3 or None
+    ema_eval_model: Optional[nn.Module]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    loss_scaler: Any                     # timm NativeScaler (fp16) or None
+    criterion: nn.Module
+    mixup: Any
+    sampler: Any                         # spach.data.EpochSampler
+    train_loader: Any                    # spach.data.DeviceLoader
+    val_loader: Any
+    steps_per_epoch: int
+    n_params: int
+    start_epoch: int = 0
+    start_step: int = 0
+    best_top1: float = -math.inf
+    stats: dict = field(default_factory=lambda: new_stats())
+    history: list = field(default_factory=list)
+    writer: Any = None
 
-    device, main = env.device, env.is_main
+    @property
+    def say(self) -> Callable[..., None]:
+        return print if self.env.is_main else (lambda *a, **k: None)
+
+
+# ---- set-up ---------------------------------------------------------------------------------------
+
+def setup(cfg: TrainConfig, env: D.DistEnv) -> Run:
+    """Data, model, optimisation and, when resuming, the checkpoint's state: a `Run` ready to train."""
     out = Path(cfg.output)
-    say = print if main else (lambda *a, **k: None)
-    if cfg.amp == "fp16" and device.type != "cuda":
+    if cfg.amp == "fp16" and env.device.type != "cuda":
         raise ValueError("TrainConfig.amp: 'fp16' needs a CUDA device (loss scaling); on CPU use 'bf16'")
+    state, state_path = _checkpoint_to_resume(cfg, out, print if env.is_main else (lambda *a, **k: None))
+    train_set, val_set, img_size = _datasets(cfg)
+    num_classes = len(train_set.classes)
 
-    # ---- resume: which checkpoint (if any)? -----------------------------------------------
-    state, state_path = None, None
+    from timm.utils import random_seed
+    random_seed(cfg.seed)  # same initial weights on every rank and every resume
+    model, ema = _model(cfg, env, img_size, num_classes, init=state is None)
+    run = _optimisation(cfg, env, out, model, ema, train_set, val_set, num_classes)
+    if state is not None:
+        _restore(run, state, state_path)
+    if env.is_main:
+        if state is None and out.is_dir():  # a fresh start never overwrites an earlier run's results
+            moved = ckpt.set_aside_results(out)
+            if moved is not None:
+                run.say(f"{out} held results of an earlier run but no checkpoint to continue: "
+                        f"moved the results of an earlier run to {moved}")
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.to_yaml(out / "config.yaml")
+        run.history = _rewrite_history(out / "metrics.jsonl", keep_below=run.start_epoch)
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            run.writer = SummaryWriter(str(out / "tb"), purge_step=run.start_epoch + 1)
+    # per-rank RNG streams for training randomness (mixup, drop path, erasing); restored exactly on resume
+    random_seed(cfg.seed, env.rank)
+    if state is not None:
+        rngs = state["rng"]
+        set_rng_state(rngs[env.rank] if len(rngs) == env.world_size else rngs[0])
+    global_batch = cfg.batch_size * env.world_size * cfg.accum_steps
+    run.say(f"{cfg.model}: {run.n_params / 1e6:.2f}M params, {len(train_set)} train / {len(val_set)} val images "
+            f"at {img_size}px, {num_classes} classes; {env.world_size} process(es) on {env.device.type}, "
+            f"global batch {global_batch}, lr {run.optimizer.param_groups[0]['lr']:.2e}, "
+            f"{run.steps_per_epoch} steps/epoch")
+    return run
+
+
+def _checkpoint_to_resume(cfg: TrainConfig, out: Path, say) -> tuple[Optional[dict], Optional[Path]]:
+    """The checkpoint this run continues (resume auto / a path), or (None, None) for a fresh run."""
+    state, path = None, None
     if cfg.resume == "auto":
-        state, state_path = ckpt.find_resumable(out) if out.is_dir() else (None, None)
+        state, path = ckpt.find_resumable(out) if out.is_dir() else (None, None)
         if state is None:
             say(f"resume auto: no checkpoint in {out}, starting from scratch")
     elif cfg.resume is not None:
-        state, state_path = ckpt.load_checkpoint_file(cfg.resume), Path(cfg.resume)
+        state, path = ckpt.load_checkpoint_file(cfg.resume), Path(cfg.resume)
     elif (out / ckpt.LAST).exists() or (out / ckpt.PREV).exists():
         raise ValueError(f"{out} already holds a checkpoint: pass --resume auto to continue it, "
                          f"or choose another --output")
     if state is not None:
-        _check_same_run(state["config"], cfg, state_path)
+        _check_same_run(state["config"], cfg, path)
+    return state, path
 
-    # ---- data ---------------------------------------------------------------------------------
+
+def _datasets(cfg: TrainConfig):
+    """(train set, val set, image size): uint8 items, normalised and erased later on the device."""
+    from spach.data import build_dataset
+
     img_size = cfg.img_size or _default_img_size(cfg.model)
-    data_kw = dict(img_size=img_size, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation)
-    aug = dict(auto_augment=cfg.auto_augment, reprob=cfg.reprob, remode=cfg.remode, recount=cfg.recount,
-               hflip=cfg.hflip, scale=cfg.scale, ratio=cfg.ratio)
+    data_kw = dict(img_size=img_size, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation, uint8=True)
+    aug = dict(auto_augment=cfg.auto_augment, hflip=cfg.hflip, scale=cfg.scale, ratio=cfg.ratio)
     train_set = build_dataset(cfg.data, "train", train=cfg.augment, max_samples=cfg.max_train_samples,
                               seed=cfg.seed, **data_kw, **(aug if cfg.augment else {}))
     val_set = build_dataset(cfg.data, "val", max_samples=cfg.max_val_samples, **data_kw)
     num_classes = len(train_set.classes)
     if cfg.num_classes is not None and cfg.num_classes != num_classes:
         raise ValueError(f"TrainConfig.num_classes: {cfg.num_classes} but the data has {num_classes} classes")
+    return train_set, val_set, img_size
 
-    # ---- model --------------------------------------------------------------------------------
-    _seed_everything(cfg.seed)  # same initial weights on every rank and every resume
+
+def _model(cfg: TrainConfig, env: D.DistEnv, img_size: int, num_classes: int, init: bool):
+    """(model on the device, its EMA or None), checked against the input size."""
     model = build_model(cfg.model, num_classes=num_classes, img_size=img_size,
                         model_kwargs=cfg.model_kwargs, drop_path=cfg.drop_path)
     check_model_input(model, img_size, num_classes)
-    if cfg.init_checkpoint and state is None:
+    if cfg.init_checkpoint and init:
         from spach import load_checkpoint
         load_checkpoint(model, cfg.init_checkpoint)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    model.to(device)
+    model.to(env.device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    n_params = count_params(model)
     ema = None
     if cfg.model_ema:
         from timm.utils import ModelEmaV3
         ema = ModelEmaV3(model, decay=cfg.model_ema_decay)
+    return model, ema
 
-    # ---- optimizer, schedule, loss, mixup -------------------------------------------------------
+
+def _optimisation(cfg: TrainConfig, env: D.DistEnv, out: Path, model: nn.Module, ema, train_set, val_set,
+                  num_classes: int) -> Run:
+    """Optimizer, schedule, loss scaling, loss, mixup, loaders and the wrapped models: a fresh `Run`."""
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
-    from timm.utils import dispatch_clip_grad
+    from timm.utils import NativeScaler
 
     global_batch = cfg.batch_size * env.world_size * cfg.accum_steps
     lr = cfg.lr if cfg.lr is not None else cfg.base_lr * global_batch / 512
     optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay,
                                     eps=cfg.opt_eps, momentum=cfg.momentum)
-    sampler = _train_sampler(train_set, cfg, env)
-    steps_per_epoch = len(sampler) // cfg.batch_size // cfg.accum_steps
-    if steps_per_epoch < 1:
-        raise ValueError(f"TrainConfig.batch_size: {len(train_set)} training images give "
-                         f"{len(sampler)} per process per epoch, fewer than one optimizer step of "
-                         f"batch_size {cfg.batch_size} x accum_steps {cfg.accum_steps}")
+    sampler, train_loader, val_loader, steps = _loaders(cfg, env, train_set, val_set)
     scheduler, _ = create_scheduler_v2(
         optimizer, sched=cfg.sched, step_on_epochs=False, updates_per_epoch=1,
-        num_epochs=max(1, round((cfg.epochs - cfg.cooldown_epochs) * steps_per_epoch)),
-        warmup_epochs=round(cfg.warmup_epochs * steps_per_epoch), warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr)
-    scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
-    mixup = None
+        num_epochs=max(1, round((cfg.epochs - cfg.cooldown_epochs) * steps)),
+        warmup_epochs=round(cfg.warmup_epochs * steps), warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr)
+    mixup, criterion = None, nn.CrossEntropyLoss()
     if cfg.mixup_active:
         mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
                       switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode,
@@ -172,205 +250,280 @@ def _train(cfg: TrainConfig, env: D.DistEnv, on_epoch_end, on_step) -> dict:
         criterion = SoftTargetCrossEntropy()
     elif cfg.smoothing > 0:
         criterion = LabelSmoothingCrossEntropy(cfg.smoothing)
-    else:
-        criterion = nn.CrossEntropyLoss()
+    train_model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None) \
+        if env.distributed else model
+    compile_ = torch.compile if cfg.compile else (lambda m: m)
+    return Run(cfg=cfg, env=env, out=out, model=model, train_model=compile_(train_model),
+               eval_model=compile_(model), ema=ema,
+               ema_eval_model=compile_(ema.module) if ema is not None else None,
+               optimizer=optimizer, scheduler=scheduler,
+               loss_scaler=NativeScaler("cuda") if cfg.amp == "fp16" else None,
+               criterion=criterion, mixup=mixup, sampler=sampler, train_loader=train_loader,
+               val_loader=val_loader, steps_per_epoch=steps, n_params=count_params(model))
 
-    # ---- restore a checkpoint -------------------------------------------------------------------
-    start_epoch, start_step, best_top1, stats = 0, 0, -math.inf, _new_stats()
-    if state is not None:
-        try:
-            model.load_state_dict(state["model"])
-            if ema is not None:  # (an EMA switched on at resume starts from the current weights)
-                ema.module.load_state_dict(state.get("model_ema") or state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise ckpt.CheckpointError(f"{state_path} does not fit this model/config: {e}") from None
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        position = state["position"]
-        start_epoch, start_step = position["epoch"], position["step"]
-        best_top1, stats = state.get("best_top1", -math.inf), state.get("epoch_stats") or _new_stats()
-        if start_step and position.get("steps_per_epoch") != steps_per_epoch:
-            warnings.warn(f"{state_path}: steps per epoch changed ({position.get('steps_per_epoch')} -> "
-                          f"{steps_per_epoch}: other batch size or process count); epoch {start_epoch + 1} "
-                          f"restarts from its first step", stacklevel=2)
-            start_step, stats = 0, _new_stats()
-        # the lr schedule is a function of the config and the update count: rebuilt, not loaded, so a
-        # resumed run may change e.g. --epochs (the saved "scheduler" state is for inspection)
-        scheduler.step_update(num_updates=start_epoch * steps_per_epoch + start_step)
-        say(f"resumed from {state_path} at epoch {start_epoch + 1}, step {start_step}")
-    if main:
-        if state is None and out.is_dir():  # a fresh start never overwrites an earlier run's results
-            moved = ckpt.set_aside_results(out)
-            if moved is not None:
-                say(f"{out} held results of an earlier run but no checkpoint to continue: "
-                    f"moved the results of an earlier run to {moved}")
-        out.mkdir(parents=True, exist_ok=True)
-        cfg.to_yaml(out / "config.yaml")
-        history = _rewrite_history(out / "metrics.jsonl", keep_below=start_epoch)
-    val_loader = DataLoader(val_set, batch_size=cfg.batch_size, sampler=D.ShardSampler(len(val_set), *D.world()),
-                            num_workers=cfg.workers, collate_fn=collate_skip, pin_memory=device.type == "cuda",
-                            generator=torch.Generator())  # leaves the global RNG alone
 
-    # per-rank RNG streams for training randomness (mixup, drop path); restored exactly on resume
-    _seed_everything(cfg.seed + env.rank)
-    if state is not None:
-        rngs = state["rng"]
-        ckpt.set_rng_state(rngs[env.rank] if len(rngs) == env.world_size else rngs[0])
-    del state
+def _loaders(cfg: TrainConfig, env: D.DistEnv, train_set, val_set):
+    """(epoch sampler, train loader, val loader, optimizer steps per epoch): persistent workers,
+    uint8 batches normalised (and, in training, random-erased) on the device."""
+    from spach.data import DeviceLoader, EpochSampler, make_loader
 
-    train_model: nn.Module = model
-    if env.distributed:
-        train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        train_model = torch.compile(train_model)
-    writer = None
-    if main and cfg.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(str(out / "tb"), purge_step=start_epoch + 1)
-    say(f"{cfg.model}: {n_params / 1e6:.2f}M params, {len(train_set)} train / {len(val_set)} val images "
-        f"at {img_size}px, {num_classes} classes; {env.world_size} process(es) on {device.type}, "
-        f"global batch {global_batch}, lr {lr:.2e}, {steps_per_epoch} steps/epoch")
+    base = _train_sampler(train_set, cfg, env)
+    steps = len(base) // cfg.batch_size // cfg.accum_steps
+    if steps < 1:
+        raise ValueError(f"TrainConfig.batch_size: {len(train_set)} training images give "
+                         f"{len(base)} per process per epoch, fewer than one optimizer step of "
+                         f"batch_size {cfg.batch_size} x accum_steps {cfg.accum_steps}")
+    sampler = EpochSampler(base, length=steps * cfg.accum_steps * cfg.batch_size)
+    on_device = dict(channels_last=cfg.channels_last)
+    erasing = dict(reprob=cfg.reprob, remode=cfg.remode, recount=cfg.recount) if cfg.augment else {}
+    train_loader = DeviceLoader(make_loader(train_set, batch_size=cfg.batch_size, sampler=sampler,
+                                            workers=cfg.workers, device=env.device, seed=cfg.seed, drop_last=True),
+                                env.device, **erasing, **on_device)
+    val_loader = DeviceLoader(make_loader(val_set, batch_size=cfg.batch_size, workers=cfg.workers,
+                                          sampler=D.ShardSampler(len(val_set), *D.world()), device=env.device),
+                              env.device, **on_device)
+    return sampler, train_loader, val_loader, steps
 
-    def save(epoch: int, step: int, stats: dict) -> None:
-        rngs = D.all_gather_objects(ckpt.rng_state())  # every rank's RNG, collected on all ranks
-        if not main:
-            return
-        ckpt.save_checkpoint({
-            "model": model.state_dict(),
-            "model_ema": ema.module.state_dict() if ema is not None else None,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "position": {"epoch": epoch, "step": step, "global_step": epoch * steps_per_epoch + step,
-                         "steps_per_epoch": steps_per_epoch},
-            "epoch_stats": stats,
-            "best_top1": best_top1,
-            "rng": rngs,
-            "config": cfg.to_dict(),
-        }, out)
 
-    # ---- the loop ------------------------------------------------------------------------------
-    for epoch in range(start_epoch, cfg.epochs):
-        t_epoch = time.perf_counter()
-        train_set.set_epoch(epoch)
-        sampler.set_epoch(cfg.seed + epoch if cfg.repeated_aug else epoch)  # DistributedSampler adds its seed
-        indices = list(sampler)[start_step * cfg.accum_steps * cfg.batch_size:]  # skip batches already done
-        loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=indices, drop_last=True,
-                            num_workers=cfg.workers, collate_fn=collate_skip, pin_memory=device.type == "cuda",
-                            generator=torch.Generator().manual_seed(cfg.seed + epoch))
-        batches = iter(loader)
-        model.train()
-        bar = _progress(main, epoch, cfg.epochs, steps_per_epoch, start_step)
-        t_train, t_saving = time.perf_counter(), 0.0  # throughput excludes checkpoint writes
+def _restore(run: Run, state: dict, path: Path) -> None:
+    """Load a checkpoint's model, EMA, optimizer, scaler and position into `run`."""
+    try:
+        run.model.load_state_dict(state["model"])
+        if run.ema is not None:  # (an EMA switched on at resume starts from the current weights)
+            run.ema.module.load_state_dict(state.get("model_ema") or state["model"])
+        run.optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise ckpt.CheckpointError(f"{path} does not fit this model/config: {e}") from None
+    if run.loss_scaler is not None and state.get("scaler"):
+        run.loss_scaler.load_state_dict(state["scaler"])
+    position, steps = state["position"], run.steps_per_epoch
+    run.start_epoch, run.start_step = position["epoch"], position["step"]
+    run.best_top1 = state.get("best_top1", -math.inf)
+    run.stats = new_stats(**(state.get("epoch_stats") or {}))
+    if run.start_step and position.get("steps_per_epoch") != steps:
+        warnings.warn(f"{path}: steps per epoch changed ({position.get('steps_per_epoch')} -> {steps}: other "
+                      f"batch size or process count); epoch {run.start_epoch + 1} restarts from its first step",
+                      stacklevel=3)
+        run.start_step, run.stats = 0, new_stats()
+    # the lr schedule is a function of the config and the update count: rebuilt, not loaded, so a
+    # resumed run may change e.g. --epochs (the saved "scheduler" state is for inspection)
+    run.scheduler.step_update(num_updates=run.start_epoch * steps + run.start_step)
+    run.say(f"resumed from {path} at epoch {run.start_epoch + 1}, step {run.start_step}")
 
-        def elapsed() -> dict:  # this epoch's stats so far (incl. those before a resume)
-            now = time.perf_counter()
-            return dict(stats, train_time=stats["train_time"] + now - t_train - t_saving,
-                        epoch_time=stats["epoch_time"] + now - t_epoch - t_saving)
-        for step in range(start_step, steps_per_epoch):
-            # one optimizer step = accum_steps micro-batches
-            for micro in range(cfg.accum_steps):
-                images, targets, skipped = next(batches)
-                stats["skipped"] += skipped
-                if images is None:
-                    if env.distributed:
-                        raise RuntimeError("a whole batch of unreadable images: cannot keep ranks in step")
-                    continue
-                images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-                if mixup is not None:
-                    if len(images) % 2:  # a skipped image left an odd batch: mixup pairs samples
-                        images, targets = images[:-1], targets[:-1]
-                    images, targets = mixup(images, targets)
-                if cfg.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                sync = micro == cfg.accum_steps - 1 or not env.distributed
-                with (train_model.no_sync() if not sync and hasattr(train_model, "no_sync")
-                      else contextlib.nullcontext()):
-                    with autocast(device, cfg.amp):
-                        loss = criterion(train_model(images), targets)
-                    _check_finite(loss, epoch, step, out)
-                    loss = loss / cfg.accum_steps
-                    (scaler.scale(loss) if scaler is not None else loss).backward()
-                stats["loss_sum"] += loss.item() * cfg.accum_steps
-                stats["micro_steps"] += 1
-                stats["images"] += len(images)
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            if cfg.clip_grad is not None:
-                dispatch_clip_grad(model.parameters(), cfg.clip_grad, mode=cfg.clip_mode)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            global_step = epoch * steps_per_epoch + step + 1
-            scheduler.step_update(num_updates=global_step)
-            if ema is not None:
-                ema.update(model, step=global_step)
+
+# ---- one epoch ------------------------------------------------------------------------------------
+
+def train_one_epoch(run: Run, epoch: int, on_step=None) -> dict:
+    """The optimizer steps of `epoch` (from `run.start_step` after a resume); returns the epoch's stats."""
+    cfg, env = run.cfg, run.env
+    reset_peak_memory(env.device)
+    stats, start = run.stats, run.start_step
+    stats["loss_sum"] = stats["loss_sum"].to(env.device)
+    clock = EpochClock(stats)
+    run.sampler.set_epoch(epoch, skip=start * cfg.accum_steps * cfg.batch_size,
+                          base_epoch=cfg.seed + epoch if cfg.repeated_aug else epoch)  # DistributedSampler adds its seed
+    batches = iter(run.train_loader)
+    run.model.train()
+    bar = _progress(env.is_main, epoch, cfg.epochs, run.steps_per_epoch, start)
+    for step in range(start, run.steps_per_epoch):
+        for micro in range(cfg.accum_steps):
+            forward_backward(run, next(batches), stats, update=micro == cfg.accum_steps - 1)
+        global_step = epoch * run.steps_per_epoch + step + 1
+        run.scheduler.step_update(num_updates=global_step)
+        if run.ema is not None:
+            run.ema.update(run.model, step=global_step)
+        save_due = bool(cfg.checkpoint_every_steps) and (step + 1) % cfg.checkpoint_every_steps == 0 \
+            and step + 1 < run.steps_per_epoch
+        if save_due or (cfg.check_finite_every and (step + 1 - start) % cfg.check_finite_every == 0):
+            loss = check_finite(run, stats, epoch, step)
             if bar is not None:
-                now = elapsed()
-                bar.set_postfix(loss=f"{now['loss_sum'] / max(1, now['micro_steps']):.4f}",
-                                lr=f"{optimizer.param_groups[0]['lr']:.2e}",
-                                img_s=f"{now['images'] * env.world_size / max(now['train_time'], 1e-9):.0f}")
-                bar.update(1)
-            if cfg.checkpoint_every_steps and (step + 1) % cfg.checkpoint_every_steps == 0 \
-                    and step + 1 < steps_per_epoch:
-                t0 = time.perf_counter()
-                save(epoch, step + 1, elapsed())
-                t_saving += time.perf_counter() - t0
-            if on_step is not None and main:
-                on_step(epoch, step + 1, steps_per_epoch)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{run.optimizer.param_groups[0]['lr']:.2e}",
+                                img_s=f"{stats['images'] * env.world_size / max(clock.train_time(), 1e-9):.0f}")
         if bar is not None:
-            bar.close()
-        stats, t_end_train = elapsed(), time.perf_counter()
-        start_step = 0
+            bar.update(1)
+        if save_due:
+            with clock.paused():  # throughput excludes checkpoint writes
+                save(run, epoch, step + 1, clock.stats())
+        if on_step is not None and env.is_main:
+            on_step(epoch, step + 1, run.steps_per_epoch)
+    check_finite(run, stats, epoch, run.steps_per_epoch - 1)  # also waits for the device: the clock is true
+    if bar is not None:
+        bar.close()
+    run.start_step = 0
+    return clock.stats(done_training=True)
 
-        # ---- end of epoch: evaluate, log, checkpoint ------------------------------------------
-        totals = D.all_reduce_sum(torch.tensor([stats["loss_sum"], stats["micro_steps"], stats["images"],
-                                                stats["skipped"]], dtype=torch.float64, device=device)).tolist()
-        train_time = D.all_reduce_max(torch.tensor([stats["train_time"]], device=device)).item()  # slowest rank
-        kw = dict(device=device, amp=cfg.amp, channels_last=cfg.channels_last)
-        val = evaluate(model, val_loader, **kw)
-        record = {
-            "epoch": epoch + 1,
-            "train_loss": totals[0] / max(1.0, totals[1]),
-            "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
-            "lr": optimizer.param_groups[0]["lr"],
-            "images_per_s": totals[2] / max(train_time, 1e-9),
-            "epoch_time_s": stats["epoch_time"] + time.perf_counter() - t_end_train,
-            "peak_mem_mb": _peak_mem_mb(device),
-            "skipped_images": int(totals[3]) + val["skipped"],
-        }
-        if ema is not None:
-            ev = evaluate(ema.module, val_loader, **kw)
-            record.update(ema_val_loss=ev["loss"], ema_val_top1=ev["top1"], ema_val_top5=ev["top5"])
-        best_top1 = max(best_top1, record["val_top1"])
-        if main:
-            _append_jsonl(out / "metrics.jsonl", record)
-            history.append(record)
-            if writer is not None:
-                for k, v in record.items():
-                    if k != "epoch":
-                        writer.add_scalar(k, v, epoch + 1)
-                writer.flush()
-            say(_summary_line(record, cfg.epochs))
-        stats = _new_stats()
-        save(epoch + 1, 0, stats)
-        if on_epoch_end is not None and main:
-            on_epoch_end(record)
 
-    # ---- export ----------------------------------------------------------------------------------
-    if writer is not None:
-        writer.close()
+def forward_backward(run: Run, batch, stats: dict, update: bool) -> None:
+    """One micro-batch: forward, loss, backward; with `update`, the optimizer step (clipped, scaled).
+
+    The loss is added to `stats["loss_sum"]` on the device: no host sync here."""
+    cfg, env = run.cfg, run.env
+    images, targets, skipped = batch
+    stats["skipped"] += skipped
+    if images is None:
+        if env.distributed:
+            raise RuntimeError("a whole batch of unreadable images: cannot keep ranks in step")
+        return
+    if run.mixup is not None:
+        if len(images) % 2:  # a skipped image left an odd batch: mixup pairs samples
+            images, targets = images[:-1], targets[:-1]
+        images, targets = run.mixup(images, targets)
+    sync_grads = update or not env.distributed
+    with (run.train_model.no_sync() if not sync_grads and hasattr(run.train_model, "no_sync")
+          else contextlib.nullcontext()):
+        with autocast(env.device, cfg.amp):
+            loss = run.criterion(run.train_model(images), targets)
+        stats["loss_sum"] += loss.detach().double()
+        _backward_and_step(run, loss / cfg.accum_steps, update)
+    stats["micro_steps"] += 1
+    stats["images"] += len(images)
+
+
+def _backward_and_step(run: Run, loss: torch.Tensor, update: bool) -> None:
+    """Backward; on the last micro-batch of a step, clip, step and zero the gradients (timm's way)."""
+    cfg = run.cfg
+    if run.loss_scaler is not None:  # fp16: scaled loss, unscaled before clipping, skipped steps on inf
+        run.loss_scaler(loss, run.optimizer, clip_grad=cfg.clip_grad, clip_mode=cfg.clip_mode,
+                        parameters=run.model.parameters(), need_update=update)
+    else:
+        loss.backward()
+        if update:
+            if cfg.clip_grad is not None:
+                from timm.utils import dispatch_clip_grad
+                dispatch_clip_grad(run.model.parameters(), cfg.clip_grad, mode=cfg.clip_mode)
+            run.optimizer.step()
+    if update:
+        run.optimizer.zero_grad(set_to_none=True)
+
+
+def check_finite(run: Run, stats: dict, epoch: int, step: int) -> float:
+    """The one host sync of training: every rank's loss sum so far, all-reduced; stop every rank
+    together if any is NaN/inf. Returns the mean loss of the epoch so far (all ranks)."""
+    local = stats["loss_sum"].reshape(1)
+    total = D.all_reduce_sum(torch.cat([(~torch.isfinite(local)).double(), local.nan_to_num(0.0, 0.0, 0.0),
+                                        torch.tensor([float(stats["micro_steps"])], dtype=torch.float64,
+                                                     device=local.device)]))
+    bad, loss_sum, micro = total.tolist()
+    if bad:
+        every = run.cfg.check_finite_every
+        where = f"step {step + 1}" if every <= 1 else f"step {step + 1} (checked every {every} steps)"
+        kept = (f"The last good checkpoint is kept in {run.out} (resume with --resume auto)."
+                if (run.out / ckpt.LAST).exists() else f"No checkpoint was written to {run.out} yet.")
+        raise NonFiniteLossError(
+            f"non-finite loss (nan or inf) at epoch {epoch + 1}, {where}; training stopped. {kept} "
+            f"Try a lower --lr, --clip-grad 1.0, or --amp bf16 instead of fp16.")
+    return loss_sum / max(1.0, micro)
+
+
+class EpochClock:
+    """An epoch's training and total time, without checkpoint writes, continued across a resume."""
+
+    def __init__(self, stats: dict):
+        self.stats_ = stats
+        self.t0, self.excluded, self.t_train_end = time.perf_counter(), 0.0, None
+
+    @contextlib.contextmanager
+    def paused(self):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded += time.perf_counter() - t
+
+    def train_time(self) -> float:
+        end = self.t_train_end or time.perf_counter()
+        return self.stats_["train_time"] + end - self.t0 - self.excluded
+
+    def stats(self, done_training: bool = False) -> dict:
+        """The stats with the times so far (`done_training`: the training part ends now)."""
+        if done_training:
+            self.t_train_end = time.perf_counter()
+        now = time.perf_counter()
+        return dict(self.stats_, train_time=self.train_time(),
+                    epoch_time=self.stats_["epoch_time"] + now - self.t0 - self.excluded)
+
+
+def new_stats(loss_sum: float = 0.0, **counts) -> dict:
+    """An epoch's running sums; the loss sum lives on the device until read."""
+    stats = {"loss_sum": torch.tensor(float(loss_sum), dtype=torch.float64), "micro_steps": 0, "images": 0,
+             "skipped": 0, "train_time": 0.0, "epoch_time": 0.0}
+    stats.update(counts)
+    return stats
+
+
+# ---- end of epoch ------------------------------------------------------------------------------
+
+def end_of_epoch(run: Run, epoch: int, stats: dict, on_epoch_end=None) -> None:
+    """Evaluate (and the EMA), log a record (metrics.jsonl, TensorBoard, a line), checkpoint."""
+    cfg, env, t_eval = run.cfg, run.env, time.perf_counter()
+    totals = D.all_reduce_sum(torch.stack([stats["loss_sum"].to(env.device)] + [
+        torch.tensor(float(stats[k]), dtype=torch.float64, device=env.device)
+        for k in ("micro_steps", "images", "skipped")])).tolist()
+    train_time = D.all_reduce_max(torch.tensor([stats["train_time"]], device=env.device)).item()  # slowest rank
+    kw = dict(device=env.device, amp=cfg.amp, channels_last=cfg.channels_last)
+    val = evaluate(run.eval_model, run.val_loader, **kw)
+    record = {
+        "epoch": epoch + 1,
+        "train_loss": totals[0] / max(1.0, totals[1]),
+        "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
+        "lr": run.optimizer.param_groups[0]["lr"],
+        "images_per_s": totals[2] / max(train_time, 1e-9),
+        "epoch_time_s": stats["epoch_time"] + time.perf_counter() - t_eval,
+        "peak_mem_mb": peak_memory_mb(env.device),
+        "skipped_images": int(totals[3]) + val["skipped"],
+    }
+    if run.ema is not None:
+        ev = evaluate(run.ema_eval_model, run.val_loader, **kw)
+        record.update(ema_val_loss=ev["loss"], ema_val_top1=ev["top1"], ema_val_top5=ev["top5"])
+    run.best_top1 = max(run.best_top1, record["val_top1"])
+    if env.is_main:
+        _append_jsonl(run.out / "metrics.jsonl", record)
+        run.history.append(record)
+        if run.writer is not None:
+            for k, v in record.items():
+                if k != "epoch":
+                    run.writer.add_scalar(k, v, epoch + 1)
+            run.writer.flush()
+        run.say(_summary_line(record, cfg.epochs))
+    run.stats = new_stats()
+    save(run, epoch + 1, 0, run.stats)
+    if on_epoch_end is not None and env.is_main:
+        on_epoch_end(record)
+
+
+def save(run: Run, epoch: int, step: int, stats: dict) -> None:
+    """Checkpoint the run at (epoch, step) with every rank's RNG state (written by rank 0)."""
+    rngs = D.all_gather_objects(get_rng_state())  # every rank's RNG, collected on all ranks
+    if not run.env.is_main:
+        return
+    ema = run.ema
+    ckpt.save_checkpoint({
+        "model": run.model.state_dict(),
+        "model_ema": ema.module.state_dict() if ema is not None else None,
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.loss_scaler.state_dict() if run.loss_scaler is not None else None,
+        "position": {"epoch": epoch, "step": step, "global_step": epoch * run.steps_per_epoch + step,
+                     "steps_per_epoch": run.steps_per_epoch},
+        "epoch_stats": dict(stats, loss_sum=float(stats["loss_sum"])),
+        "best_top1": run.best_top1,
+        "rng": rngs,
+        "config": run.cfg.to_dict(),
+    }, run.out)
+
+
+def finish(run: Run) -> dict:
+    """Export the weights (and the EMA's) as safetensors; the run's summary on every rank."""
+    cfg, out = run.cfg, run.out
+    if run.writer is not None:
+        run.writer.close()
     weights = out / "model.safetensors"
-    if main:
-        save_safetensors(model, weights, {"model": cfg.model, "model_kwargs": json.dumps(cfg.model_kwargs)})
-        if ema is not None:
-            save_safetensors(ema.module, out / "model_ema.safetensors", {"model": cfg.model})
-        say(f"saved {weights}")
-    history = D.broadcast_object(history if main else None)
+    if run.env.is_main:
+        save_safetensors(run.model, weights, {"model": cfg.model, "model_kwargs": json.dumps(cfg.model_kwargs)})
+        if run.ema is not None:
+            save_safetensors(run.ema.module, out / "model_ema.safetensors", {"model": cfg.model})
+        run.say(f"saved {weights}")
+    history = D.broadcast_object(run.history if run.env.is_main else None)
     last = history[-1] if history else {}
     return {
         "best_top1": max((r["val_top1"] for r in history), default=float("nan")),
@@ -379,14 +532,14 @@ def _train(cfg: TrainConfig, env: D.DistEnv, on_epoch_end, on_step) -> dict:
         "final_val_loss": last.get("val_loss", float("nan")),
         "history": history,
         "train_time_s": sum(r.get("epoch_time_s", 0.0) for r in history),  # all epochs, resumes included
-        "params": n_params,
+        "params": run.n_params,
         "checkpoint": str(out / ckpt.LAST),
         "weights": str(weights),
         "output": str(out),
     }
 
 
-# ---- helpers (in the order the loop uses them) ------------------------------------------------
+# ---- small helpers ----------------------------------------------------------------------------------
 
 def _check_same_run(saved: dict, cfg: TrainConfig, path) -> None:
     """A checkpoint only continues the same model on the same data."""
@@ -404,24 +557,16 @@ def _default_img_size(name: str) -> int:
     return int(pretrained_cfg.input_size[-1]) if pretrained_cfg is not None else 224
 
 
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def _train_sampler(dataset, cfg: TrainConfig, env: D.DistEnv):
     """Repeated-augmentation or plain shuffling sampler; its order depends only on seed + epoch."""
+    from torch.utils.data import DistributedSampler
+
     if cfg.repeated_aug:
         from timm.data.distributed_sampler import RepeatAugSampler
         return RepeatAugSampler(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True,
                                 num_repeats=cfg.aug_repeats)
     return DistributedSampler(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True,
                               seed=cfg.seed, drop_last=True)
-
-
-def _new_stats() -> dict:
-    return {"loss_sum": 0.0, "micro_steps": 0, "images": 0, "skipped": 0, "train_time": 0.0, "epoch_time": 0.0}
 
 
 def _rewrite_history(path: Path, keep_below: int) -> list[dict]:
@@ -449,29 +594,11 @@ def _progress(main: bool, epoch: int, epochs: int, total: int, initial: int):
                 dynamic_ncols=True, leave=False)
 
 
-def _check_finite(loss: torch.Tensor, epoch: int, step: int, out: Path) -> None:
-    """Stop every rank together on a NaN/inf loss (the check is all-reduced)."""
-    bad = D.all_reduce_sum((~torch.isfinite(loss.detach())).float().reshape(1))
-    if bad.item() > 0:
-        kept = (f"The last good checkpoint is kept in {out} (resume with --resume auto)."
-                if (out / ckpt.LAST).exists() else f"No checkpoint was written to {out} yet.")
-        raise NonFiniteLossError(
-            f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step + 1}; training stopped. {kept} "
-            f"Try a lower --lr, --clip-grad 1.0, or --amp bf16 instead of fp16.")
-
-
 def _append_jsonl(path: Path, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
         f.flush()
         os.fsync(f.fileno())
-
-
-def _peak_mem_mb(device: torch.device) -> float:
-    """Peak CUDA memory allocated on the device, or the process's peak resident memory on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux: kB
 
 
 def _summary_line(r: dict, epochs: int) -> str:
