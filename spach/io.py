@@ -80,3 +80,10 @@ def check_writable_dir(path: str | os.PathLike, flag: str) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise PermissionError(errno.EACCES, f"{flag} {path}: cannot write in {existing} (read-only?); "
                                             "choose a writable location")
+
+
+def atomic_savefig(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
+    """Save a matplotlib figure as PNG through :func:`atomic_write`; returns the path."""
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight")
+    return Path(path)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from spach.battle import db
-from spach.io import atomic_write
+from spach.io import atomic_savefig, atomic_write
 from spach.battle.findings import Group, Stat, evaluate_findings
 
 FAMILY_ORDER = {"conv": 0, "attn": 1, "mlp": 2, "hybrid": 3}
@@ -36,8 +36,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def _atomic_savefig(fig, path: Path) -> None:
-    with atomic_write(path) as f:
-        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
+    atomic_savefig(fig, path)
 
 
 # --------------------------------------------------------------------------- data

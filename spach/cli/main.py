@@ -26,6 +26,7 @@ COMMANDS = {
     "eval": "spach.cli.eval",
     "battle": "spach.cli.battle",
     "report": "spach.cli.report",
+    "analyze": "spach.cli.analyze",
 }
 
 

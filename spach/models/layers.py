@@ -151,6 +151,21 @@ class Attention(nn.Module):
         x = x.transpose(1, 2).reshape(B, H, W, C)
         return self.proj_drop(self.proj(x))
 
+    def attention_probs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The attention weights for the mixer input ``x`` (B, H, W, C), for analysis (no dropout).
+
+        Returns ``(probs, pos_q, pos_k)``: probs (B, heads, N, N) with rows summing to 1, and the
+        (row, col) grid coordinates of the query and key tokens, (N, 2) each, in row-major order.
+        """
+        B, H, W, C = x.shape
+        qkv = self.qkv(x).reshape(B, H * W, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, _ = qkv.unbind(0)
+        probs = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        rows, cols = torch.meshgrid(torch.arange(H, device=x.device), torch.arange(W, device=x.device),
+                                    indexing="ij")
+        pos = torch.stack([rows.reshape(-1), cols.reshape(-1)], dim=-1).to(probs.dtype)
+        return probs, pos, pos
+
 
 @register_notrace_function  # torch.fx: checked when the graph runs, not while tracing
 def check_token_grid(x: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:

@@ -1,0 +1,147 @@
+"""Run a named analysis on one or more models and write its JSON and PNG figures (for the CLI and studies).
+
+    subjects = [load_subject(run_dir=d) for d in run_dirs]
+    result = run_analysis("corruption", subjects, {"images": 200, "baseline": 0})
+    write_analysis("corruption", result, "out/")      # out/corruption.json, out/corruption.png
+
+Settings per analysis (all optional) are in `DEFAULTS`; unknown keys are refused.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from spach.analysis.common import ImageSet, Subject
+from spach.io import atomic_write
+
+KINDS = ("erf", "cka", "corruption", "fourier", "attn-distance")
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "erf": {"images": 32, "stages": None, "batch_size": 16},
+    "cka": {"images": 256, "batch_size": 64},
+    "corruption": {"images": 500, "corruptions": None, "seed": 0, "baseline": 0, "batch_size": 64},
+    "fourier": {"images": 100, "eps": 4.0, "step": 1, "bandwidths": None, "seed": 0, "batch_size": 128},
+    "attn-distance": {"images": 32, "batch_size": 32},
+}
+
+
+def check_settings(kind: str, settings: dict | None, where: str = "analysis") -> dict:
+    """The analysis' settings completed with defaults; ValueError naming an unknown kind, key or bad count."""
+    if kind not in DEFAULTS:
+        raise ValueError(f"{where}: unknown analysis {kind!r}; choose from {', '.join(KINDS)}")
+    settings = settings or {}
+    if not isinstance(settings, dict):
+        raise ValueError(f"{where}.{kind}: settings must be a mapping, e.g. {{images: 64}}")
+    unknown = set(settings) - set(DEFAULTS[kind])
+    if unknown:
+        raise ValueError(f"{where}.{kind}: unknown setting(s) {sorted(unknown)}; allowed: {sorted(DEFAULTS[kind])}")
+    out = dict(DEFAULTS[kind], **settings)
+    for key in ("images", "batch_size", "step"):
+        if key in out and (not isinstance(out[key], int) or isinstance(out[key], bool) or out[key] < 1):
+            raise ValueError(f"{where}.{kind}.{key} must be a positive integer, got {out[key]!r}")
+    if kind == "cka" and out["batch_size"] < 4:
+        raise ValueError(f"{where}.cka.batch_size must be >= 4 (the unbiased HSIC estimator), got {out['batch_size']}")
+    if kind == "fourier" and not (isinstance(out["eps"], (int, float)) and out["eps"] > 0):
+        raise ValueError(f"{where}.fourier.eps must be a positive number, got {out['eps']!r}")
+    return out
+
+
+def _images(subject: Subject, n: int, cache: dict) -> ImageSet:
+    key = (subject.data, subject.img_size, n, subject.crop_pct, subject.interpolation)
+    if key not in cache:
+        cache[key] = ImageSet.for_subject(subject, n)
+    return cache[key]
+
+
+def run_analysis(kind: str, subjects: list[Subject], settings: dict | None = None) -> dict:
+    """{"kind", "settings", "models": {label: result}} (+ "pairs" for CKA, "mce" for corruption)."""
+    from spach.analysis.attention import attention_distance_analysis
+    from spach.analysis.cka import cka_analysis
+    from spach.analysis.corruptions import corruption_analysis, mce
+    from spach.analysis.erf import erf_analysis
+    from spach.analysis.fourier import fourier_analysis
+
+    s = check_settings(kind, settings)
+    if not subjects:
+        raise ValueError(f"{kind}: no model to analyse")
+    labels = [x.label for x in subjects]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"{kind}: two models have the same label ({labels}); give them distinct labels")
+    cache: dict = {}
+    out: dict[str, Any] = {"kind": kind, "settings": s, "models": {}}
+    for sub in subjects:
+        images = _images(sub, s["images"], cache)
+        if kind == "erf":
+            r = erf_analysis(sub, stages=s["stages"], batch_size=s["batch_size"], images=images)
+        elif kind == "cka":
+            r = cka_analysis(sub, batch_size=s["batch_size"], images=images)
+        elif kind == "corruption":
+            r = corruption_analysis(sub, corruptions=s["corruptions"], seed=s["seed"], batch_size=s["batch_size"],
+                                    images=images)
+        elif kind == "fourier":
+            r = fourier_analysis(sub, eps=float(s["eps"]), step=s["step"], bandwidths=s["bandwidths"], seed=s["seed"],
+                                 batch_size=s["batch_size"], images=images)
+        else:
+            r = attention_distance_analysis(sub, batch_size=s["batch_size"], images=images)
+        out["models"][sub.label] = dict(r, model=sub.model_name, family=sub.family)
+    if kind == "cka" and len(subjects) > 1:
+        out["pairs"] = [cka_analysis(a, b, batch_size=s["batch_size"], images=_images(a, s["images"], cache))
+                        for i, a in enumerate(subjects) for b in subjects[i + 1:]]
+    if kind == "corruption":
+        base = _baseline(s["baseline"], labels)
+        out["baseline"] = base
+        for label, r in out["models"].items():
+            r.update(mce(r, out["models"][base]))
+    return out
+
+
+def _baseline(choice: Any, labels: list[str]) -> str:
+    if isinstance(choice, int) and not isinstance(choice, bool):
+        if not -len(labels) <= choice < len(labels):
+            raise ValueError(f"corruption baseline {choice} is not one of the {len(labels)} models (0..{len(labels) - 1})")
+        return labels[choice]
+    if choice not in labels:
+        raise ValueError(f"corruption baseline {choice!r} is not among the models analysed: {labels}")
+    return choice
+
+
+def _finite(obj: Any) -> Any:
+    """NaN/inf -> None, so the JSON is standard."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def write_analysis(kind: str, result: dict, out_dir: str | Path, overwrite: bool = False) -> list[Path]:
+    """OUT/<kind>.json and the figures; refuses to replace an existing result unless `overwrite`."""
+    from spach.analysis import figures
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = kind.replace("-", "_")
+    target = out_dir / f"{name}.json"
+    if target.exists() and not overwrite:
+        raise ValueError(f"{target} already exists: choose another --out or pass --overwrite")
+    with atomic_write(target, "w") as f:
+        json.dump(_finite(result), f, indent=1)
+    models = result["models"]
+    paths = [target]
+    if kind == "erf":
+        paths.append(figures.figure_erf(models, out_dir / "erf.png"))
+    elif kind == "cka":
+        for k, (label, r) in enumerate(models.items()):
+            paths.append(figures.figure_cka(r, out_dir / f"cka_{k}_self.png", title=f"CKA within {label}"))
+        for k, r in enumerate(result.get("pairs", [])):
+            paths.append(figures.figure_cka(r, out_dir / f"cka_pair_{k}.png", title=f"CKA {r['x']} vs {r['y']}"))
+    elif kind == "corruption":
+        paths.append(figures.figure_corruptions(models, out_dir / "corruption.png"))
+    elif kind == "fourier":
+        paths.append(figures.figure_fourier(models, out_dir / "fourier.png"))
+    else:
+        paths.append(figures.figure_attention(models, out_dir / "attn_distance.png"))
+    return [p for p in paths if p is not None]

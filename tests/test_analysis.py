@@ -1,0 +1,242 @@
+"""spach.analysis: properties of ERF, CKA, corruptions, Fourier basis, attention distance (tiny shapes)."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from spach.analysis import (
+    CORRUPTIONS,
+    MinibatchCKA,
+    band_filter,
+    corrupt,
+    erf_area_ratio,
+    fourier_basis,
+    input_gradient_map,
+    linear_cka,
+    mce,
+    mean_distance,
+    unbiased_hsic_matrix,
+)
+from spach.analysis.common import Subject
+from spach.analysis.erf import stage_fn
+
+torch.set_num_threads(1)
+
+
+def _support(grad_map: np.ndarray) -> tuple[int, int, int]:
+    """(rows, cols, count) of the nonzero entries' bounding box and their number."""
+    ys, xs = np.nonzero(grad_map)
+    return ys.max() - ys.min() + 1, xs.max() - xs.min() + 1, len(ys)
+
+
+# ----------------------------------------------------------------------------------------- ERF
+
+def test_erf_of_one_3x3_conv_is_its_3x3_support():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    grad = input_gradient_map(conv, [torch.randn(2, 3, 15, 15)])
+    assert _support(grad) == (3, 3, 9)
+    assert np.nonzero(grad)[0].min() == 6 and np.nonzero(grad)[1].min() == 6  # centred on (7, 7)
+    assert erf_area_ratio(grad, 1.0) == (3, 9 / 225)
+
+
+def test_erf_of_two_stacked_3x3_convs_is_5x5():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1))
+    grad = input_gradient_map(net, [torch.randn(2, 3, 15, 15), torch.randn(1, 3, 15, 15)])
+    assert _support(grad) == (5, 5, 25)
+    side, ratio = erf_area_ratio(grad, 0.99)
+    assert side in (3, 5) and ratio == side * side / 225
+
+
+def test_erf_area_ratio_of_known_maps():
+    m = np.zeros((11, 11))
+    m[5, 5] = 1.0
+    assert erf_area_ratio(m, 0.5) == (1, 1 / 121)
+    m[5, 5], m[3:8, 3:8] = 0, 1.0  # a uniform 5x5 square: 50% needs the 5x5 (the 3x3 holds 9/25)
+    assert erf_area_ratio(m, 0.2) == (3, 9 / 121)
+    assert erf_area_ratio(m, 0.5) == (5, 25 / 121)
+    with pytest.raises(ValueError, match="threshold"):
+        erf_area_ratio(m, 1.5)
+
+
+def test_erf_of_a_spach_conv_stage_is_stem_times_3x3_cells():
+    """Stage 1 of a conv MS model = 4x4/4 stem, one block (3x3 depthwise conv + pointwise MLP): 12x12 pixels."""
+    from spach import create_model
+
+    torch.manual_seed(0)
+    model = create_model("spach_ms_xxs_patch4_224_conv", num_classes=10, img_size=32, hidden_dim=16,
+                         net_arch=[[("conv", 1)], [("conv", 1)], [("conv", 1)], [("conv", 1)]]).eval()
+    subject = Subject(model=model, label="conv", model_name="x", data=None, img_size=32)
+    grad = input_gradient_map(stage_fn(subject, 0), [torch.rand(2, 3, 32, 32)])
+    assert _support(grad) == (12, 12, 144)
+    grad2 = input_gradient_map(stage_fn(subject, 1), [torch.rand(2, 3, 32, 32)])
+    assert _support(grad2)[2] > 144  # the next stage sees further
+
+
+# ----------------------------------------------------------------------------------------- CKA
+
+def _naive_unbiased_hsic(K: torch.Tensor, L: torch.Tensor) -> float:
+    n = K.shape[0]
+    Kt, Lt = K.clone(), L.clone()
+    Kt.fill_diagonal_(0)
+    Lt.fill_diagonal_(0)
+    one = torch.ones(n, 1, dtype=K.dtype)
+    term = torch.trace(Kt @ Lt) + (one.T @ Kt @ one).item() * (one.T @ Lt @ one).item() / ((n - 1) * (n - 2)) \
+        - 2.0 / (n - 2) * (one.T @ Kt @ Lt @ one).item()
+    return float(term / (n * (n - 3)))
+
+
+def test_unbiased_hsic_matches_the_formula():
+    torch.manual_seed(0)
+    x, y = torch.randn(9, 5).double(), torch.randn(9, 7).double()
+    got = unbiased_hsic_matrix([x, y], [y])
+    assert got[0, 0].item() == pytest.approx(_naive_unbiased_hsic(x @ x.T, y @ y.T), rel=1e-10)
+    assert got[1, 0].item() == pytest.approx(_naive_unbiased_hsic(y @ y.T, y @ y.T), rel=1e-10)
+
+
+def test_cka_self_orthogonal_and_scaling_invariance():
+    torch.manual_seed(0)
+    x = torch.randn(64, 20)
+    assert linear_cka(x, x) == pytest.approx(1.0, abs=1e-12)
+    q, _ = torch.linalg.qr(torch.randn(20, 20))
+    y = x @ q
+    assert linear_cka(x, y) == pytest.approx(1.0, abs=1e-6)
+    assert linear_cka(x, 3.7 * x) == pytest.approx(1.0, abs=1e-12)
+    # a non-orthogonal, non-isotropic map changes the value
+    assert linear_cka(x, x * torch.linspace(0.1, 3, 20)) < 0.99
+
+
+def test_cka_of_independent_features_is_near_zero_and_minibatch_accumulation():
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(1024, 32, generator=g), torch.randn(1024, 32, generator=g)
+    acc = MinibatchCKA(2, 2)
+    for i in range(0, 1024, 128):
+        acc.update([a[i:i + 128], b[i:i + 128]], [a[i:i + 128], b[i:i + 128]])
+    m = acc.compute()
+    assert m[0, 0] == pytest.approx(1.0) and m[1, 1] == pytest.approx(1.0)
+    assert abs(m[0, 1].item()) < 0.02 and m[0, 1] == pytest.approx(m[1, 0].item())
+    with pytest.raises(ValueError, match="at least 4"):
+        linear_cka(a[:3], b[:3])
+
+
+# ----------------------------------------------------------------------------------------- corruptions
+
+@pytest.mark.parametrize("name", list(CORRUPTIONS))
+def test_corruptions_deterministic_identity_any_size(name):
+    g = torch.Generator().manual_seed(0)
+    for shape in ((2, 3, 32, 32), (1, 3, 17, 23)):
+        x = torch.rand(shape, generator=g)
+        assert torch.equal(corrupt(x, name, 0, seed=5), x)
+        previous = 0.0
+        for s in range(1, 6):
+            a, b = corrupt(x, name, s, seed=5), corrupt(x, name, s, seed=5)
+            assert a.shape == x.shape and torch.equal(a, b)
+            assert a.min() >= 0 and a.max() <= 1
+            change = (a - x).abs().mean().item()
+            assert change > 0
+            if name not in ("jpeg", "pixelate"):  # (quantisation steps need not grow monotonically at 17 px)
+                assert change >= previous - 1e-6
+            previous = change
+    if name in ("gaussian_noise", "shot_noise"):
+        assert not torch.equal(corrupt(x, name, 3, seed=5), corrupt(x, name, 3, seed=6))
+
+
+def test_corrupt_rejects_bad_input():
+    x = torch.rand(1, 3, 8, 8)
+    with pytest.raises(ValueError, match="unknown corruption"):
+        corrupt(x, "fog", 1)
+    with pytest.raises(ValueError, match="severity"):
+        corrupt(x, "contrast", 6)
+
+
+def test_mce_relative_to_itself_is_100_and_scales_with_errors():
+    base = {"clean": 90.0, "top1": {"a": [80, 70, 60, 50, 40], "b": [88, 86, 84, 82, 80]}}
+    worse = {"clean": 90.0, "top1": {"a": [60, 40, 20, 0, 0], "b": [88, 86, 84, 82, 80]}}
+    assert mce(base, base)["mce"] == pytest.approx(100.0)
+    r = mce(worse, base)
+    assert r["ce"]["a"] == pytest.approx(100 * 380 / 200) and r["ce"]["b"] == pytest.approx(100.0)
+    assert r["mce"] == pytest.approx((190 + 100) / 2)
+    assert r["relative_ce"]["a"] == pytest.approx(100 * (380 - 50) / (200 - 50))
+
+
+# ----------------------------------------------------------------------------------------- Fourier
+
+@pytest.mark.parametrize("i,j", [(0, 1), (3, 5), (-4, 7), (16, 16), (0, 0)])
+def test_fourier_basis_unit_norm_at_requested_frequency(i, j):
+    H = W = 32
+    u = fourier_basis(H, W, i, j, dtype=torch.float64)
+    assert u.norm().item() == pytest.approx(1.0, abs=1e-12)
+    spectrum = torch.fft.fft2(u).abs()
+    support = {(int(a), int(b)) for a, b in torch.nonzero(spectrum > 1e-9).tolist()}
+    assert support == {(i % H, j % W), ((-i) % H, (-j) % W)}
+
+
+def test_band_filters_split_the_image():
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    low, high = band_filter(x, 8, "low"), band_filter(x, 8, "high")
+    assert torch.allclose(low + high, x, atol=1e-5)
+    assert torch.allclose(band_filter(x, 64, "low"), x, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------- attention distance
+
+def test_uniform_attention_distance_is_mean_pairwise_distance():
+    H, W = 4, 5
+    pos = torch.tensor([(r, c) for r in range(H) for c in range(W)], dtype=torch.float64)
+    probs = torch.full((2, 3, H * W, H * W), 1.0 / (H * W))
+    expected = np.mean([math.dist(p, q) for p in pos.tolist() for q in pos.tolist()])
+    assert torch.allclose(mean_distance(probs, pos, pos), torch.full((3,), expected, dtype=torch.float64))
+    # attention on oneself only: distance 0
+    eye = torch.eye(H * W).expand(1, 2, -1, -1)
+    assert torch.allclose(mean_distance(eye, pos, pos), torch.zeros(2, dtype=torch.float64))
+
+
+def test_attention_probs_reproduce_the_forward():
+    from spach.models.layers import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(16, 2).eval()
+    x = torch.randn(2, 3, 4, 16)
+    probs, pos_q, pos_k = attn.attention_probs(x)
+    assert probs.shape == (2, 2, 12, 12) and torch.allclose(probs.sum(-1), torch.ones(2, 2, 12))
+    assert pos_q.tolist()[:5] == [[0, 0], [0, 1], [0, 2], [0, 3], [1, 0]]
+    v = attn.qkv(x).reshape(2, 12, 3, 2, 8).permute(2, 0, 3, 1, 4)[2]
+    out = attn.proj((probs @ v).transpose(1, 2).reshape(2, 3, 4, 16))
+    assert torch.allclose(out, attn(x), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------- the command
+
+def test_analyze_command_writes_json_and_figures_and_never_overwrites(tmp_path):
+    from spach import create_model
+    from spach.cli.main import main
+
+    torch.manual_seed(0)
+    ckpts = []
+    for fam in ("conv", "attn"):
+        model = create_model(f"spach_ms_xxs_patch4_224_{fam}", num_classes=10, img_size=32, hidden_dim=16,
+                             num_heads=2)
+        path = tmp_path / f"{fam}.pt"
+        torch.save({"model": model.state_dict(),
+                    "config": {"model_kwargs": {"hidden_dim": 16, "num_heads": 2}, "img_size": 32}}, path)
+        ckpts += ["--model", f"spach_ms_xxs_patch4_224_{fam}", "--checkpoint", str(path)]
+    out = tmp_path / "out"
+    common = [*ckpts, "--data", "mnist5k", "--out", str(out), "--images", "8", "--threads", "1"]
+    assert main(["analyze", "attn-distance", *common]) == 0
+    result = json.loads((out / "attn_distance.json").read_text())
+    assert result["models"]["spach_ms_xxs_patch4_224_conv"]["layers"] == []
+    layers = result["models"]["spach_ms_xxs_patch4_224_attn"]["layers"]
+    assert len(layers) == 10 and all(len(layer["heads"]) == 2 for layer in layers)
+    assert layers[0]["stride"] == 8 and 0 < layers[0]["mean"] < 32 * math.sqrt(2)
+    assert (out / "attn_distance.png").stat().st_size > 0
+    assert main(["analyze", "attn-distance", *common]) == 2        # refuses to overwrite
+    assert main(["analyze", "cka", *common, "--eps", "2"]) == 2   # an option of another analysis
+    assert main(["analyze", "cka", *common]) == 0
+    cka = json.loads((out / "cka.json").read_text())
+    self_m = np.array(cka["models"]["spach_ms_xxs_patch4_224_conv"]["matrix"])
+    assert np.allclose(np.diag(self_m), 1.0) and np.allclose(self_m, self_m.T)
+    assert np.array(cka["pairs"][0]["matrix"]).shape == (12, 12)
