@@ -240,3 +240,63 @@ def test_analyze_command_writes_json_and_figures_and_never_overwrites(tmp_path):
     self_m = np.array(cka["models"]["spach_ms_xxs_patch4_224_conv"]["matrix"])
     assert np.allclose(np.diag(self_m), 1.0) and np.allclose(self_m, self_m.T)
     assert np.array(cka["pairs"][0]["matrix"]).shape == (12, 12)
+
+
+# ----------------------------------------------------------------------------------------- in a study
+
+STUDY = {
+    "name": "micro-analysis", "data": "mnist5k", "img_size": 16,
+    "recipe": {"epochs": 1, "batch_size": 32, "lr": 3e-3, "warmup_epochs": 0, "cooldown_epochs": 0,
+               "max_train_samples": 128, "max_val_samples": 32, "smoothing": 0.0, "mixup": 0.0, "cutmix": 0.0,
+               "augment": False, "repeated_aug": False, "model_ema": False, "drop_path": 0.0, "workers": 0,
+               "tensorboard": False},
+    "measure": {"batch_size": 8, "warmup": 1, "repeats": 1},
+    "grid": {"family": ["conv", "attn"], "layout": ["ms"], "size": ["nano"], "cpe": [True, False], "seed": [0]},
+    "sizes": {"nano": {"ms": {"hidden_dim": 8, "num_heads": 2, "depths": [1, 1, 1, 1], "patch_size": 2}}},
+    "analysis": {"erf": {"images": 8}, "cka": {"images": 16, "batch_size": 8},
+                 "corruption": {"images": 16, "corruptions": ["contrast", "jpeg"]},
+                 "fourier": {"images": 8, "step": 4, "bandwidths": [4, 16]}, "attn-distance": {"images": 4}},
+}
+
+
+def test_study_analysis_spec_errors():
+    from spach.battle import load_study
+
+    assert list(load_study(dict(STUDY, analysis=["erf", "cka"])).analysis) == ["erf", "cka"]
+    for bad, msg in ((["erf", "erf"], "twice"), (["saliency"], "unknown analysis"),
+                     ({"erf": {"imgs": 3}}, "unknown setting"), ({"corruption": {"baseline": "nope"}}, "not a group"),
+                     ({"cka": {"batch_size": 2}}, ">= 4"), ("erf", "must be a list")):
+        with pytest.raises(ValueError, match=msg):
+            load_study(dict(STUDY, analysis=bad))
+
+
+@pytest.mark.slow
+def test_study_runs_analyses_stores_them_and_reports(tmp_path):
+    import sqlite3
+
+    from spach.analysis.study import analyze_study
+    from spach.battle import load_study, run_study
+
+    result = run_study(STUDY, tmp_path, quiet=True, threads=1)
+    assert result["done"] == 3 and result["analyses"] == 3 * 4 + 1
+    conn = sqlite3.connect(tmp_path / "battle.db")
+    kinds = sorted(r[0] for r in conn.execute("SELECT kind FROM analysis WHERE subject != 'study'"))
+    conn.close()
+    assert kinds == sorted(["attn-distance", "corruption", "erf", "fourier"] * 3)
+    for run_dir in (tmp_path / "runs").iterdir():
+        assert sorted(p.name for p in (run_dir / "analysis").iterdir()) == [
+            "attn_distance.json", "corruption.json", "erf.json", "fourier.json"]
+    report = (tmp_path / "report.md").read_text()
+    for title in ("## Analysis", "### Effective receptive fields", "### Representation similarity",
+                  "### Corruption robustness", "### Fourier sensitivity", "### Mean attention distance"):
+        assert title in report
+    assert "against `conv-ms-nano`" in report
+    conv_row = next(line for line in report.splitlines() if line.startswith("| conv-ms-nano |") and "100.0" in line)
+    assert conv_row.count("100.0") >= 1  # the baseline's mCE is 100 by definition
+    assert "analysis: ERF of the last stage, attn-ms-nano vs attn-ms-nano-nocpe" in report
+    assert (tmp_path / "figures" / "analysis" / "erf.png").stat().st_size > 0
+    # nothing new to measure on a second pass; changed settings measure again
+    study = load_study(STUDY)
+    assert analyze_study(tmp_path, study.analysis, say=lambda s: None) == 0
+    changed = dict(study.analysis, erf=dict(study.analysis["erf"], images=4))
+    assert analyze_study(tmp_path, {"erf": changed["erf"]}, say=lambda s: None) == 3

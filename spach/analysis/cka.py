@@ -24,30 +24,34 @@ import torch
 from spach.analysis.common import ImageSet, Subject, block_modules
 
 
-def _centred_stats(features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per layer: the zero-diagonal Gram matrix flattened (L, n²), its row sums (L, n), its total (L,)."""
-    grams = []
-    for f in features:
-        f = f.reshape(f.shape[0], -1).double()
-        k = f @ f.T
-        k.fill_diagonal_(0.0)
-        grams.append(k)
-    k = torch.stack(grams)
-    rows = k.sum(dim=2)
-    return k.flatten(1), rows, rows.sum(dim=1)
+def gram(features: torch.Tensor) -> torch.Tensor:
+    """The linear-kernel Gram matrix (n, n), float64, of a representation (n, ...) flattened per example."""
+    f = features.reshape(features.shape[0], -1).double()
+    return f @ f.T
+
+
+def hsic_from_grams(kxs: list[torch.Tensor], kys: list[torch.Tensor]) -> torch.Tensor:
+    """HSIC_1 between every Gram matrix in kxs and every one in kys (all (n, n), n >= 4)."""
+    n = kxs[0].shape[0]
+    if n < 4:
+        raise ValueError(f"the unbiased HSIC estimator needs at least 4 examples per batch, got {n}")
+    if any(k.shape != (n, n) for k in (*kxs, *kys)):
+        raise ValueError("all representations must have the same number of examples")
+
+    def stats(grams):
+        k = torch.stack(grams).clone()
+        k.diagonal(dim1=1, dim2=2).zero_()
+        rows = k.sum(dim=2)
+        return k.flatten(1), rows, rows.sum(dim=1)
+
+    kx, rx, sx = stats(kxs)
+    ky, ry, sy = stats(kys)
+    return (kx @ ky.T + torch.outer(sx, sy) / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (rx @ ry.T)) / (n * (n - 3))
 
 
 def unbiased_hsic_matrix(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> torch.Tensor:
     """HSIC_1 between every representation in xs and every one in ys on one batch of n >= 4 examples."""
-    n = xs[0].shape[0]
-    if n < 4:
-        raise ValueError(f"the unbiased HSIC estimator needs at least 4 examples per batch, got {n}")
-    if any(f.shape[0] != n for f in (*xs, *ys)):
-        raise ValueError("all representations must have the same number of examples")
-    kx, rx, sx = _centred_stats(xs)
-    ky, ry, sy = _centred_stats(ys)
-    trace = kx @ ky.T
-    return (trace + torch.outer(sx, sy) / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (rx @ ry.T)) / (n * (n - 3))
+    return hsic_from_grams([gram(x) for x in xs], [gram(y) for y in ys])
 
 
 class MinibatchCKA:
@@ -60,12 +64,17 @@ class MinibatchCKA:
         self.batches = 0
 
     def update(self, xs: list[torch.Tensor], ys: list[torch.Tensor]) -> None:
-        if len(xs) != self.xx.numel() or len(ys) != self.yy.numel():
+        """Add one minibatch of representations (each (n, ...), the same n examples)."""
+        self.update_grams([gram(x) for x in xs], [gram(y) for y in ys])
+
+    def update_grams(self, kxs: list[torch.Tensor], kys: list[torch.Tensor]) -> None:
+        """Add one minibatch given as Gram matrices (see `gram`)."""
+        if len(kxs) != self.xx.numel() or len(kys) != self.yy.numel():
             raise ValueError(f"expected {self.xx.numel()} and {self.yy.numel()} representations, "
-                             f"got {len(xs)} and {len(ys)}")
-        self.xy += unbiased_hsic_matrix(xs, ys).cpu()
-        self.xx += torch.stack([unbiased_hsic_matrix([x], [x])[0, 0] for x in xs]).cpu()
-        self.yy += torch.stack([unbiased_hsic_matrix([y], [y])[0, 0] for y in ys]).cpu()
+                             f"got {len(kxs)} and {len(kys)}")
+        self.xy += hsic_from_grams(kxs, kys).cpu()
+        self.xx += torch.stack([hsic_from_grams([k], [k])[0, 0] for k in kxs]).cpu()
+        self.yy += torch.stack([hsic_from_grams([k], [k])[0, 0] for k in kys]).cpu()
         self.batches += 1
 
     def compute(self) -> torch.Tensor:
@@ -83,7 +92,8 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 class BlockRecorder:
-    """Forward hooks that keep the outputs of a model's blocks (see `block_modules`) for one forward."""
+    """Forward hooks that keep the Gram matrices of a model's block outputs (see `block_modules`) for one
+    forward: O(batch²) memory per block whatever the feature size."""
 
     def __init__(self, model: torch.nn.Module):
         self.blocks = block_modules(model)
@@ -93,7 +103,7 @@ class BlockRecorder:
 
     def __enter__(self) -> "BlockRecorder":
         for _, module in self.blocks:
-            self.handles.append(module.register_forward_hook(lambda m, i, o: self.outputs.append(o.detach())))
+            self.handles.append(module.register_forward_hook(lambda m, i, o: self.outputs.append(gram(o.detach()))))
         return self
 
     def __exit__(self, *_) -> None:
@@ -129,11 +139,46 @@ def cka_analysis(a: Subject, b: Optional[Subject] = None, n_images: int = 256, b
             if x.shape[0] < 4:
                 continue  # a short last batch: the unbiased estimator needs 4 examples
             a.logits(x)
-            xs = ra.take()
-            ys = xs
+            kxs = ra.take()
+            kys = kxs
             if b is not None:
                 b.logits(x)
-                ys = rb.take()
-            acc.update(xs, ys)
+                kys = rb.take()
+            acc.update_grams(kxs, kys)
     return {"x": a.label, "y": (b or a).label, "x_blocks": ra.names, "y_blocks": rb.names,
             "matrix": acc.compute().tolist(), "n_images": images.n}
+
+
+def cka_joint(subjects: list[Subject], n_images: int = 256, batch_size: int = 64,
+              images: Optional[ImageSet] = None) -> dict:
+    """Linear CKA between every pair of blocks of several models at once (one pass over the images).
+
+    Returns {"labels", "blocks": {label: [block names]}, "offsets": {label: first row}, "matrix"}: the
+    symmetric matrix over all blocks of all models, in order; slices give within- and cross-model maps.
+    """
+    if not subjects:
+        raise ValueError("no models to compare")
+    sizes = {s.img_size for s in subjects}
+    if len(sizes) > 1:
+        raise ValueError(f"the models take different image sizes {sorted(sizes)}: CKA compares the same images")
+    images = images or ImageSet.for_subject(subjects[0], n_images)
+    recorders = [BlockRecorder(s.model) for s in subjects]
+    total = sum(len(r.blocks) for r in recorders)
+    acc = MinibatchCKA(total, total)
+    with contextlib.ExitStack() as stack, torch.no_grad():
+        for r in recorders:
+            stack.enter_context(r)
+        for x, _ in images.batches(batch_size):
+            if x.shape[0] < 4:
+                continue
+            grams = []
+            for s, r in zip(subjects, recorders):
+                s.logits(x)
+                grams += r.take()
+            acc.update_grams(grams, grams)
+    offsets, k = {}, 0
+    for s, r in zip(subjects, recorders):
+        offsets[s.label] = k
+        k += len(r.blocks)
+    return {"labels": [s.label for s in subjects], "blocks": {s.label: r.names for s, r in zip(subjects, recorders)},
+            "offsets": offsets, "matrix": acc.compute().tolist(), "n_images": images.n}

@@ -54,13 +54,34 @@ def _images(subject: Subject, n: int, cache: dict) -> ImageSet:
     return cache[key]
 
 
-def run_analysis(kind: str, subjects: list[Subject], settings: dict | None = None) -> dict:
-    """{"kind", "settings", "models": {label: result}} (+ "pairs" for CKA, "mce" for corruption)."""
+def measure(kind: str, subject: Subject, settings: dict, images: ImageSet) -> dict:
+    """One analysis of one model with complete settings (see `check_settings`)."""
     from spach.analysis.attention import attention_distance_analysis
     from spach.analysis.cka import cka_analysis
-    from spach.analysis.corruptions import corruption_analysis, mce
+    from spach.analysis.corruptions import corruption_analysis
     from spach.analysis.erf import erf_analysis
     from spach.analysis.fourier import fourier_analysis
+
+    s = settings
+    if kind == "erf":
+        r = erf_analysis(subject, stages=s["stages"], batch_size=s["batch_size"], images=images)
+    elif kind == "cka":
+        r = cka_analysis(subject, batch_size=s["batch_size"], images=images)
+    elif kind == "corruption":
+        r = corruption_analysis(subject, corruptions=s["corruptions"], seed=s["seed"], batch_size=s["batch_size"],
+                                images=images)
+    elif kind == "fourier":
+        r = fourier_analysis(subject, eps=float(s["eps"]), step=s["step"], bandwidths=s["bandwidths"], seed=s["seed"],
+                             batch_size=s["batch_size"], images=images)
+    else:
+        r = attention_distance_analysis(subject, batch_size=s["batch_size"], images=images)
+    return dict(r, model=subject.model_name, family=subject.family)
+
+
+def run_analysis(kind: str, subjects: list[Subject], settings: dict | None = None) -> dict:
+    """{"kind", "settings", "models": {label: result}} (+ "pairs" for CKA, mCE for corruption)."""
+    from spach.analysis.cka import cka_joint
+    from spach.analysis.corruptions import mce
 
     s = check_settings(kind, settings)
     if not subjects:
@@ -70,30 +91,29 @@ def run_analysis(kind: str, subjects: list[Subject], settings: dict | None = Non
         raise ValueError(f"{kind}: two models have the same label ({labels}); give them distinct labels")
     cache: dict = {}
     out: dict[str, Any] = {"kind": kind, "settings": s, "models": {}}
+    if kind == "cka":
+        joint = cka_joint(subjects, batch_size=s["batch_size"], images=_images(subjects[0], s["images"], cache))
+        for a in subjects:
+            out["models"][a.label] = dict(cka_slice(joint, a.label, a.label), model=a.model_name, family=a.family)
+        out["pairs"] = [cka_slice(joint, a.label, b.label) for i, a in enumerate(subjects) for b in subjects[i + 1:]]
+        return out
     for sub in subjects:
-        images = _images(sub, s["images"], cache)
-        if kind == "erf":
-            r = erf_analysis(sub, stages=s["stages"], batch_size=s["batch_size"], images=images)
-        elif kind == "cka":
-            r = cka_analysis(sub, batch_size=s["batch_size"], images=images)
-        elif kind == "corruption":
-            r = corruption_analysis(sub, corruptions=s["corruptions"], seed=s["seed"], batch_size=s["batch_size"],
-                                    images=images)
-        elif kind == "fourier":
-            r = fourier_analysis(sub, eps=float(s["eps"]), step=s["step"], bandwidths=s["bandwidths"], seed=s["seed"],
-                                 batch_size=s["batch_size"], images=images)
-        else:
-            r = attention_distance_analysis(sub, batch_size=s["batch_size"], images=images)
-        out["models"][sub.label] = dict(r, model=sub.model_name, family=sub.family)
-    if kind == "cka" and len(subjects) > 1:
-        out["pairs"] = [cka_analysis(a, b, batch_size=s["batch_size"], images=_images(a, s["images"], cache))
-                        for i, a in enumerate(subjects) for b in subjects[i + 1:]]
-    if kind == "corruption":
+        out["models"][sub.label] = measure(kind, sub, s, _images(sub, s["images"], cache))
+    if kind == "corruption" and s["baseline"] is not None:
         base = _baseline(s["baseline"], labels)
         out["baseline"] = base
         for label, r in out["models"].items():
             r.update(mce(r, out["models"][base]))
     return out
+
+
+def cka_slice(joint: dict, x: str, y: str) -> dict:
+    """The block × block CKA map between models x and y out of a `cka_joint` result."""
+    ox, oy = joint["offsets"][x], joint["offsets"][y]
+    nx, ny = len(joint["blocks"][x]), len(joint["blocks"][y])
+    matrix = [row[oy:oy + ny] for row in joint["matrix"][ox:ox + nx]]
+    return {"x": x, "y": y, "x_blocks": joint["blocks"][x], "y_blocks": joint["blocks"][y], "matrix": matrix,
+            "n_images": joint["n_images"]}
 
 
 def _baseline(choice: Any, labels: list[str]) -> str:
@@ -106,14 +126,14 @@ def _baseline(choice: Any, labels: list[str]) -> str:
     return choice
 
 
-def _finite(obj: Any) -> Any:
+def finite_json(obj: Any) -> Any:
     """NaN/inf -> None, so the JSON is standard."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: finite_json(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
+        return [finite_json(v) for v in obj]
     return obj
 
 
@@ -128,7 +148,7 @@ def write_analysis(kind: str, result: dict, out_dir: str | Path, overwrite: bool
     if target.exists() and not overwrite:
         raise ValueError(f"{target} already exists: choose another --out or pass --overwrite")
     with atomic_write(target, "w") as f:
-        json.dump(_finite(result), f, indent=1)
+        json.dump(finite_json(result), f, indent=1)
     models = result["models"]
     paths = [target]
     if kind == "erf":

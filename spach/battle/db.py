@@ -6,6 +6,8 @@ Tables:
 - `epochs`: the per-epoch curves of every run.
 - `skipped`: grid combinations that were not run, with the reason.
 - `meta`: the study as last launched (its spec and the keys of its runs).
+- `analysis`: measurements after training (`spach.analysis`): one row per subject (a run key, or
+  "study" for cross-run ones) and measurement, with the settings it was computed with.
 
 Every process opens its own connection; writes are short transactions, so a
 parent and its worker subprocesses can share the file.
@@ -80,6 +82,14 @@ CREATE TABLE IF NOT EXISTS skipped (
 CREATE TABLE IF NOT EXISTS meta (
     k TEXT PRIMARY KEY,
     v TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS analysis (
+    subject    TEXT NOT NULL,        -- a run key, or 'study'
+    kind       TEXT NOT NULL,        -- erf | cka | corruption | fourier | attn-distance
+    settings   TEXT NOT NULL,        -- stable JSON of what it was computed with
+    result     TEXT NOT NULL,        -- JSON
+    created_at REAL NOT NULL,
+    PRIMARY KEY (subject, kind)
 );
 """
 
@@ -292,6 +302,22 @@ def owner_alive(row: Any) -> bool:
     finally:
         os.close(fd)
     return False
+
+
+def record_analysis(conn: sqlite3.Connection, subject: str, kind: str, settings: str, result: dict) -> None:
+    """Store one measurement (replacing the one of the same subject and kind, computed with other settings)."""
+    with _Tx(conn):
+        conn.execute("INSERT OR REPLACE INTO analysis VALUES (?, ?, ?, ?, ?)",
+                     (subject, kind, settings, json.dumps(result), time.time()))
+
+
+def analysis_rows(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    """Every stored measurement: subject, kind, settings, result (parsed); [] for a database without them."""
+    try:
+        rows = list(conn.execute("SELECT * FROM analysis ORDER BY created_at"))
+    except sqlite3.OperationalError:  # a database written before analyses existed
+        return []
+    return [dict(r, result=json.loads(r["result"])) for r in rows]
 
 
 def pid_alive(pid: int | None) -> bool:

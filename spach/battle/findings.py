@@ -273,3 +273,58 @@ FINDINGS: list[Callable[[list[Group]], Finding]] = [
 
 def evaluate_findings(groups: list[Group]) -> list[Finding]:
     return [f(groups) for f in FINDINGS]
+
+
+# --------------------------------------------------------------------------- what the analyses add
+
+def _pct(s: Stat | None) -> str:
+    return "—" if s is None else s.text(".1f", "%")
+
+
+def analysis_evidence(groups: list[Group], summary: dict) -> dict[int, list[str]]:
+    """Lines citing the Analysis section's measurements, per finding number (verdicts stay accuracy-based).
+
+    `summary` is `spach.analysis.section.summarize`'s: per group Stats (erf50 = 50% area ratio of the last
+    stage, mce, fourier_high, attn_dist) and the cross-group CKA of the final blocks.
+    """
+    per, cka = summary.get("groups", {}), summary.get("cka_final", {})
+    out: dict[int, list[str]] = {}
+    for on, off in _pairs(groups, "cpe", (True, False), ("attn", "mlp")):
+        a, b = per.get(on.name, {}), per.get(off.name, {})
+        if a.get("erf50") or b.get("erf50"):
+            c = compare(_scaled(a.get("erf50")), _scaled(b.get("erf50")), "50% ERF area with - without CPE", " pt")
+            out.setdefault(2, []).append(
+                f"analysis: ERF of the last stage, {on.name} vs {off.name}: 50% area {_pct(_scaled(a.get('erf50')))} "
+                f"vs {_pct(_scaled(b.get('erf50')))}" + (f"; {c.text}" if c else ""))
+        if a.get("attn_dist") and b.get("attn_dist"):
+            out.setdefault(2, []).append(
+                f"analysis: mean attention distance {on.name} {a['attn_dist'].text('.2f', ' px')} vs without CPE "
+                f"{b['attn_dist'].text('.2f', ' px')} (attention without the conv branch must model locality itself)")
+    for conv in _by(groups, family="conv", cpe=True, shared=False):
+        for other in _by(groups, layout=conv.layout, size=conv.size, cpe=True, shared=False):
+            if other.family not in ("attn", "mlp"):
+                continue
+            a, b = per.get(conv.name, {}), per.get(other.name, {})
+            bits = []
+            if a.get("mce") and b.get("mce"):
+                c = compare(b["mce"], a["mce"], f"mCE {other.family} - conv")
+                bits.append(f"mCE conv {_pct(a['mce'])} vs {other.family} {_pct(b['mce'])} ({c.text})")
+            if a.get("fourier_high") and b.get("fourier_high"):
+                bits.append(f"high-frequency Fourier error conv {_pct(a['fourier_high'])} vs {other.family} "
+                            f"{_pct(b['fourier_high'])}")
+            if (conv.name, other.name) in cka:
+                bits.append(f"CKA of the final blocks {cka[(conv.name, other.name)]:.2f}")
+            if bits:
+                out.setdefault(4, []).append(f"analysis ({conv.layout} {conv.size}, conv vs {other.family}): "
+                                             + "; ".join(bits))
+    for hyb in _by(groups, family="hybrid"):
+        sims = [f"{g.family} {cka[(hyb.name, g.name)]:.2f}" for g in groups
+                if g.family in ("conv", "attn") and (hyb.name, g.name) in cka]
+        if sims:
+            out.setdefault(5, []).append(f"analysis: CKA of {hyb.name}'s final block with " + ", ".join(sims))
+    return out
+
+
+def _scaled(s: Stat | None) -> Stat | None:
+    """A ratio in [0, 1] as a percentage."""
+    return None if s is None else Stat(100 * s.mean, None if s.std is None else 100 * s.std, s.n)

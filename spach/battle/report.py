@@ -5,6 +5,8 @@
 - Figures: top-1 vs params and top-1 vs throughput, one line per family and
   layout (the paper's Figure 3); validation top-1 vs training loss during
   training (the overfitting analysis); the training curves of every run.
+- Analysis (when the study asks for it): ERF maps, CKA, corruption and Fourier robustness, attention
+  distance (see `spach.analysis.section`); the findings cite these measurements.
 - Findings: each claim of SPEC §1 tested on the data (see `spach.battle.findings`).
 - Failed runs with their errors, and the skipped grid combinations with reasons.
 
@@ -209,12 +211,26 @@ def figure_run_curves(run: dict, path: Path) -> Path | None:
 
 # --------------------------------------------------------------------------- the report
 
+def analysis_part(source: Path, out_dir: Path, groups: list[Group], findings: list) -> tuple[list[str], dict]:
+    """The Analysis section (spach.analysis; measurements read from SOURCE/battle.db, figures written under
+    OUT_DIR) and, added to `findings`, the lines citing its measurements."""
+    from spach.analysis.section import analysis_section
+    from spach.battle.findings import analysis_evidence
+
+    md, summary = analysis_section(source, groups, to=out_dir)
+    evidence = analysis_evidence(groups, summary) if md else {}
+    for f in findings:
+        f.lines += evidence.get(f.number, [])
+    return md, evidence
+
+
 def write_report(out_dir: str | Path, to: str | Path | None = None) -> Path:
     """(Re)write OUT/report.md and OUT/figures/*.png from OUT/battle.db; returns the report's path.
 
     `to`: write report.md and figures/ into that directory instead (e.g. when OUT is read-only).
     """
     data = load_results(out_dir)
+    source = Path(out_dir)
     out_dir = Path(to if to is not None else out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = data["runs"]
@@ -229,6 +245,7 @@ def write_report(out_dir: str | Path, to: str | Path | None = None) -> Path:
     }
     curves = [(r["name"], figure_run_curves(r, fig_dir / "curves" / f"{r['name']}.png")) for r in runs]
     findings = evaluate_findings(groups)
+    analysis_md, _ = analysis_part(source, out_dir, groups, findings)
 
     status = {s: sum(r["status"] == s for r in runs) for s in ("done", "failed", "running", "queued")}
     md = [f"# Study `{data['name']}`", ""]
@@ -250,6 +267,7 @@ def write_report(out_dir: str | Path, to: str | Path | None = None) -> Path:
         if path is not None:
             md.append(f"![{title}]({path.relative_to(out_dir).as_posix()})")
             md.append("")
+    md += analysis_md
     md += ["## Findings (SPEC §1, tested on this study's data)", "",
            "A comparison is *decisive* when both sides have ≥ 2 seeds and the difference of means exceeds the "
            "combined seed spread sqrt(std_a² + std_b²); verdicts come only from decisive comparisons. They are "

@@ -12,7 +12,8 @@ in the database, and executes the runs that are not done:
   failed runs are retried only with `retry_failed=True`;
 - a failing run is recorded with its error and the study goes on.
 
-The report is written at the end.
+Then the study's `analysis:` measurements run on the finished runs (`spach.analysis.study`),
+and the report is written at the end.
 """
 from __future__ import annotations
 
@@ -343,6 +344,9 @@ def run_study(spec: Study | str | Path | dict, out_dir: str | Path, workers: int
         conn.close()
         result = {s: sum(r["status"] == s for r in final) for s in ("done", "failed", "queued", "running")}
         result["skipped"] = len(study.skipped)
+        if study.analysis:  # measurements after training (spach.analysis), on the finished runs
+            from spach.analysis.study import analyze_study
+            result["analyses"] = analyze_study(out_dir, study.analysis, say=progress.message, threads=threads or per_run)
         if report:
             from spach.battle.report import write_report
             result["report"] = str(write_report(out_dir))

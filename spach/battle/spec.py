@@ -23,6 +23,7 @@ A study is a YAML mapping (see docs/battle.md for the full reference)::
       - {name: my-net, layout: ms, net_arch: [[[conv, 1]], [[attn, 1]], [[attn, 1]], [[attn, 1]]],
          hidden_dim: 16, num_heads: 1}
     launcher: {kind: local}              # or {kind: torchrun, nproc_per_node: 8, ...}
+    analysis: [erf, cka, corruption, fourier, attn-distance]   # after training; or {erf: {images: 32}, ...}
 
 Grid combinations that are not meaningful are *skipped with a recorded reason*
 (they appear in the database and the report): a single-stage hybrid, a hybrid
@@ -57,7 +58,7 @@ ZOO_SIZES = ("xxs", "xs", "s")
 MIXERS = ("conv", "pass", "attn", "mlp")
 
 TOP_KEYS = {"name", "description", "data", "img_size", "threads", "recipe", "measure", "grid", "sizes", "extra",
-            "launcher"}
+            "launcher", "analysis"}
 GRID_KEYS = {"family", "layout", "size", "cpe", "shared", "seed"}
 # throughput by the Swin protocol: eval mode, `warmup` untimed passes, then the mean of `repeats` timed ones
 MEASURE_DEFAULTS = {"batch_size": 64, "dtype": "fp32", "threads": None, "warmup": 50, "repeats": 30,
@@ -167,6 +168,7 @@ class Study:
     runs: list[Run] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)   # (name, reason)
     source: dict[str, Any] = field(default_factory=dict)          # the raw mapping, for the record
+    analysis: dict[str, dict] = field(default_factory=dict)       # measurement -> settings, run after training
 
 
 # --------------------------------------------------------------------------- loading
@@ -247,7 +249,46 @@ def parse_study(raw: dict, where: str = "study", max_runs: int = MAX_RUNS) -> St
     dup = sorted(n for n, count in Counter(r.name for r in study.runs).items() if count > 1)
     if dup:
         _fail(where, f"duplicate run name(s) {dup}; give extra entries distinct names")
+    study.analysis = check_analysis(raw.get("analysis"), {r.group for r in study.runs}, where)
     return study
+
+
+def check_analysis(value: Any, groups: set[str], where: str) -> dict[str, dict]:
+    """`analysis:` as a list of names (or {name: settings} items) or a mapping -> {name: settings}.
+
+    The settings are those of `spach.analysis.suite.DEFAULTS`; the corruption baseline is a group name
+    (default: chosen when the report is written, the first conv group, else the first group).
+    """
+    from spach.analysis.suite import check_settings
+
+    if value is None:
+        return {}
+    items: list[tuple[Any, Any]] = []
+    if isinstance(value, dict):
+        items = list(value.items())
+    elif isinstance(value, list):
+        for v in value:
+            if isinstance(v, dict) and len(v) == 1:
+                items.append(next(iter(v.items())))
+            elif isinstance(v, str):
+                items.append((v, None))
+            else:
+                _fail(where, f"analysis: expected a name or {{name: settings}}, got {v!r}")
+    else:
+        _fail(where, "analysis must be a list of measurements (erf, cka, corruption, fourier, attn-distance) "
+                     "or a mapping of them to settings")
+    out: dict[str, dict] = {}
+    for name, settings in items:
+        if name in out:
+            _fail(where, f"analysis: {name!r} is listed twice")
+        baseline = (settings or {}).get("baseline") if isinstance(settings, dict) else None
+        out[name] = check_settings(name, settings, f"{where}: analysis")
+        if name == "corruption":
+            if baseline is not None and baseline not in groups:
+                _fail(where, f"analysis.corruption.baseline {baseline!r} is not a group of the study; "
+                             f"choose from {sorted(groups)}")
+            out[name]["baseline"] = baseline
+    return out
 
 
 def _check_recipe(recipe: Any, where: str) -> dict:
@@ -609,5 +650,5 @@ def summary(study: Study) -> str:
 
 
 __all__ = ["Run", "Study", "load_study", "parse_study", "check_runnable_here", "check_name", "list_presets",
-           "stable_json", "summary",
+           "stable_json", "summary", "check_analysis",
            "resolve_architecture", "FAMILIES", "LAYOUTS", "ZOO_SIZES"]
