@@ -265,7 +265,9 @@ def test_study_analysis_spec_errors():
     assert list(load_study(dict(STUDY, analysis=["erf", "cka"])).analysis) == ["erf", "cka"]
     for bad, msg in ((["erf", "erf"], "twice"), (["saliency"], "unknown analysis"),
                      ({"erf": {"imgs": 3}}, "unknown setting"), ({"corruption": {"baseline": "nope"}}, "not a group"),
-                     ({"cka": {"batch_size": 2}}, ">= 4"), ("erf", "must be a list")):
+                     ({"cka": {"batch_size": 2}}, ">= 4"), ("erf", "must be a list"),
+                     ({"corruption": {"corruptions": ["fog"]}}, "unknown"), ({"erf": {"stages": "last"}}, "list"),
+                     ({"fourier": {"eps": 0}}, "positive")):
         with pytest.raises(ValueError, match=msg):
             load_study(dict(STUDY, analysis=bad))
 

@@ -40,6 +40,19 @@ def check_settings(kind: str, settings: dict | None, where: str = "analysis") ->
     for key in ("images", "batch_size", "step"):
         if key in out and (not isinstance(out[key], int) or isinstance(out[key], bool) or out[key] < 1):
             raise ValueError(f"{where}.{kind}.{key} must be a positive integer, got {out[key]!r}")
+    for key in ("stages", "bandwidths"):
+        if out.get(key) is not None and not (isinstance(out[key], list) and out[key] and all(
+                isinstance(v, int) and not isinstance(v, bool) and (key == "stages" or v > 0) for v in out[key])):
+            raise ValueError(f"{where}.{kind}.{key} must be a non-empty list of integers, got {out[key]!r}")
+    if out.get("corruptions") is not None:
+        from spach.analysis.corruptions import CORRUPTIONS
+
+        bad = [c for c in out["corruptions"] if c not in CORRUPTIONS] if isinstance(out["corruptions"], list) \
+            else [out["corruptions"]]
+        if bad or not out["corruptions"]:
+            raise ValueError(f"{where}.{kind}.corruptions: unknown {bad}; choose from {', '.join(CORRUPTIONS)}")
+    if "seed" in out and (not isinstance(out["seed"], int) or isinstance(out["seed"], bool) or out["seed"] < 0):
+        raise ValueError(f"{where}.{kind}.seed must be a non-negative integer, got {out['seed']!r}")
     if kind == "cka" and out["batch_size"] < 4:
         raise ValueError(f"{where}.cka.batch_size must be >= 4 (the unbiased HSIC estimator), got {out['batch_size']}")
     if kind == "fourier" and not (isinstance(out["eps"], (int, float)) and out["eps"] > 0):
