@@ -302,3 +302,12 @@ def test_study_runs_analyses_stores_them_and_reports(tmp_path):
     assert analyze_study(tmp_path, study.analysis, say=lambda s: None) == 0
     changed = dict(study.analysis, erf=dict(study.analysis["erf"], images=4))
     assert analyze_study(tmp_path, {"erf": changed["erf"]}, say=lambda s: None) == 3
+    # `spach analyze` on the study directory: the first seed of each architecture, labelled by group
+    from spach.cli.main import main
+
+    out = tmp_path / "an"
+    assert main(["analyze", "corruption", "--run", str(tmp_path), "--images", "8", "--corruptions", "contrast",
+                 "--baseline", "conv-ms-nano", "--out", str(out), "--threads", "1"]) == 0
+    result = json.loads((out / "corruption.json").read_text())
+    assert sorted(result["models"]) == ["attn-ms-nano", "attn-ms-nano-nocpe", "conv-ms-nano"]
+    assert result["models"]["conv-ms-nano"]["mce"] == pytest.approx(100.0)

@@ -122,8 +122,9 @@ def figure_fourier(results: dict[str, dict], path: Path) -> Optional[Path]:
     fig, axes = plt.subplots(1, n + 1, figsize=(2.8 * n + 3.6, 3.0), squeeze=False, layout="constrained")
     for k, (label, r) in enumerate(results.items()):
         ax = axes[0][k]
+        half = (r["cols"][1] - r["cols"][0]) / 2 if len(r["cols"]) > 1 else 0.5   # cells are `step` wide
         im = ax.imshow(np.asarray(r["error"], dtype=np.float64), vmin=0, vmax=100, cmap="jet",
-                       extent=(r["cols"][0] - 0.5, r["cols"][-1] + 0.5, r["rows"][-1] + 0.5, r["rows"][0] - 0.5))
+                       extent=(r["cols"][0] - half, r["cols"][-1] + half, r["rows"][-1] + half, r["rows"][0] - half))
         ax.set_title(f"{label}\nmean error {r['mean_error']:.1f}%", fontsize=7)
         ax.tick_params(labelsize=6)
     fig.colorbar(im, ax=axes[0][:n].tolist(), fraction=0.046, label="error (%)")

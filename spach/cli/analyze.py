@@ -5,7 +5,8 @@
                       --model spach_ms_s_patch4_224_attn --checkpoint attn.pth --data /data/imagenet --out cka/
     spach analyze corruption --run A --run B --baseline 0 --images 1000 --out robustness/
 
-Models are run directories (`--run`) or `--model NAME --checkpoint FILE` pairs (in order);
+Models are run directories (`--run`; a `spach battle` output directory stands for the first seed
+of each of its architectures) or `--model NAME --checkpoint FILE` pairs (in order);
 `--data` defaults to the runs' own data. OUT receives KIND.json and PNG figures.
 """
 from __future__ import annotations
@@ -24,7 +25,8 @@ def add_parser(subparsers) -> None:
                     "attention distance. Writes OUT/KIND.json and PNG figures.")
     p.add_argument("kind", choices=KINDS, help="the measurement")
     p.add_argument("--run", action="append", default=[], metavar="DIR",
-                   help="a `spach train` / `spach battle` run directory (repeatable)")
+                   help="a `spach train` run directory, or a `spach battle` output directory (its architectures' "
+                        "first seeds) (repeatable)")
     p.add_argument("--model", action="append", default=[], metavar="NAME", help="model name (repeatable)")
     p.add_argument("--checkpoint", action="append", default=[], metavar="FILE",
                    help="weights for the --model of the same position (repeatable)")
@@ -65,6 +67,21 @@ def _settings(args: argparse.Namespace) -> dict:
     return out
 
 
+def _run_specs(directory: str) -> list[dict]:
+    """A training run directory, or a `spach battle` output (the first seed of each architecture)."""
+    if not (Path(directory) / "battle.db").is_file():
+        return [dict(run_dir=directory)]
+    from spach.analysis.study import representatives
+    from spach.battle import db
+
+    conn = db.connect(directory)
+    reps = representatives(db.runs(conn, db.study_keys(conn)))
+    conn.close()
+    if not reps:
+        raise ValueError(f"the study in {directory} has no finished run to analyse yet")
+    return [dict(run_dir=r["output_dir"], label=r["grp"]) for r in reps]
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -78,14 +95,15 @@ def run(args: argparse.Namespace) -> int:
     if not args.run and not args.model:
         raise ValueError("nothing to analyse: give --run DIR or --model NAME [--checkpoint FILE]")
     settings = _settings(args)  # validate before loading anything
-    specs = [dict(run_dir=d) for d in args.run]
+    specs = [spec for d in args.run for spec in _run_specs(d)]
     specs += [dict(model=m, checkpoint=args.checkpoint[i] if i < len(args.checkpoint) else None)
               for i, m in enumerate(args.model)]
     if args.label and len(args.label) != len(specs):
         raise ValueError(f"{len(args.label)} --label for {len(specs)} models: give one per model or none")
     subjects = []
     for i, spec in enumerate(specs):
-        label = args.label[i] if args.label else None
+        own = spec.pop("label", None)
+        label = args.label[i] if args.label else own
         if label is None and spec.get("checkpoint") and sum(s.get("model") == spec.get("model") for s in specs) > 1:
             label = f"{spec['model']}:{Path(spec['checkpoint']).stem}"
         subjects.append(load_subject(**spec, data=args.data, img_size=args.img_size, label=label, ema=args.ema,
