@@ -22,7 +22,8 @@ from spach.analysis.common import ImageSet, Subject, feature_stages, pick
 THRESHOLDS = (0.2, 0.5, 0.99)
 
 
-def input_gradient_map(feature_fn: Callable[[torch.Tensor], torch.Tensor], images: Iterable[torch.Tensor]) -> np.ndarray:
+def input_gradient_map(feature_fn: Callable[[torch.Tensor], torch.Tensor],
+                       images: Iterable[torch.Tensor]) -> np.ndarray:
     """Sum over images of |d(central position of feature_fn(x), summed over channels) / dx|, summed over
     input channels. ``feature_fn`` maps (B, C_in, H, W) to (B, C, h, w); samples are independent."""
     total = None

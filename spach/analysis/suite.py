@@ -132,7 +132,8 @@ def cka_slice(joint: dict, x: str, y: str) -> dict:
 def _baseline(choice: Any, labels: list[str]) -> str:
     if isinstance(choice, int) and not isinstance(choice, bool):
         if not -len(labels) <= choice < len(labels):
-            raise ValueError(f"corruption baseline {choice} is not one of the {len(labels)} models (0..{len(labels) - 1})")
+            raise ValueError(f"corruption baseline {choice} is not one of the {len(labels)} models "
+                             f"(0..{len(labels) - 1})")
         return labels[choice]
     if choice not in labels:
         raise ValueError(f"corruption baseline {choice!r} is not among the models analysed: {labels}")

@@ -346,7 +346,8 @@ def run_study(spec: Study | str | Path | dict, out_dir: str | Path, workers: int
         result["skipped"] = len(study.skipped)
         if study.analysis:  # measurements after training (spach.analysis), on the finished runs
             from spach.analysis.study import analyze_study
-            result["analyses"] = analyze_study(out_dir, study.analysis, say=progress.message, threads=threads or per_run)
+            result["analyses"] = analyze_study(out_dir, study.analysis, say=progress.message,
+                                               threads=threads or per_run)
         if report:
             from spach.battle.report import write_report
             result["report"] = str(write_report(out_dir))
