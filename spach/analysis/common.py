@@ -40,14 +40,21 @@ class Subject:
     interpolation: str = "bicubic"
     info: dict = field(default_factory=dict)
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
     def normalize(self, x01: torch.Tensor) -> torch.Tensor:
+        """[0, 1] images (on any device) -> the model's input, on the model's device (differentiable)."""
+        x01 = x01.to(self.device)
         mean = torch.tensor(self.mean, dtype=x01.dtype, device=x01.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, dtype=x01.dtype, device=x01.device).view(1, -1, 1, 1)
         return (x01 - mean) / std
 
     @torch.no_grad()
     def logits(self, x01: torch.Tensor) -> torch.Tensor:
-        return self.model(self.normalize(x01))
+        """The model's logits for [0, 1] images, as float32 on the CPU."""
+        return self.model(self.normalize(x01)).float().cpu()
 
 
 def family_of(model_name: str, model_kwargs: dict | None = None) -> Optional[str]:
