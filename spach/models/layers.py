@@ -105,13 +105,18 @@ class DepthwiseConv(nn.Module):
         return nchw_to_nhwc(self.conv(nhwc_to_nchw(x)))
 
 
+def attention_weights(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """``softmax(q k^T * scale)`` on ``(B, heads, N, head_dim)``: the attention map, rows summing to 1."""
+    return ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+
+
 @register_notrace_function  # torch.fx: a leaf, so the kernel is chosen when the graph runs
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout_p: float,
               fused: bool) -> torch.Tensor:
     """``softmax(q k^T * scale) v`` on ``(B, heads, N, head_dim)``; fused kernel or plain maths (same numbers)."""
     if use_sdpa(q, fused):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
-    attn = ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+    attn = attention_weights(q, k, scale)
     if dropout_p > 0.0:
         attn = F.dropout(attn, dropout_p)
     return attn @ v
@@ -160,7 +165,7 @@ class Attention(nn.Module):
         B, H, W, C = x.shape
         qkv = self.qkv(x).reshape(B, H * W, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, _ = qkv.unbind(0)
-        probs = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        probs = attention_weights(q, k, self.scale)
         rows, cols = torch.meshgrid(torch.arange(H, device=x.device), torch.arange(W, device=x.device),
                                     indexing="ij")
         pos = torch.stack([rows.reshape(-1), cols.reshape(-1)], dim=-1).to(probs.dtype)
