@@ -173,15 +173,16 @@ class ImageSet:
 
 
 def block_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The model's residual blocks in forward order: SPACH mixing blocks, else timm's `blocks.N` modules."""
+    """The model's residual blocks in forward order: SPACH mixing blocks, else `blocks.N` (ViT-like) or
+    `layerK.N` (ResNet-like) modules."""
     from spach.models.layers import MixingBlock
 
     found = [(n, m) for n, m in model.named_modules() if isinstance(m, MixingBlock)]
     if not found:
-        found = [(n, m) for n, m in model.named_modules() if re.search(r"(^|\.)blocks\.\d+$", n)]
+        found = [(n, m) for n, m in model.named_modules() if re.search(r"(^|\.)(blocks|layer\d)\.\d+$", n)]
     if not found:
-        raise ValueError(f"{type(model).__name__} has no recognisable blocks (SPACH MixingBlock or timm "
-                         "'blocks.N' modules) to compare")
+        raise ValueError(f"{type(model).__name__} has no recognisable blocks (SPACH MixingBlock, timm "
+                         "'blocks.N' or ResNet 'layerK.N' modules) to compare")
     return found
 
 
