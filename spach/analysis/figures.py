@@ -113,33 +113,48 @@ def figure_corruptions(results: dict[str, dict], path: Path) -> Optional[Path]:
 
 
 def figure_fourier(results: dict[str, dict], path: Path) -> Optional[Path]:
-    """Fourier heat maps (error %, zero frequency in the centre) and accuracy vs low/high-pass bandwidth."""
+    """Fourier heat maps (error %, zero frequency in the centre; one colour scale, up to the largest error)."""
     results = {k: v for k, v in results.items() if v and v.get("error")}
     if not results:
         return None
     plt = _plt()
     n = len(results)
-    fig, axes = plt.subplots(1, n + 1, figsize=(2.8 * n + 3.6, 3.0), squeeze=False, layout="constrained")
+    cols = min(n, 3)
+    rows = (n + cols - 1) // cols
+    vmax = max(float(np.nanmax(np.asarray(r["error"], dtype=np.float64))) for r in results.values())
+    vmax = max(5.0, min(100.0, 5 * np.ceil(vmax / 5)))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.9 * cols + 0.8, 2.7 * rows), squeeze=False, layout="constrained")
     for k, (label, r) in enumerate(results.items()):
-        ax = axes[0][k]
+        ax = axes[k // cols][k % cols]
         half = (r["cols"][1] - r["cols"][0]) / 2 if len(r["cols"]) > 1 else 0.5   # cells are `step` wide
-        im = ax.imshow(np.asarray(r["error"], dtype=np.float64), vmin=0, vmax=100, cmap="jet",
+        im = ax.imshow(np.asarray(r["error"], dtype=np.float64), vmin=0, vmax=vmax, cmap="jet",
                        extent=(r["cols"][0] - half, r["cols"][-1] + half, r["rows"][-1] + half, r["rows"][0] - half))
         ax.set_title(f"{label}\nmean error {r['mean_error']:.1f}%", fontsize=7)
         ax.tick_params(labelsize=6)
-    fig.colorbar(im, ax=axes[0][:n].tolist(), fraction=0.046, label="error (%)")
-    ax = axes[0][n]
+    for k in range(n, rows * cols):
+        axes[k // cols][k % cols].axis("off")
+    fig.colorbar(im, ax=axes.ravel().tolist(), fraction=0.046, label="error (%)")
+    fig.suptitle(f"error under Fourier basis noise of norm {next(iter(results.values()))['eps']} (per frequency)",
+                 fontsize=9)
+    return _save(fig, path)
+
+
+def figure_bandpass(results: dict[str, dict], path: Path) -> Optional[Path]:
+    """Top-1 after low-pass and high-pass filtering against the bandwidth, one colour per model."""
+    results = {k: v for k, v in results.items() if v and v.get("lowpass")}
+    if not results:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.6, 3.6))
     for label, r in results.items():
         bws = [int(b) for b in r["lowpass"]]
         line, = ax.plot(bws, list(r["lowpass"].values()), marker=".", label=f"{label} low-pass")
         ax.plot(bws, list(r["highpass"].values()), marker="x", linestyle="--", color=line.get_color(),
                 label=f"{label} high-pass")
-    ax.set_xlabel("bandwidth (frequencies kept / removed)", fontsize=7)
-    ax.set_ylabel("top-1 (%)", fontsize=7)
-    ax.legend(fontsize=5)
+    ax.set_xlabel("bandwidth (central frequencies kept / removed)")
+    ax.set_ylabel("top-1 (%)")
+    ax.legend(fontsize=6)
     ax.grid(alpha=0.3)
-    fig.suptitle(f"Fourier sensitivity: error under basis noise of norm {next(iter(results.values()))['eps']}",
-                 fontsize=9)
     return _save(fig, path)
 
 

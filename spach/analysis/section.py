@@ -194,9 +194,10 @@ def _fourier_part(groups, m, summary, fig_dir, rel) -> list[str]:
           "error inside/outside the central half-band. Mean ± std over seeds.", ""]
     means = {g.name: _mean_dicts(four[g.name], ("error", "lowpass", "highpass", "mean_error"))
              for g in groups if g.name in four}
-    path = figures.figure_fourier(means, fig_dir / "fourier.png")
-    if path:
-        md += [f"![Fourier heat maps]({rel(path)})", ""]
+    for title, path in (("Fourier heat maps", figures.figure_fourier(means, fig_dir / "fourier.png")),
+                        ("low/high-pass", figures.figure_bandpass(means, fig_dir / "fourier_bandpass.png"))):
+        if path:
+            md += [f"![{title}]({rel(path)})", ""]
     bw = min(first["lowpass"], key=int)
     md += [f"| architecture | mean error | low-frequency error | high-frequency error | low-pass {bw} top-1 "
            f"| high-pass {bw} top-1 |", "|---|---|---|---|---|---|"]

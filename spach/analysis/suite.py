@@ -176,6 +176,7 @@ def write_analysis(kind: str, result: dict, out_dir: str | Path, overwrite: bool
         paths.append(figures.figure_corruptions(models, out_dir / "corruption.png"))
     elif kind == "fourier":
         paths.append(figures.figure_fourier(models, out_dir / "fourier.png"))
+        paths.append(figures.figure_bandpass(models, out_dir / "fourier_bandpass.png"))
     else:
         paths.append(figures.figure_attention(models, out_dir / "attn_distance.png"))
     return [p for p in paths if p is not None]
