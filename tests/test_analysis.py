@@ -311,3 +311,31 @@ def test_study_runs_analyses_stores_them_and_reports(tmp_path):
     result = json.loads((out / "corruption.json").read_text())
     assert sorted(result["models"]) == ["attn-ms-nano", "attn-ms-nano-nocpe", "conv-ms-nano"]
     assert result["models"]["conv-ms-nano"]["mce"] == pytest.approx(100.0)
+
+
+def test_findings_cite_the_measurements_without_changing_verdicts():
+    from spach.battle.findings import Group, Stat, analysis_evidence, evaluate_findings
+
+    def group(family, cpe=True, top1=(90.0, 91.0)):
+        name = f"{family}-ms-tiny" + ("" if cpe else "-nocpe")
+        return Group(name=name, family=family, layout="ms", size="tiny", cpe=cpe, shared=False, seeds=[0, 1],
+                     params=1e5, macs=1e6, images_per_s=Stat.of([1.0]), top1=Stat.of(list(top1)),
+                     best_top1=Stat.of(list(top1)), train_loss=Stat.of([0.1, 0.1]), val_loss=Stat.of([0.2, 0.2]),
+                     gap=Stat.of([0.1, 0.1]))
+
+    groups = [group("conv"), group("attn"), group("attn", cpe=False, top1=(80.0, 81.0)), group("mlp")]
+    summary = {"groups": {"attn-ms-tiny": {"erf50": Stat.of([0.2, 0.22]), "attn_dist": Stat.of([5.0, 5.2]),
+                                           "mce": Stat.of([120.0, 122.0])},
+                          "attn-ms-tiny-nocpe": {"erf50": Stat.of([0.5, 0.52]), "attn_dist": Stat.of([9.0, 9.1])},
+                          "conv-ms-tiny": {"mce": Stat.of([100.0, 101.0])},
+                          "mlp-ms-tiny": {"mce": Stat.of([110.0, 111.0])}},
+               "cka_final": {("conv-ms-tiny", "attn-ms-tiny"): 0.42}}
+    before = [f.verdict for f in evaluate_findings(groups)]
+    evidence = analysis_evidence(groups, summary)
+    assert sorted(evidence) == [2, 3, 4]
+    assert "50% area 21.0 ± 1.4% vs 51.0 ± 1.4%" in evidence[2][0] and "decisive" in evidence[2][0]
+    assert "mean attention distance attn-ms-tiny 5.10 ± 0.14 px" in evidence[2][1]
+    assert "mCE conv 100.5 ± 0.7% vs attn 121.0 ± 1.4%" in evidence[4][0]
+    assert "CKA of the final blocks 0.42" in evidence[4][0]
+    assert "conv vs mlp" in evidence[3][0]
+    assert [f.verdict for f in evaluate_findings(groups)] == before

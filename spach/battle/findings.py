@@ -297,9 +297,10 @@ def analysis_evidence(groups: list[Group], summary: dict) -> dict[int, list[str]
                 f"analysis: ERF of the last stage, {on.name} vs {off.name}: 50% area {_pct(_scaled(a.get('erf50')))} "
                 f"vs {_pct(_scaled(b.get('erf50')))}" + (f"; {c.text}" if c else ""))
         if a.get("attn_dist") and b.get("attn_dist"):
+            c = compare(a["attn_dist"], b["attn_dist"], "distance with - without CPE", " px")
             out.setdefault(2, []).append(
                 f"analysis: mean attention distance {on.name} {a['attn_dist'].text('.2f', ' px')} vs without CPE "
-                f"{b['attn_dist'].text('.2f', ' px')} (attention without the conv branch must model locality itself)")
+                f"{b['attn_dist'].text('.2f', ' px')}; {c.text}")
     for conv in _by(groups, family="conv", cpe=True, shared=False):
         for other in _by(groups, layout=conv.layout, size=conv.size, cpe=True, shared=False):
             if other.family not in ("attn", "mlp"):
@@ -314,9 +315,9 @@ def analysis_evidence(groups: list[Group], summary: dict) -> dict[int, list[str]
                             f"{_pct(b['fourier_high'])}")
             if (conv.name, other.name) in cka:
                 bits.append(f"CKA of the final blocks {cka[(conv.name, other.name)]:.2f}")
-            if bits:
-                out.setdefault(4, []).append(f"analysis ({conv.layout} {conv.size}, conv vs {other.family}): "
-                                             + "; ".join(bits))
+            if bits:  # conv vs attention bears on finding 4, conv vs MLP on the MLPs' generalisation (3)
+                out.setdefault(4 if other.family == "attn" else 3, []).append(
+                    f"analysis ({conv.layout} {conv.size}, conv vs {other.family}): " + "; ".join(bits))
     for hyb in _by(groups, family="hybrid"):
         sims = [f"{g.family} {cka[(hyb.name, g.name)]:.2f}" for g in groups
                 if g.family in ("conv", "attn") and (hyb.name, g.name) in cka]
