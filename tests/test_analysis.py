@@ -295,7 +295,7 @@ def test_study_runs_analyses_stores_them_and_reports(tmp_path):
     assert "against `conv-ms-nano`" in report
     conv_row = next(line for line in report.splitlines() if line.startswith("| conv-ms-nano |") and "100.0" in line)
     assert conv_row.count("100.0") >= 1  # the baseline's mCE is 100 by definition
-    assert "analysis: ERF of the last stage, attn-ms-nano vs attn-ms-nano-nocpe" in report
+    assert "analysis: 50% ERF area by stage (stride /2, /4, /8, /16), attn-ms-nano [" in report
     assert (tmp_path / "figures" / "analysis" / "erf.png").stat().st_size > 0
     # nothing new to measure on a second pass; changed settings measure again
     study = load_study(STUDY)
@@ -324,16 +324,18 @@ def test_findings_cite_the_measurements_without_changing_verdicts():
                      gap=Stat.of([0.1, 0.1]))
 
     groups = [group("conv"), group("attn"), group("attn", cpe=False, top1=(80.0, 81.0)), group("mlp")]
-    summary = {"groups": {"attn-ms-tiny": {"erf50": Stat.of([0.2, 0.22]), "attn_dist": Stat.of([5.0, 5.2]),
-                                           "mce": Stat.of([120.0, 122.0])},
-                          "attn-ms-tiny-nocpe": {"erf50": Stat.of([0.5, 0.52]), "attn_dist": Stat.of([9.0, 9.1])},
+    summary = {"groups": {"attn-ms-tiny": {"erf50": [Stat.of([2.0, 2.2]), Stat.of([20.0, 22.0])],
+                                           "erf_strides": [4, 8], "attn_dist": Stat.of([5.0, 5.2]), "mce": Stat.of([120.0, 122.0])},
+                          "attn-ms-tiny-nocpe": {"erf50": [Stat.of([2.0, 2.1]), Stat.of([50.0, 52.0])],
+                                                 "attn_dist": Stat.of([9.0, 9.1])},
                           "conv-ms-tiny": {"mce": Stat.of([100.0, 101.0])},
                           "mlp-ms-tiny": {"mce": Stat.of([110.0, 111.0])}},
                "cka_final": {("conv-ms-tiny", "attn-ms-tiny"): 0.42}}
     before = [f.verdict for f in evaluate_findings(groups)]
     evidence = analysis_evidence(groups, summary)
     assert sorted(evidence) == [2, 3, 4]
-    assert "50% area 21.0 ± 1.4% vs 51.0 ± 1.4%" in evidence[2][0] and "decisive" in evidence[2][0]
+    assert evidence[2][0] == ("analysis: 50% ERF area by stage (stride /4, /8), attn-ms-tiny [2.1, 21.0]% vs "
+                              "attn-ms-tiny-nocpe [2.0, 51.0]%: with CPE decisively larger at 0, smaller at 1 of 2 stages")
     assert "mean attention distance attn-ms-tiny 5.10 ± 0.14 px" in evidence[2][1]
     assert "mCE conv 100.5 ± 0.7% vs attn 121.0 ± 1.4%" in evidence[4][0]
     assert "CKA of the final blocks 0.42" in evidence[4][0]

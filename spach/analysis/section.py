@@ -69,7 +69,8 @@ def _corruption_baseline(groups: list[Group], results: dict, wanted: str | None)
 
 
 def summarize(groups: list[Group], m: dict) -> dict[str, Any]:
-    """Per group: Stats over seeds of the numbers the findings cite; cross-group final-block CKA."""
+    """Per group: Stats over seeds of the numbers the findings cite (erf50: the 50% ERF area in % per stage,
+    erf_strides, mce, rel_mce, clean, fourier_low/high, attn_dist); cross-group final-block CKA."""
     summary: dict[str, Any] = {"groups": {}, "cka_final": {}, "baseline": None}
     corr = m.get("corruption") or {}
     baseline = _corruption_baseline(groups, corr, (m["settings"].get("corruption") or {}).get("baseline"))
@@ -78,9 +79,10 @@ def summarize(groups: list[Group], m: dict) -> dict[str, Any]:
     for g in groups:
         s: dict[str, Stat | None] = {}
         erf = (m.get("erf") or {}).get(g.name) or []
-        if erf:
-            s["erf50"] = Stat.of([r["stages"][-1]["area"]["50"] for r in erf])
-            s["erf99"] = Stat.of([r["stages"][-1]["area"]["99"] for r in erf])
+        if erf:  # per stage: 50% area ratio in %, and the strides
+            s["erf50"] = [Stat.of([100 * r["stages"][k]["area"]["50"] for r in erf])
+                          for k in range(len(erf[0]["stages"]))]
+            s["erf_strides"] = [st["stride"] for st in erf[0]["stages"]]
         if g.name in corr and base_mean:
             rel = [mce(r, base_mean) for r in corr[g.name]]
             s["mce"] = Stat.of([x["mce"] for x in rel])

@@ -284,18 +284,21 @@ def _pct(s: Stat | None) -> str:
 def analysis_evidence(groups: list[Group], summary: dict) -> dict[int, list[str]]:
     """Lines citing the Analysis section's measurements, per finding number (verdicts stay accuracy-based).
 
-    `summary` is `spach.analysis.section.summarize`'s: per group Stats (erf50 = 50% area ratio of the last
-    stage, mce, fourier_high, attn_dist) and the cross-group CKA of the final blocks.
+    `summary` is `spach.analysis.section.summarize`'s: per group Stats (erf50 = the 50% ERF area in % per stage,
+    with erf_strides; mce, fourier_high, attn_dist) and the cross-group CKA of the final blocks.
     """
     per, cka = summary.get("groups", {}), summary.get("cka_final", {})
     out: dict[int, list[str]] = {}
     for on, off in _pairs(groups, "cpe", (True, False), ("attn", "mlp")):
         a, b = per.get(on.name, {}), per.get(off.name, {})
-        if a.get("erf50") or b.get("erf50"):
-            c = compare(_scaled(a.get("erf50")), _scaled(b.get("erf50")), "50% ERF area with - without CPE", " pt")
+        if a.get("erf50") and b.get("erf50") and len(a["erf50"]) == len(b["erf50"]):
+            cs = [compare(x, y, "") for x, y in zip(a["erf50"], b["erf50"])]
+            larger = sum(c is not None and c.decisive and c.diff > 0 for c in cs)
+            smaller = sum(c is not None and c.decisive and c.diff < 0 for c in cs)
             out.setdefault(2, []).append(
-                f"analysis: ERF of the last stage, {on.name} vs {off.name}: 50% area {_pct(_scaled(a.get('erf50')))} "
-                f"vs {_pct(_scaled(b.get('erf50')))}" + (f"; {c.text}" if c else ""))
+                f"analysis: 50% ERF area by stage (stride {', '.join(f'/{st}' for st in a.get('erf_strides', []))}), "
+                f"{on.name} {_series(a['erf50'])} vs {off.name} {_series(b['erf50'])}: with CPE decisively larger at "
+                f"{larger}, smaller at {smaller} of {len(cs)} stages")
         if a.get("attn_dist") and b.get("attn_dist"):
             c = compare(a["attn_dist"], b["attn_dist"], "distance with - without CPE", " px")
             out.setdefault(2, []).append(
@@ -326,6 +329,5 @@ def analysis_evidence(groups: list[Group], summary: dict) -> dict[int, list[str]
     return out
 
 
-def _scaled(s: Stat | None) -> Stat | None:
-    """A ratio in [0, 1] as a percentage."""
-    return None if s is None else Stat(100 * s.mean, None if s.std is None else 100 * s.std, s.n)
+def _series(stats: list[Stat | None]) -> str:
+    return "[" + ", ".join("—" if s is None else f"{s.mean:.1f}" for s in stats) + "]%"
