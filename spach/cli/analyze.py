@@ -87,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
 
     from spach.analysis.common import load_subject
     from spach.analysis.suite import run_analysis, write_analysis
+    from spach.io import check_writable_dir
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -95,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.run and not args.model:
         raise ValueError("nothing to analyse: give --run DIR or --model NAME [--checkpoint FILE]")
     settings = _settings(args)  # validate before loading anything
+    check_writable_dir(args.out, "--out")
     specs = [spec for d in args.run for spec in _run_specs(d)]
     specs += [dict(model=m, checkpoint=args.checkpoint[i] if i < len(args.checkpoint) else None)
               for i, m in enumerate(args.model)]
