@@ -44,6 +44,31 @@ def test_a_text_file_over_last_pt_falls_back_to_last_prev_pt(two_epochs, tmp_pat
     assert path.name == "last.prev.pt" and state["position"]["epoch"] == 1
 
 
+def test_after_falling_back_from_a_corrupt_last_pt_the_next_save_keeps_the_good_last_prev_pt(two_epochs, tmp_path):
+    out = copy_run(two_epochs, tmp_path / "run")
+    bad = b"this is not a checkpoint\n" * 20
+    (out / "last.pt").write_bytes(bad)
+    good = (out / "last.prev.pt").read_bytes()
+    with pytest.warns(UserWarning, match=r"falling back.*kept as last\.unreadable-\d{8}-\d{6}\.pt"):
+        r = train(config(out, epochs=2, resume="auto"))  # resumes from epoch 1, trains epoch 2, saves once
+    assert [h["epoch"] for h in r["history"]] == [1, 2]
+    assert (out / "last.prev.pt").read_bytes() == good  # the good checkpoint was not replaced by the corrupt one
+    assert load_checkpoint_file(out / "last.pt")["position"]["epoch"] == 2
+    aside = list(out.glob("last.unreadable-*.pt"))
+    assert len(aside) == 1 and aside[0].read_bytes() == bad  # kept, byte for byte
+
+
+def test_an_unreadable_last_prev_pt_is_set_aside_under_a_name_of_its_own(two_epochs, tmp_path):
+    out = copy_run(two_epochs, tmp_path / "run")
+    for content in (b"y" * 100, b"z" * 100):  # twice within the same second: two distinct names
+        (out / "last.prev.pt").write_bytes(content)
+        with pytest.warns(UserWarning, match="falling back"):
+            state, path = find_resumable(out)
+        assert path.name == "last.pt" and not (out / "last.prev.pt").exists()
+    kept = sorted(p.read_bytes() for p in out.glob("last.prev.unreadable-*.pt"))
+    assert kept == [b"y" * 100, b"z" * 100]
+
+
 @pytest.mark.parametrize("content", [b"PK\x03\x04" + b"\x00" * 64, b"garbage" * 100, b"\x80\x02}q\x00."])
 def test_any_unreadable_file_is_a_checkpoint_error_not_a_traceback(tmp_path, content):
     (tmp_path / "x.pt").write_bytes(content)

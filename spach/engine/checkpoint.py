@@ -1,8 +1,8 @@
 """Crash-safe checkpoints: atomic writes, a previous good copy, weights_only loading.
 
     save_checkpoint(state, out_dir)            # -> out_dir/last.pt (old one kept as last.prev.pt)
-    state, path = find_resumable(out_dir)      # newest loadable of last.pt, last.prev.pt (warns on a bad one;
-                                               # CheckpointError if there are some but none can be read)
+    state, path = find_resumable(out_dir)      # newest loadable of last.pt, last.prev.pt (warns on a bad one and
+                                               # renames it aside; CheckpointError if none can be read)
     state = load_checkpoint_file(path)         # CheckpointError (a RuntimeError) if unreadable or corrupt
     moved = set_aside_results(out_dir)         # earlier results -> out_dir/earlier-<time>/ before a fresh start
 
@@ -10,10 +10,11 @@ A write goes to a temporary file in the same directory, is flushed and fsync'ed,
 `last.pt` is renamed to `last.prev.pt` and the temporary file renamed to `last.pt`
 (os.replace is atomic), and the directory is fsync'ed. Each checkpoint carries a checksum of
 its content (`spach.models.with_checksum`), verified on load: flipped bytes fall back like
-any unreadable file. A kill at any moment leaves at
-least one complete checkpoint. Everything inside is tensors and plain Python data, so
-`torch.load(path, weights_only=True)` reads it: RNG states are stored as tensors/lists
-(`spach.rng.get_rng_state`, each rank's own).
+any unreadable file; an unreadable file next to a readable one is renamed aside
+(last.unreadable-<time>.pt), so the next save cannot move it over the good copy. A kill at
+any moment leaves at least one complete checkpoint. Everything inside is tensors and plain
+Python data, so `torch.load(path, weights_only=True)` reads it: RNG states are stored as
+tensors/lists (`spach.rng.get_rng_state`, each rank's own).
 """
 from __future__ import annotations
 
@@ -84,7 +85,7 @@ def find_resumable(out_dir: str | Path) -> tuple[Optional[dict], Optional[Path]]
 
     CheckpointError if checkpoints exist but none can be read: starting afresh would overwrite their run.
     """
-    found, errors = [], []
+    found, errors, unreadable = [], [], []
     for name in (LAST, PREV):
         path = Path(out_dir) / name
         if not path.exists():
@@ -93,14 +94,39 @@ def find_resumable(out_dir: str | Path) -> tuple[Optional[dict], Optional[Path]]
             found.append((load_checkpoint_file(path), path))
         except CheckpointError as e:
             errors.append(str(e))
-            warnings.warn(f"{e}; falling back to an older checkpoint", stacklevel=2)
+            unreadable.append(path)
     if errors and not found:
         raise CheckpointError(f"no checkpoint in {out_dir} can be read ({'; '.join(errors)}); nothing was "
                               f"overwritten: to start that run over, move {out_dir} aside or use another --output")
+    for path, error in zip(unreadable, errors):
+        aside = _set_aside_unreadable(path)
+        warnings.warn(f"{error}; falling back to an older checkpoint (the unreadable file is kept as "
+                      f"{aside.name})", stacklevel=2)
     if not found:
         return None, None
     # normally last.pt; if a crash left only/also last.prev.pt, still take the furthest position
     return max(found, key=lambda sp: tuple(sp[0]["position"][k] for k in ("epoch", "step")))
+
+
+def _set_aside_unreadable(path: Path) -> Path:
+    """Rename an unreadable checkpoint to <dir>/<name>.unreadable-<time>.pt (kept for inspection); returns the new path.
+
+    Done while the other checkpoint is readable, so the directory always holds one; afterwards the
+    next `save_checkpoint` cannot move the unreadable file over the good last.prev.pt.
+    """
+    dest = _unused_path(path.parent, f"{path.name[:-len('.pt')]}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}", ".pt")
+    os.replace(path, dest)
+    fsync_dir(path.parent)
+    return dest
+
+
+def _unused_path(directory: Path, stem: str, suffix: str = "") -> Path:
+    """directory/<stem><suffix>, or <stem>.2<suffix>, <stem>.3<suffix>, ...: the first that does not exist."""
+    path, n = directory / f"{stem}{suffix}", 1
+    while path.exists():
+        n += 1
+        path = directory / f"{stem}.{n}{suffix}"
+    return path
 
 
 def set_aside_results(out_dir: str | Path) -> Optional[Path]:
@@ -113,11 +139,7 @@ def set_aside_results(out_dir: str | Path) -> Optional[Path]:
     metrics = out_dir / "metrics.jsonl"
     if not (out_dir / "model.safetensors").exists() and not (metrics.is_file() and metrics.read_text().strip()):
         return None
-    dest = out_dir / time.strftime("earlier-%Y%m%d-%H%M%S")
-    n = 1
-    while dest.exists():
-        n += 1
-        dest = dest.with_name(f"{dest.name.split('.')[0]}.{n}")
+    dest = _unused_path(out_dir, time.strftime("earlier-%Y%m%d-%H%M%S"))
     dest.mkdir()
     for name in RESULTS:
         if (out_dir / name).exists():
