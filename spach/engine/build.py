@@ -6,22 +6,27 @@
 """
 from __future__ import annotations
 
-import re
+import inspect
 from typing import Optional
 
 import torch
+from timm.models import is_model, parse_model_name
 from torch import nn
+
+from spach.models import create_model  # importing spach.models registers the zoo in timm
 
 
 def build_model(name: str, *, num_classes: int, img_size: Optional[int] = None,
                 model_kwargs: Optional[dict] = None, drop_path: Optional[float] = None) -> nn.Module:
-    """`spach.create_model` (any spach or timm name) with the run's classes, input size and drop path.
+    """`spach.models.create_model` (any spach or timm name) with the run's classes, input size and drop path.
 
     `img_size` is passed to models whose constructor takes it (spach, ViT-like timm models);
-    for others (e.g. ResNets) it is only the data size.
+    for others (e.g. ResNets) it is only the data size. ValueError for an unknown name or
+    `model_kwargs` the model does not take.
     """
-    from spach import create_model  # the zoo registers itself in timm on `import spach`
-
+    source, _ = parse_model_name(name)  # ValueError for a name that looks like a path
+    if source is None and not is_model(name):
+        raise ValueError(f"unknown model {name!r} (see `spach models`, or any timm model name)")
     kw = dict(model_kwargs or {})
     if "num_classes" in kw and kw["num_classes"] != num_classes:
         raise ValueError(f"model_kwargs num_classes={kw['num_classes']} does not match the data's "
@@ -29,24 +34,41 @@ def build_model(name: str, *, num_classes: int, img_size: Optional[int] = None,
     kw["num_classes"] = num_classes
     if drop_path is not None:
         kw.setdefault("drop_path_rate", drop_path)
+    if img_size is not None and "img_size" not in kw:
+        try:
+            return create_model(name, **kw, img_size=img_size)
+        except TypeError:
+            pass  # a constructor without img_size (or a model_kwargs key it lacks): tried again below
     try:
-        if img_size is not None and "img_size" not in kw:
-            try:
-                return create_model(name, **kw, img_size=img_size)
-            except TypeError as e:
-                if "img_size" not in str(e):
-                    raise
         return create_model(name, **kw)
-    except RuntimeError as e:
-        if "Unknown model" in str(e):
-            raise ValueError(f"unknown model {name!r} (see `spach models`, or any timm model name)") from None
-        raise
-    except TypeError as e:  # a model_kwargs key the constructor does not know
-        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(e))
-        if unknown is None:
+    except TypeError as e:
+        if not model_kwargs:
+            raise  # nothing of the user's in the call: a bug
+        error = _model_kwargs_error(name, model_kwargs, {k: v for k, v in kw.items() if k not in model_kwargs}, e)
+        if error is e:
             raise
-        raise ValueError(f"model_kwargs: {name} does not take {unknown.group(1)!r} "
-                         f"(check the spelling against its constructor)") from None
+        raise error from e
+
+
+def _model_kwargs_error(name: str, model_kwargs: dict, base: dict, error: TypeError) -> Exception:
+    """ValueError naming the model_kwargs keys `name` does not take, or `error` itself if they are not to blame.
+
+    The user's keys are blamed only if the model builds without them; then the keys missing from
+    the built class's constructor are named (if it takes **kwargs, the error's own text is quoted).
+    """
+    try:
+        cls = type(create_model(name, **base))
+    except Exception:  # noqa: BLE001 — it fails without them too: not theirs to blame, the original error stands
+        return error
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        unknown = []
+    else:
+        unknown = [k for k in model_kwargs if k not in params]
+    if unknown:
+        return ValueError(f"model_kwargs: {name} does not take {', '.join(map(repr, unknown))} "
+                          f"(check the spelling against its constructor)")
+    return ValueError(f"model_kwargs {model_kwargs} do not fit {name}: {type(error).__name__}: {error}")
 
 
 def check_model_input(model: nn.Module, img_size: int, num_classes: int, device=None) -> None:
