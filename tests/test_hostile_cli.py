@@ -95,6 +95,13 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch):
         cli(args)
 
 
+def test_a_sub_command_whose_module_cannot_be_imported_is_a_bug_not_silently_left_out(monkeypatch):
+    from spach.cli import main as cli_main
+    monkeypatch.setitem(cli_main.COMMANDS, "missing", "spach.cli.no_such_command")
+    with pytest.raises(ModuleNotFoundError, match="spach.cli.no_such_command"):
+        cli(["models"])
+
+
 # ---- read-only output directories: the directory is made unwritable for the process that runs the CLI
 # (root ignores permission bits: as root the CLI runs with every capability dropped, through setpriv)
 

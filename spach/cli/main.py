@@ -39,13 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show the full traceback of an error (also: environment SPACH_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module_name in COMMANDS.values():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:  # a sub-command still being written
-            if e.name != module_name:
-                raise
-            continue
-        module.add_parser(sub)
+        importlib.import_module(module_name).add_parser(sub)  # a module that fails to import is a bug: traceback
     return parser
 
 
