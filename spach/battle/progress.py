@@ -12,7 +12,8 @@ import time
 from typing import Any, TextIO
 
 
-def _fmt_time(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
+    """Seconds as '1h05m' or '4m07s' (rounded to the second, never negative)."""
     seconds = max(0, int(round(seconds)))
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
@@ -45,7 +46,7 @@ class Progress:
         if work <= 0:
             return "?"
         elapsed = time.time() - self.t0
-        return _fmt_time(elapsed / work * (self.total - work))
+        return format_duration(elapsed / work * (self.total - work))
 
     def status(self) -> str:
         left = self.total - self.finished

@@ -358,5 +358,5 @@ def run_study(spec: Study | str | Path | dict, out_dir: str | Path, workers: int
 
 
 def _elapsed(t0: float) -> str:
-    from spach.battle.progress import _fmt_time
-    return f"took {_fmt_time(time.time() - t0)}"
+    from spach.battle.progress import format_duration
+    return f"took {format_duration(time.time() - t0)}"

@@ -11,7 +11,7 @@ import json
 
 
 def add_parser(subparsers) -> None:
-    from spach.engine.config import INTERPOLATIONS, _key_value
+    from spach.engine.config import INTERPOLATIONS, parse_key_value
 
     p = subparsers.add_parser(
         "eval", help="evaluate a checkpoint (original release or the project's own)",
@@ -23,7 +23,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--data", required=True, metavar="SOURCE",
                    help="mnist5k, an ImageFolder root with train/ and val/, or NAME:ROOT (torchvision)")
     p.add_argument("--img-size", type=int, help="input size (default: the run's, else the model's)")
-    p.add_argument("--model-kwargs", nargs="+", metavar="KEY=VALUE", type=_key_value,
+    p.add_argument("--model-kwargs", nargs="+", metavar="KEY=VALUE", type=parse_key_value,
                    help="model constructor overrides (default: the run's for training checkpoints)")
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights of a training checkpoint")
     p.add_argument("--batch-size", type=int, default=128)

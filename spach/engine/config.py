@@ -323,7 +323,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif f.name == "model_kwargs":
-            parser.add_argument(flag, nargs="+", metavar="KEY=VALUE", type=_key_value, **kw)
+            parser.add_argument(flag, nargs="+", metavar="KEY=VALUE", type=parse_key_value, **kw)
         elif typing.get_origin(tp) is tuple:
             parser.add_argument(flag, nargs=len(typing.get_args(tp)), type=float, metavar="X", **kw)
         else:  # parsed by _coerce ('none' allowed for optional fields)
@@ -331,7 +331,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, metavar={int: "N", float: "X"}.get(inner[0], "TEXT"), **kw)
 
 
-def _key_value(text: str) -> tuple[str, Any]:
+def parse_key_value(text: str) -> tuple[str, Any]:
+    """argparse type of a KEY=VALUE flag (--model-kwargs): (key, value), the value read as YAML."""
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     key, value = text.split("=", 1)
