@@ -93,7 +93,7 @@ def test_measure_dtype_unknown_to_bench_is_rejected_at_load_time():
 
 def test_measure_on_cuda_without_cuda_stops_before_any_training(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ValueError, match="measure.device is cuda but no CUDA GPU"):
+    with pytest.raises(ValueError, match="measure.device is cuda but this machine has no CUDA device"):
         runner.run_study(dict(STUDY, measure={"device": "cuda"}), tmp_path / "out", quiet=True)
     assert not (tmp_path / "out" / "runs").exists()
 

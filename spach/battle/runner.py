@@ -279,16 +279,6 @@ def gpus_for_slot(slot: int, per_slot: int, gpus: list[str]) -> list[str]:
     return [gpus[(slot * per_slot + i) % len(gpus)] for i in range(per_slot)]
 
 
-def check_measurable(study: Study) -> None:
-    """Stop before any training if the study measures on CUDA and this machine has none."""
-    if study.measure.get("device") == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ValueError(f"study {study.name}: measure.device is cuda but no CUDA GPU is available here; "
-                             "set measure: {device: cpu} or run the battle on a GPU machine")
-
-
 # --------------------------------------------------------------------------- the study
 
 def run_study(spec: Study | str | Path | dict, out_dir: str | Path, workers: int = 1, retry_failed: bool = False,
@@ -298,7 +288,6 @@ def run_study(spec: Study | str | Path | dict, out_dir: str | Path, workers: int
     study = spec if isinstance(spec, Study) else load_study(spec)
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    check_measurable(study)
     out_dir = Path(out_dir)
     check_runnable_here(study)
     check_writable_dir(out_dir, "--out")
