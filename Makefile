@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench gpu-check clean
+.PHONY: install test demo bench gpu-check clean slurm-up slurm-down
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -24,6 +24,13 @@ bench: $(STAMP)
 # the GPU path end to end (< 5 min on a CUDA machine; a message and exit 0 without CUDA)
 gpu-check: $(STAMP)
 	$(PY) benchmarks/gpu_check.py --out runs/gpu-check-$$(date +%Y%m%d-%H%M%S)
+
+# a single-node Slurm cluster on this machine (root installs slurm-wlm + munge when missing); see docs/cluster.md
+slurm-up:
+	tools/slurm-local.sh up
+
+slurm-down:
+	tools/slurm-local.sh down
 
 clean:
 	rm -rf $(VENV) build *.egg-info runs

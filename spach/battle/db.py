@@ -61,7 +61,11 @@ CREATE TABLE IF NOT EXISTS runs (
     final_top5     REAL,
     final_val_loss REAL,
     final_train_loss REAL,
-    train_time_s   REAL
+    train_time_s   REAL,
+    job_id         TEXT,               -- launcher slurm: the run's current (or last) Slurm job
+    job_attempt    INTEGER,            -- attempts of that job (1 + its requeues) seen so far
+    node           TEXT,               -- where the run's current/last attempt ran
+    submitted_at   REAL
 );
 CREATE TABLE IF NOT EXISTS epochs (
     key          TEXT NOT NULL REFERENCES runs(key),
@@ -95,6 +99,8 @@ CREATE TABLE IF NOT EXISTS analysis (
 
 METRICS = ("params", "macs", "images_per_s", "best_top1", "final_top1", "final_top5", "final_val_loss",
            "final_train_loss", "train_time_s")
+# columns added after the first release: (name, SQL type), added to older databases by `migrate`
+ADDED_COLUMNS = (("job_id", "TEXT"), ("job_attempt", "INTEGER"), ("node", "TEXT"), ("submitted_at", "REAL"))
 EPOCH_FIELDS = ("train_loss", "val_loss", "val_top1", "val_top5", "lr", "images_per_s", "epoch_time_s")
 
 
@@ -110,6 +116,7 @@ def connect(out_dir: str | Path, create: bool = False) -> sqlite3.Connection:
         conn.execute("PRAGMA busy_timeout=60000")
         if create:
             conn.executescript(SCHEMA)
+            migrate(conn)
         conn.execute("SELECT key, status, config FROM runs LIMIT 1").fetchall()
     except sqlite3.DatabaseError as e:
         conn.close()
@@ -137,6 +144,16 @@ def connect_readonly(out_dir: str | Path) -> sqlite3.Connection:
             if not isinstance(e, sqlite3.OperationalError):  # "file is not a database"
                 break
     raise RuntimeError(f"{path} cannot be read as a study database ({error})")
+
+
+def migrate(conn: sqlite3.Connection) -> list[str]:
+    """Add the columns of ADDED_COLUMNS that a database written by an older spach lacks; returns their names."""
+    with _Tx(conn):
+        have = {r["name"] for r in conn.execute("PRAGMA table_info(runs)")}
+        added = [(name, kind) for name, kind in ADDED_COLUMNS if name not in have]
+        for name, kind in added:
+            conn.execute(f"ALTER TABLE runs ADD COLUMN {name} {kind}")
+    return [name for name, _ in added]
 
 
 class _Tx:
@@ -181,7 +198,9 @@ def reset_interrupted(conn: sqlite3.Connection) -> tuple[list[str], list[tuple[s
     that outlived a killed `spach battle`; those are left alone).
     """
     with _Tx(conn):
-        rows = list(conn.execute("SELECT key, name, owner_pid, output_dir FROM runs WHERE status = 'running'"))
+        # runs of Slurm jobs (job_id set) belong to their job, not to a local process
+        rows = list(conn.execute("SELECT key, name, owner_pid, output_dir FROM runs WHERE status = 'running'"
+                                 " AND job_id IS NULL"))
         dead = [r for r in rows if not owner_alive(r)]
         conn.executemany("UPDATE runs SET status = 'queued', owner_pid = NULL WHERE key = ?",
                          [(r["key"],) for r in dead])
@@ -202,6 +221,22 @@ def mark_running(conn: sqlite3.Connection, key: str, pid: int) -> None:
     with _Tx(conn):
         conn.execute("UPDATE runs SET status = 'running', owner_pid = ?, started_at = ?, attempts = attempts + 1,"
                      " error = NULL WHERE key = ?", (pid, time.time(), key))
+
+
+def mark_submitted(conn: sqlite3.Connection, key: str, job_id: str) -> None:
+    """A Slurm job was submitted for the run: it is 'running' (queued or executing on the cluster)."""
+    with _Tx(conn):
+        conn.execute("UPDATE runs SET status = 'running', job_id = ?, job_attempt = 0, node = NULL, owner_pid = NULL,"
+                     " submitted_at = ?, error = NULL WHERE key = ?", (job_id, time.time(), key))
+
+
+def mark_job_attempt(conn: sqlite3.Connection, key: str, job_id: str, attempt: int, node: str | None,
+                     started_at: float | None) -> None:
+    """The run's Slurm job started its `attempt`-th time (1 + requeues) on `node`; counted once per attempt."""
+    with _Tx(conn):
+        conn.execute("UPDATE runs SET attempts = attempts + (? - job_attempt), job_attempt = ?, node = ?,"
+                     " started_at = COALESCE(?, started_at) WHERE key = ? AND job_id = ? AND job_attempt < ?",
+                     (attempt, attempt, node, started_at, key, job_id, attempt))
 
 
 def mark_done(conn: sqlite3.Connection, key: str, metrics: dict[str, Any]) -> None:

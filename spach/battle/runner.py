@@ -7,6 +7,7 @@ in the database, and executes the runs that are not done:
   subprocesses (`python -m spach.battle.worker OUT KEY`), the machine's threads
   split between them; with `launcher: {kind: torchrun}` each run is launched as
   `torchrun --standalone --nproc_per_node N -m spach.battle.worker OUT KEY`;
+  with `launcher: {kind: slurm}` each run is one Slurm job (see spach.battle.slurm);
 - a run left 'running' by an interrupted invocation continues from its
   checkpoint (the engine's `resume="auto"`); done runs are never run again;
   failed runs are retried only with `retry_failed=True`;
@@ -70,8 +71,9 @@ class StudyLock:
 
 # --------------------------------------------------------------------------- one run
 
-def run_dir(out_dir: str | Path, run: Run) -> Path:
-    return Path(out_dir) / "runs" / f"{run.name}-{run.key[:8]}"
+def run_dir(out_dir: str | Path, run: Run, runs_dir: str | None = None) -> Path:
+    """Where a run's files go: OUT/runs/NAME-KEY8, or under the study's `runs_dir` (relative to OUT)."""
+    return Path(out_dir) / (runs_dir or "runs") / f"{run.name}-{run.key[:8]}"
 
 
 def available_threads() -> int:
@@ -109,22 +111,48 @@ def measure(config: dict[str, Any], threads: int | None) -> dict[str, Any]:
     return out
 
 
+def train_and_measure(config: dict[str, Any], output_dir: str | Path, threads: int | None,
+                      on_epoch_end: Callable[[dict], None] | None = None,
+                      on_step: Callable[[int, int, int], None] | None = None) -> tuple[dict[str, Any], list[dict]]:
+    """Train a run (continuing from its checkpoint, if any) and measure it: (metrics, per-epoch history).
+
+    `config` is the run's resolved configuration (its `config` column). The engine's own lines go to
+    OUTPUT/train.log. Under torch.distributed only rank 0 measures; other ranks get ({}, history).
+    """
+    from spach.engine import TrainConfig, train
+    from spach.engine.distributed import process_rank
+
+    cfg_dict = dict(config["train"], output=str(output_dir), resume="auto", threads=threads)
+    t0 = time.time()
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    # the engine's own lines go to the run's log; the study's progress stays readable
+    with open(Path(output_dir) / "train.log", "a") as log, contextlib.redirect_stdout(log):
+        result = train(TrainConfig.from_dict(cfg_dict), on_epoch_end=on_epoch_end, on_step=on_step)
+    train_time = time.time() - t0
+    history = result.get("history") or []
+    if process_rank() != 0:
+        return {}, history
+    metrics = measure(config, threads)
+    metrics.update(best_top1=result.get("best_top1"), final_top1=result.get("final_top1"),
+                   final_top5=result.get("final_top5"), final_val_loss=result.get("final_val_loss"),
+                   final_train_loss=(history[-1] if history else {}).get("train_loss"),
+                   train_time_s=result.get("train_time_s", train_time))  # resumed runs: all epochs
+    return metrics, history
+
+
 def execute_run(out_dir: str | Path, key: str, threads: int | None = None,
                 progress: Progress | None = None, index: int = 1) -> bool:
     """Train and measure one run of the database; record the outcome. Returns True if it is done.
 
     Under torchrun only rank 0 writes to the database and measures.
     """
-    from spach.engine import TrainConfig, train
-
     from spach.engine.distributed import process_rank
 
     rank = process_rank()
     conn = db.connect(out_dir)
     row = db.get_run(conn, key)
     config = json.loads(row["config"])
-    cfg_dict = dict(config["train"], output=row["output_dir"], resume="auto", threads=threads)
-    epochs = cfg_dict.get("epochs")
+    epochs = config["train"].get("epochs")
     name = row["name"]
     if rank == 0:
         db.mark_running(conn, key, os.getpid())
@@ -141,24 +169,13 @@ def execute_run(out_dir: str | Path, key: str, threads: int | None = None,
         if rank == 0 and progress:
             progress.step(name, epoch, step, steps, epochs)
 
-    t0 = time.time()
-    Path(row["output_dir"]).mkdir(parents=True, exist_ok=True)
     try:
-        # the engine's own lines go to the run's log; the study's progress stays readable
-        with open(Path(row["output_dir"]) / "train.log", "a") as log, contextlib.redirect_stdout(log):
-            result = train(TrainConfig.from_dict(cfg_dict), on_epoch_end=on_epoch_end, on_step=on_step)
-        train_time = time.time() - t0
+        metrics, history = train_and_measure(config, row["output_dir"], threads, on_epoch_end, on_step)
         if rank != 0:
             conn.close()
             return True
-        for record in result.get("history") or []:
+        for record in history:
             db.record_epoch(conn, key, record)  # complete curves, also for epochs trained before a resume
-        metrics = measure(config, threads)
-        history = result.get("history") or [{}]
-        metrics.update(best_top1=result.get("best_top1"), final_top1=result.get("final_top1"),
-                       final_top5=result.get("final_top5"), final_val_loss=result.get("final_val_loss"),
-                       final_train_loss=history[-1].get("train_loss"),
-                       train_time_s=result.get("train_time_s", train_time))  # resumed runs: all epochs
     except Exception as e:  # a failing run never stops the study
         if rank == 0:
             error = f"{type(e).__name__}: {e}\n" + "".join(traceback.format_exc(limit=8))
@@ -283,9 +300,19 @@ def gpus_for_slot(slot: int, per_slot: int, gpus: list[str]) -> list[str]:
 
 def run_study(spec: Study | str | Path | dict, out_dir: str | Path, workers: int = 1, retry_failed: bool = False,
               threads: int | None = None, quiet: bool = False,
-              report: bool = True, on_progress: Callable[[Progress], None] | None = None) -> dict[str, Any]:
-    """Run every run of the study that is not done yet; write the report. Returns the status counts."""
+              report: bool = True, on_progress: Callable[[Progress], None] | None = None,
+              launcher: str | None = None, detach: bool = False) -> dict[str, Any]:
+    """Run every run of the study that is not done yet; write the report. Returns the status counts.
+
+    `launcher` overrides the study's launcher kind (e.g. "slurm"); with the slurm launcher, `detach`
+    submits the missing runs' jobs and returns without waiting for them (see spach.battle.slurm).
+    """
     study = spec if isinstance(spec, Study) else load_study(spec)
+    if launcher:
+        from spach.battle.spec import with_launcher
+        study = with_launcher(study, launcher)
+    if detach and study.launcher["kind"] != "slurm":
+        raise ValueError("--detach needs the slurm launcher (launcher: {kind: slurm} or --launcher slurm)")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     out_dir = Path(out_dir)
@@ -293,7 +320,7 @@ def run_study(spec: Study | str | Path | dict, out_dir: str | Path, workers: int
     check_writable_dir(out_dir, "--out")
     with StudyLock(out_dir):
         conn = db.connect(out_dir, create=True)
-        db.register_study(conn, study, lambda r: run_dir(out_dir, r))
+        db.register_study(conn, study, lambda r: run_dir(out_dir, r, study.runs_dir))
         interrupted, alive = db.reset_interrupted(conn)
         if alive:
             conn.close()
@@ -322,7 +349,10 @@ def run_study(spec: Study | str | Path | dict, out_dir: str | Path, workers: int
                          f"{len(pending)} to run"
                          + (f"; resuming interrupted: {', '.join(interrupted)}" if interrupted else "")
                          + f"; {workers} worker(s) x {per_run} thread(s)")
-        if study.launcher["kind"] == "local" and workers == 1:
+        if study.launcher["kind"] == "slurm":
+            from spach.battle.slurm import run_on_slurm
+            run_on_slurm(study, out_dir, progress, detach=detach)
+        elif study.launcher["kind"] == "local" and workers == 1:
             for i, row in enumerate(pending, 1):
                 execute_run(out_dir, row["key"], threads=per_run, progress=progress, index=i)
         elif pending:
@@ -332,6 +362,7 @@ def run_study(spec: Study | str | Path | dict, out_dir: str | Path, workers: int
         final = db.runs(conn, keys)
         conn.close()
         result = {s: sum(r["status"] == s for r in final) for s in ("done", "failed", "queued", "running")}
+        result["launcher"] = study.launcher["kind"]
         result["skipped"] = len(study.skipped)
         if study.analysis:  # measurements after training (spach.analysis), on the finished runs
             from spach.analysis.study import analyze_study
@@ -342,7 +373,8 @@ def run_study(spec: Study | str | Path | dict, out_dir: str | Path, workers: int
             result["report"] = str(write_report(out_dir))
             progress.message(f"report: {result['report']}")
         progress.message(f"study {study.name}: {result['done']} done, {result['failed']} failed, "
-                         f"{result['skipped']} skipped combination(s), {progress.t0 and _elapsed(progress.t0)}")
+                         + (f"{result['running']} running, " if result["running"] else "")
+                         + f"{result['skipped']} skipped combination(s), {progress.t0 and _elapsed(progress.t0)}")
     return result
 
 

@@ -22,7 +22,8 @@ A study is a YAML mapping (see docs/battle.md for the full reference)::
       - {model: spach_ms_s_plus_patch4_224_hybrid}
       - {name: my-net, layout: ms, net_arch: [[[conv, 1]], [[attn, 1]], [[attn, 1]], [[attn, 1]]],
          hidden_dim: 16, num_heads: 1}
-    launcher: {kind: local}              # or {kind: torchrun, nproc_per_node: 8, ...}
+    launcher: {kind: local}              # or {kind: torchrun, nproc_per_node: 8, ...} or {kind: slurm, ...}
+    runs_dir: /shared/runs/cpu-mini      # where run directories go (default OUT/runs)
     analysis: [erf, cka, corruption, fourier, attn-distance]   # after training; or {erf: {images: 32}, ...}
 
 Grid combinations that are not meaningful are *skipped with a recorded reason*
@@ -45,7 +46,7 @@ import hashlib
 import json
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -58,13 +59,22 @@ ZOO_SIZES = ("xxs", "xs", "s")
 MIXERS = ("conv", "pass", "attn", "mlp")
 
 TOP_KEYS = {"name", "description", "data", "img_size", "threads", "recipe", "measure", "grid", "sizes", "extra",
-            "launcher", "analysis"}
+            "launcher", "analysis", "runs_dir"}
 GRID_KEYS = {"family", "layout", "size", "cpe", "shared", "seed"}
 # throughput by the Swin protocol: eval mode, `warmup` untimed passes, then the mean of `repeats` timed ones
 MEASURE_DEFAULTS = {"batch_size": 64, "dtype": "fp32", "threads": None, "warmup": 50, "repeats": 30,
                     "device": "cpu"}
 MEASURE_DTYPES = ("fp32", "bf16")  # the precisions spach.bench measures
+LAUNCHER_KINDS = ("local", "torchrun", "slurm")
 LAUNCHER_DEFAULTS = {"kind": "local", "nproc_per_node": 1, "args": []}
+# kind slurm (spach.battle.slurm): one Slurm job per run. These keys may also sit in a local or torchrun
+# launcher, for `spach battle --launcher slurm`; None leaves the option to the cluster's defaults.
+SLURM_DEFAULTS = {"partition": None, "account": None, "qos": None, "constraint": None, "nodes": 1,
+                  "gpus_per_node": 0, "tasks_per_node": None, "cpus_per_task": None, "mem_gb": None,
+                  "time_min": 1440, "setup": [], "sbatch": {}, "max_jobs": None, "max_attempts": 3,
+                  "poll_s": 30.0}
+# sbatch options the slurm launcher sets itself (logs, job name, pre-emption signal)
+SLURM_OWNED_SBATCH = {"output", "error", "job-name", "signal", "open-mode", "comment", "wrap"}
 # keys of TrainConfig that the study sets itself, per run
 STUDY_OWNED = {"model", "model_kwargs", "data", "output", "seed", "img_size", "resume", "threads"}
 SS_SIZE_KEYS = {"hidden_dim", "num_heads", "channel_ratio", "token_ratio", "depth", "patch_size"}
@@ -165,6 +175,7 @@ class Study:
     measure: dict[str, Any]
     launcher: dict[str, Any]
     threads: int | None = None     # torch threads per run (None: the machine's share)
+    runs_dir: str | None = None    # where the run directories go; relative to the output directory (None: "runs")
     runs: list[Run] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)   # (name, reason)
     source: dict[str, Any] = field(default_factory=dict)          # the raw mapping, for the record
@@ -229,8 +240,12 @@ def parse_study(raw: dict, where: str = "study", max_runs: int = MAX_RUNS) -> St
     recipe = _check_recipe(raw.get("recipe") or {}, where)
     measure = _check_measure(raw.get("measure") or {}, where)
     launcher = _check_launcher(raw.get("launcher") or {}, where)
+    runs_dir = raw.get("runs_dir")
+    if runs_dir is not None and (not isinstance(runs_dir, str) or not runs_dir.strip()):
+        _fail(where, f"runs_dir must be a directory path (string), got {runs_dir!r}")
     study = Study(name=name, description=str(raw.get("description", "")).strip(), data=str(raw["data"]),
-                  img_size=img_size, recipe=recipe, measure=measure, launcher=launcher, threads=threads, source=raw)
+                  img_size=img_size, recipe=recipe, measure=measure, launcher=launcher, threads=threads,
+                  runs_dir=runs_dir, source=raw)
     sizes = _check_sizes(raw.get("sizes") or {}, where)
     if raw.get("grid") is not None:
         _expand_grid(study, raw["grid"], sizes, where)
@@ -343,14 +358,54 @@ def check_runnable_here(study: Study) -> None:
 
 
 def _check_launcher(launcher: Any, where: str) -> dict:
-    out = _with_defaults(launcher, LAUNCHER_DEFAULTS, "launcher", where)
-    if out["kind"] not in ("local", "torchrun"):
-        _fail(where, f"launcher.kind must be 'local' or 'torchrun', got {out['kind']!r}")
+    out = _with_defaults(launcher, dict(LAUNCHER_DEFAULTS, **SLURM_DEFAULTS), "launcher", where)
+    if out["kind"] not in LAUNCHER_KINDS:
+        _fail(where, f"launcher.kind must be one of {list(LAUNCHER_KINDS)}, got {out['kind']!r}")
+    _check_slurm(out, where)
     if not _is_int(out["nproc_per_node"]) or out["nproc_per_node"] < 1:
         _fail(where, f"launcher.nproc_per_node must be a positive integer, got {out['nproc_per_node']!r}")
     if not isinstance(out["args"], list) or not all(isinstance(a, str) for a in out["args"]):
         _fail(where, "launcher.args must be a list of strings (extra torchrun arguments)")
     return out
+
+
+def _check_slurm(out: dict, where: str) -> None:
+    """The slurm launcher's settings (see SLURM_DEFAULTS), checked whatever the kind."""
+    def positive(key: str, number: type = int, zero: bool = False, none: bool = False) -> None:
+        v = out[key]
+        ok = (none and v is None) or (
+            (isinstance(v, number) or (number is float and _is_int(v))) and not isinstance(v, bool)
+            and (v >= 0 if zero else v > 0))
+        if not ok:
+            _fail(where, f"launcher.{key} must be a {'non-negative' if zero else 'positive'} "
+                         f"{'integer' if number is int else 'number'}{' or null' if none else ''}, got {v!r}")
+
+    for key in ("nodes", "time_min", "max_attempts"):
+        positive(key)
+    positive("gpus_per_node", zero=True)
+    for key in ("tasks_per_node", "cpus_per_task", "max_jobs"):
+        positive(key, none=True)
+    positive("mem_gb", float, none=True)
+    positive("poll_s", float)
+    for key in ("partition", "account", "qos", "constraint"):
+        if out[key] is not None and (not isinstance(out[key], str) or not out[key]):
+            _fail(where, f"launcher.{key} must be a non-empty string or null, got {out[key]!r}")
+    if not isinstance(out["setup"], list) or not all(isinstance(a, str) for a in out["setup"]):
+        _fail(where, "launcher.setup must be a list of shell lines (e.g. ['module load cuda/12.1'])")
+    sbatch = out["sbatch"]
+    if not isinstance(sbatch, dict) or not all(isinstance(k, str) and isinstance(v, (str, int, float, bool))
+                                                for k, v in sbatch.items()):
+        _fail(where, "launcher.sbatch must map sbatch option names to values, e.g. {exclusive: true}")
+    owned = sorted(k for k in sbatch if k.replace("_", "-") in SLURM_OWNED_SBATCH)
+    if owned:
+        _fail(where, f"launcher.sbatch: {owned} are set by the slurm launcher itself; remove them")
+
+
+def with_launcher(study: Study, kind: str) -> Study:
+    """The study with its launcher switched to `kind` (the file's other launcher settings kept)."""
+    if kind not in LAUNCHER_KINDS:
+        raise ValueError(f"--launcher must be one of {list(LAUNCHER_KINDS)}, got {kind!r}")
+    return replace(study, launcher=dict(study.launcher, kind=kind))
 
 
 def _check_sizes(sizes: Any, where: str) -> dict:
@@ -650,5 +705,5 @@ def summary(study: Study) -> str:
 
 
 __all__ = ["Run", "Study", "load_study", "parse_study", "check_runnable_here", "check_name", "list_presets",
-           "stable_json", "summary", "check_analysis",
+           "stable_json", "summary", "check_analysis", "with_launcher",
            "resolve_architecture", "FAMILIES", "LAYOUTS", "ZOO_SIZES"]

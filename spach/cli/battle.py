@@ -1,6 +1,8 @@
 """`spach battle [STUDY] [--out DIR] [--workers N] [--retry-failed]`: run a study, resumably, then report.
 
-STUDY is a YAML file or a preset name (default: cpu-mini); see docs/battle.md.
+STUDY is a YAML file or a preset name (default: cpu-mini); see docs/battle.md. On a Slurm cluster
+(docs/cluster.md): `--launcher slurm`, `--detach`, and the sub-commands
+`spach battle status OUT` and `spach battle cancel OUT [RUN ...]`.
 """
 from __future__ import annotations
 
@@ -17,7 +19,9 @@ def add_parser(subparsers) -> None:
                     "results in OUT/battle.db and write OUT/report.md. Re-running the same command resumes: done "
                     "runs are skipped, interrupted runs continue from their checkpoints.",
         epilog=f"presets: {', '.join(list_presets())}. Study file reference: docs/battle.md")
-    p.add_argument("study", nargs="?", default=None, help="study YAML file or preset name (default: cpu-mini)")
+    p.add_argument("study", nargs="*", default=[], metavar="STUDY",
+                   help="study YAML file or preset name (default: cpu-mini); or `status OUT` (one line per run: "
+                        "state, Slurm job, node, epoch, elapsed) or `cancel OUT [RUN ...]` (scancel the study's jobs)")
     p.add_argument("--preset", default=None, help="a built-in study (same as giving its name as STUDY)")
     p.add_argument("--out", default=None, help="output directory (default: runs/<study name>)")
     p.add_argument("--workers", type=int, default=1, help="runs at a time on this machine (threads are split)")
@@ -26,15 +30,23 @@ def add_parser(subparsers) -> None:
     p.add_argument("--retry-failed", action="store_true", help="run failed runs again")
     p.add_argument("--max-runs", type=int, default=MAX_RUNS, metavar="N",
                    help=f"refuse a study that declares more than N runs (default: {MAX_RUNS:,})")
+    p.add_argument("--launcher", choices=["local", "torchrun", "slurm"], default=None,
+                   help="run with this launcher instead of the study's (the study's other launcher settings apply)")
+    p.add_argument("--detach", action="store_true",
+                   help="slurm launcher: submit the jobs of the runs not done and return (re-run to collect)")
     p.add_argument("--dry-run", action="store_true", help="validate the study and list its runs; train nothing")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.study and args.study[0] in ("status", "cancel"):
+        return status(args.study[1:]) if args.study[0] == "status" else cancel(args.study[1:])
+    if len(args.study) > 1:
+        raise ValueError(f"one study at a time, got {args.study} (sub-commands: status OUT, cancel OUT [RUN ...])")
     if args.study and args.preset:
         raise ValueError("give a study file or --preset, not both")
-    study = load_study(args.preset or args.study or "cpu-mini", max_runs=args.max_runs)
+    study = load_study(args.preset or (args.study[0] if args.study else "cpu-mini"), max_runs=args.max_runs)
     if args.dry_run:
         print(summary(study))
         for r in study.runs:
@@ -44,5 +56,32 @@ def run(args: argparse.Namespace) -> int:
         return 0
     out = args.out or f"runs/{study.name}"
     result = run_study(study, out, workers=args.workers, retry_failed=args.retry_failed, threads=args.threads,
-                       quiet=args.quiet)
+                       quiet=args.quiet, launcher=args.launcher, detach=args.detach)
     return 1 if result["failed"] else 0
+
+
+def status(rest: list[str]) -> int:
+    """`spach battle status OUT`: the study's runs, one line each (reads only)."""
+    from spach.battle.slurm import format_status, study_status
+
+    if len(rest) != 1:
+        raise ValueError("usage: spach battle status OUT (the study's output directory)")
+    print(format_status(study_status(rest[0])))
+    return 0
+
+
+def cancel(rest: list[str]) -> int:
+    """`spach battle cancel OUT [RUN ...]`: scancel the jobs of the study (all, or the named runs)."""
+    from spach.battle.slurm import cancel_runs
+
+    if not rest:
+        raise ValueError("usage: spach battle cancel OUT [RUN ...]")
+    cancelled = cancel_runs(rest[0], rest[1:] or None)
+    for name, job_id in cancelled:
+        print(f"cancelled {name} (job {job_id})")
+    if not cancelled:
+        print("no queued or running job to cancel")
+    else:
+        print("the coordinator records them as failed; `spach battle ... --retry-failed` continues them "
+              "from their checkpoints")
+    return 0
