@@ -1,4 +1,4 @@
-"""The SPACH model zoo: networks, timm registration, checkpoint loading, complexity counts."""
+"""The SPACH model zoo and the release's sMLPNet and ShiftViT: networks, timm registration, loading, counts."""
 from __future__ import annotations
 
 import timm
@@ -10,11 +10,20 @@ from spach.models.complexity import count_macs, count_params  # noqa: F401
 from spach.models.layers import MIXERS, canonical_mixer  # noqa: F401
 from spach.models.spach import Spach, SpachMS, SpachNet, checkpoint_filter_fn  # noqa: F401
 from spach.models.zoo import ORIGINAL_WEIGHTS, ZOO, family, layout  # noqa: F401  (registers in timm)
+from spach.models.ops import SparseMLP, partial_shift  # noqa: F401
+from spach.models.shiftvit import ShiftViT  # noqa: F401
+from spach.models.smlpnet import SMLPNet, sMLPNet  # noqa: F401
+from spach.models.release_zoo import RELEASE_WEIGHTS, RELEASE_ZOO, release_family  # noqa: F401  (registers in timm)
 
 
 def list_models() -> list[str]:
     """The zoo's names, in the paper's order (single-stage, multi-stage, hybrids)."""
     return list(ZOO)
+
+
+def list_release_models() -> list[str]:
+    """The names of the release's other two projects: sMLPNet, then ShiftViT."""
+    return list(RELEASE_ZOO)
 
 
 def create_model(name: str, pretrained: bool = False, checkpoint: str | None = None, **kwargs) -> nn.Module:

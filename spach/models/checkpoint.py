@@ -1,10 +1,13 @@
 """Loading weights safely: original release files, bare state dicts, our own checkpoints, safetensors.
 
 Pickles are always read with ``torch.load(..., weights_only=True)``: a file that
-would need to run code to load is refused, never executed.
+would need to run code to load is refused, never executed. The one class allowed
+beyond tensors and plain containers is ``argparse.Namespace``, which the original
+release's training checkpoints carry (the run's arguments): it only holds attributes.
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import pickle
@@ -14,7 +17,13 @@ import torch
 import torch.nn as nn
 
 from spach.io import atomic_write
+from spach.models.release_zoo import FILTERS as RELEASE_FILTERS
 from spach.models.spach import SpachNet, checkpoint_filter_fn
+
+# model class -> the function mapping its original release's state dicts onto it
+ORIGINAL_LAYOUT_FILTERS = {SpachNet: checkpoint_filter_fn, **RELEASE_FILTERS}
+# classes a checkpoint may contain besides tensors and containers (original training checkpoints' `args`)
+SAFE_CLASSES = [argparse.Namespace]
 
 # prefixes added by wrappers: DistributedDataParallel, torch.compile
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -86,7 +95,8 @@ def read_state_file(path: str | os.PathLike) -> dict:
             raise ValueError(f"cannot read safetensors file {path}: {e}") from e
         return _verify(path, tensors, expected, sort=True)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(SAFE_CLASSES):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         detail = _unpickler_detail(e)
         if "global" not in detail.lower():  # an opcode it cannot read: garbage, or a pickle it does not support
@@ -164,8 +174,10 @@ def load_checkpoint(model: nn.Module, source, key: str | None = None, strict: bo
     if not isinstance(obj, dict):
         raise TypeError(f"source must be a path or a dict, got {type(obj).__name__}")
     state_dict = extract_state_dict(obj, key, where)
-    if isinstance(model, SpachNet):  # other (timm) models keep their own layout
-        state_dict = checkpoint_filter_fn(state_dict, model)
+    for cls, filter_fn in ORIGINAL_LAYOUT_FILTERS.items():  # other (timm) models keep their own layout
+        if isinstance(model, cls):
+            state_dict = filter_fn(state_dict, model)
+            break
 
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]

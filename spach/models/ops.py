@@ -1,4 +1,4 @@
-"""The shift and sparse axial-MLP operators of ShiftViT and sMLPNet, for NCHW and channels-last tensors."""
+"""The operators of ShiftViT and sMLPNet: shift, sparse axial MLP, and norms for channels-last tokens."""
 from __future__ import annotations
 
 import torch
@@ -77,3 +77,21 @@ class SparseMLP(nn.Module):
         # along H: (B, H, W, C) -> (B, W, C, H) @ Ww^T -> (B, H, W, C)
         x_w = F.linear(x.permute(0, 2, 3, 1), self.proh_w.weight.flatten(1), self.proh_w.bias).permute(0, 3, 1, 2)
         return F.linear(torch.cat([x, x_h, x_w], dim=-1), self.fuse.weight.flatten(1))
+
+
+class BatchNormNhwc(nn.BatchNorm2d):
+    """``BatchNorm2d`` on channels-last tokens ``(B, H, W, C)`` (run on the channels_last NCHW view, no copy)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+class GroupNorm1Nhwc(nn.GroupNorm):
+    """``GroupNorm(1, C)`` on channels-last tokens ``(B, H, W, C)``: statistics over H, W and C per image,
+    a per-channel affine (ShiftViT's ``GN1``)."""
+
+    def __init__(self, num_channels: int, eps: float = 1e-5):
+        super().__init__(1, num_channels, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)

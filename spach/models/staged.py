@@ -1,0 +1,125 @@
+"""timm's face for the release's multi-stage channels-last networks (sMLPNet, ShiftViT): one base class."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint_seq
+
+from spach.models.layers import nhwc_to_nchw
+
+
+class StagedStage(nn.Module):
+    """Optional downsampling module, then a sequence of blocks; tokens ``(B, H, W, C)`` in and out."""
+
+    def __init__(self, downsample: nn.Module | None, blocks: list[nn.Module]):
+        super().__init__()
+        self.downsample = downsample
+        self.blocks = nn.Sequential(*blocks)
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.downsample is not None:
+            x = self.downsample(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.blocks, x)
+        return self.blocks(x)
+
+
+class StagedNet(nn.Module):
+    """``embed`` (stem) -> ``stages`` -> ``norm`` -> mean over tokens -> ``head``.
+
+    A subclass builds ``stem``, ``stages`` (of :class:`StagedStage`), ``norm``,
+    ``head``, ``num_features``, ``feature_info`` and ``global_pool``, and defines
+    ``embed(x)``: ``(B, C_in, H, W) -> (B, H', W', C)``, which checks the input size.
+    Everything timm expects of a model follows from these.
+    """
+
+    output_fmt = "NHWC"
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return set()  # norms and biases are 1-D: timm's optimizer factory skips them anyway
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(stem=r"^stem", blocks=r"^stages\.(\d+)" if coarse else [
+            (r"^stages\.(\d+)\.downsample", (0,)), (r"^stages\.(\d+)\.blocks\.(\d+)", None), (r"^norm", (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        if global_pool is not None:
+            check_global_pool(global_pool)
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, H, W) -> (B, H/s, W/s, C) after the final norm (``output_fmt = 'NHWC'``)."""
+        return self.norm(self.stages(self.embed(x)))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == "avg":
+            x = x.mean(dim=(1, 2))  # mean over tokens
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False):
+        """The map at the end of each stage; ``norm=True`` applies the final norm to the last stage's.
+
+        Returns ``(final_features, [maps])`` or, with ``intermediates_only``, the maps.
+        """
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        stages = self.stages[:max_index + 1] if stop_early else self.stages
+        x = self.embed(x)
+        intermediates = []
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take_indices:
+                y = self.norm(x) if norm and i == len(self.stages) - 1 else x
+                intermediates.append(nhwc_to_nchw(y) if output_fmt == "NCHW" else y)
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the stages after the last requested feature map (for ``features_only`` backbones)."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[:max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
+
+
+def check_global_pool(global_pool: str) -> str:
+    if global_pool not in ("avg", ""):
+        raise ValueError(f"global_pool must be 'avg' (mean over tokens) or '' (unpooled), got {global_pool!r}")
+    return global_pool
+
+
+def linear_drop_path_rates(rate: float, depths) -> list[list[float]]:
+    """Stochastic depth rising linearly from 0 to ``rate`` over all blocks, split per stage."""
+    n = sum(depths)
+    flat = [rate * k / (n - 1) if n > 1 else 0.0 for k in range(n)]
+    out = []
+    for d in depths:
+        out.append(flat[:d])
+        flat = flat[d:]
+    return out
