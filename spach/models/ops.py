@@ -65,18 +65,33 @@ class SparseMLP(nn.Module):
         self.proh_w = nn.Conv2d(gh, gh, 1)  # mixes along H
         self.fuse = nn.Conv2d(dim * 3, dim, 1, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def mix(self, x: torch.Tensor) -> torch.Tensor:
+        """``cat([x, x_h, x_w], -1)``: the tokens and their two axial mixes, ``(B, H, W, 3C)``."""
         B, H, W, C = x.shape
         if H != self.grid_size[0] or W != self.grid_size[1]:
             raise ValueError(
                 f"the sparse MLP was built for a {self.grid_size[0]}x{self.grid_size[1]} token grid and got "
                 f"{H}x{W}: its weights depend on the grid, so feed the input size the model was built for "
                 f"(or rebuild it with that img_size)")
-        # along W: (B, H, W, C) -> (B, H, C, W) @ Wh^T -> (B, H, W, C)
-        x_h = F.linear(x.transpose(2, 3), self.proj_h.weight.flatten(1), self.proj_h.bias).transpose(2, 3)
-        # along H: (B, H, W, C) -> (B, W, C, H) @ Ww^T -> (B, H, W, C)
-        x_w = F.linear(x.permute(0, 2, 3, 1), self.proh_w.weight.flatten(1), self.proh_w.bias).permute(0, 3, 1, 2)
-        return F.linear(torch.cat([x, x_h, x_w], dim=-1), self.fuse.weight.flatten(1))
+        # both mixes as batched matmuls on views of the contiguous tokens, bias added in the product:
+        # along W, per row: (W, W) @ (W, C) for each of the B*H rows
+        x_h = torch.baddbmm(self.proj_h.bias.view(1, W, 1), self.proj_h.weight.view(W, W).expand(B * H, W, W),
+                            x.reshape(B * H, W, C)).view(B, H, W, C)
+        # along H, per image: (H, H) @ (H, W*C)
+        x_w = torch.baddbmm(self.proh_w.bias.view(1, H, 1), self.proh_w.weight.view(H, H).expand(B, H, H),
+                            x.reshape(B, H, W * C)).view(B, H, W, C)
+        return torch.cat([x, x_h, x_w], dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.mix(x), self.fuse.weight.flatten(1))
+
+    def fused_residual(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``residual + self(x)`` in inference, the sum fused into oneDNN's matmul (same numbers).
+
+        Only called where :func:`spach.models.kernels.use_fused_mlp` allows it.
+        """
+        return torch.ops.mkldnn._linear_pointwise.binary(self.mix(x), residual, self.fuse.weight.flatten(1), None,
+                                                         "add")
 
 
 class BatchNormNhwc(nn.BatchNorm2d):

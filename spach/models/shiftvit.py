@@ -22,9 +22,10 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_
+from timm.layers import DropPath, to_2tuple, trunc_normal_
 
-from spach.models.layers import nchw_to_nhwc, nhwc_to_nchw
+from spach.models.kernels import use_fused_mlp
+from spach.models.layers import ChannelMlp, nchw_to_nhwc, nhwc_to_nchw
 from spach.models.ops import BatchNormNhwc, GroupNorm1Nhwc, partial_shift
 from spach.models.staged import StagedNet, StagedStage, check_global_pool, linear_drop_path_rates
 
@@ -49,12 +50,17 @@ class ShiftBlock(nn.Module):
         super().__init__()
         self.n_div = n_div
         self.norm = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+        self.mlp = ChannelMlp(dim, int(dim * mlp_ratio), drop=drop)
+        self.fusable = act_layer is nn.GELU  # oneDNN fuses GELU; other activations run the plain path
+        if not self.fusable:
+            self.mlp.act = act_layer()
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, H, W, C)
         x = partial_shift(x, self.n_div, channel_dim=-1)
+        if self.fusable and not torch.jit.is_scripting() and use_fused_mlp(x, self.training):
+            return self.mlp.fused_residual(self.norm(x), x)  # CPU inference: bias, GELU and sum in oneDNN
         return x + self.drop_path(self.mlp(self.norm(x)))
 
 

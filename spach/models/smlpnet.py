@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, to_2tuple
 
+from spach.models.kernels import use_fused_mlp
 from spach.models.layers import ChannelMlp, nchw_to_nhwc, nhwc_to_nchw
 from spach.models.ops import BatchNormNhwc, SparseMLP
 from spach.models.staged import StagedNet, StagedStage, check_global_pool, linear_drop_path_rates
@@ -45,8 +46,12 @@ class SmlpBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, H, W, C); the depthwise conv reads it as a channels_last (B, C, H, W) view
         t = nchw_to_nhwc(self.dw_conv(nhwc_to_nchw(F.gelu(self.dw_norm(x)))))
-        t = self.smlp(F.gelu(self.smlp_norm(t)))
-        x = x + self.drop_path(t)
+        t = F.gelu(self.smlp_norm(t))
+        if not torch.jit.is_scripting() and use_fused_mlp(x, self.training):
+            # CPU inference: the fuse matmul, the MLP's bias and GELU, and both sums in oneDNN (same numbers)
+            x = self.smlp.fused_residual(t, x)
+            return self.mlp.fused_residual(self.norm(x), x)
+        x = x + self.drop_path(self.smlp(t))
         return x + self.drop_path(self.mlp(self.norm(x)))
 
 
