@@ -52,7 +52,7 @@ DEVICES = ("cpu", "cuda")
 # bf16 inference: "autocast" keeps fp32 weights and casts inside torch.autocast;
 # "weights" casts the model (weights and input) to bf16 and runs it plainly.
 BF16_IMPLS = ("autocast", "weights")
-GROUPS = ("zoo", "ms", "ss")
+GROUPS = ("zoo", "ms", "ss", "release")
 
 # the timing protocols: (warm-up passes, timed passes, statistic)
 PROTOCOLS = {
@@ -294,9 +294,16 @@ def zoo_names() -> list[str]:
     return list(spach.models.list_models())
 
 
+def release_names() -> list[str]:
+    """The release's sMLPNet and ShiftViT names (imports the model library)."""
+    import spach.models
+
+    return spach.models.list_release_models()
+
+
 def resolve_models(names: Iterable[str]) -> list[str]:
     """Expand the groups `zoo` (all SPACH models), `ms` (multi-stage), `ss`
-    (single-stage) and check every other name is a model known to timm
+    (single-stage), `release` (sMLPNet and ShiftViT) and check every other name is a model known to timm
     (SPACH models are registered in timm by `import spach`)."""
     import timm
 
@@ -310,7 +317,8 @@ def resolve_models(names: Iterable[str]) -> list[str]:
             zoo = zoo_names()
             picked = {"zoo": zoo,
                       "ms": [n for n in zoo if "_ms_" in n],
-                      "ss": [n for n in zoo if "_ms_" not in n]}[name]
+                      "ss": [n for n in zoo if "_ms_" not in n],
+                      "release": release_names()}[name]
             out.extend(picked)
             continue
         if not timm.is_model(name):
@@ -331,11 +339,11 @@ def _safe_zoo_names() -> list[str]:
 
 
 def _is_spach(name: str) -> bool:
-    return name.startswith("spach_")
+    return name.startswith("spach_") or name in release_names()
 
 
 def create_model(name: str, img_size: int = 224) -> nn.Module:
-    """Build `name` (random weights) through timm; SPACH models get `img_size`."""
+    """Build `name` (random weights) through timm; SPACH, sMLPNet and ShiftViT models get `img_size`."""
     import timm
 
     if _is_spach(name):  # the zoo is registered in timm by the spach.models import above

@@ -1,5 +1,6 @@
 """sMLPNet and ShiftViT of the original release: exact outputs, counts, layouts, loading, timm's face."""
 import argparse
+import math
 import json
 import os
 import pickle
@@ -261,3 +262,86 @@ def test_mismatched_checkpoint_names_model_and_keys():
     ref = case("shiftvit_gn")
     with pytest.raises(ValueError, match="cannot load .*shiftvit_light_tiny.*shape mismatch"):
         spach.load_checkpoint(timm.create_model("shiftvit_light_tiny", img_size=64), {"model": ref["state_dict"]})
+
+
+# ---------------------------------------------------------------- everywhere else
+def test_spach_models_lists_them_with_family_params_macs_and_top1(capsys):
+    from spach.cli.main import main as cli
+
+    assert cli(["models", "--filter", "_tiny", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert set(rows) == {"smlpnet_tiny", "shiftvit_light_tiny", "shiftvit_r4_tiny", "shiftvit_r2_tiny"}
+    assert rows["smlpnet_tiny"]["family"] == "smlp-net" and rows["shiftvit_r2_tiny"]["family"] == "shift-vit"
+    assert rows["shiftvit_r2_tiny"]["params"] == RELEASE["shiftvit_r2_tiny"]["params"]
+    assert rows["smlpnet_tiny"]["gmacs"] == pytest.approx(RELEASE["smlpnet_tiny"]["macs_224"] / 1e9, rel=0.01)
+    assert (rows["smlpnet_tiny"]["top1"], rows["shiftvit_r4_tiny"]["top1"]) == (81.9, None)
+
+
+def test_bench_knows_the_release_group():
+    from spach.bench import create_model, resolve_models
+
+    assert resolve_models(["release"]) == list(RELEASE_ZOO)
+    assert create_model("smlpnet_tiny", img_size=64).img_size == (64, 64)  # fixed size: built for the bench size
+
+
+def test_battle_accepts_them_as_extra_entries_by_name():
+    from spach.battle.spec import parse_study
+
+    recipe = {"epochs": 1, "warmup_epochs": 0, "cooldown_epochs": 0}
+    study = parse_study({"name": "release", "data": "mnist5k", "img_size": 32, "recipe": recipe,
+                         "extra": ["smlpnet_tiny", {"model": "shiftvit_r2_small", "seeds": [0, 1],
+                                                    "model_kwargs": {"embed_dim": 16, "depths": [1, 1, 1, 1]}},
+                                   "spach_ms_xxs_patch4_224_conv"]})
+    runs = {(r.model, r.seed): r for r in study.runs}
+    assert [(r.family, r.layout, r.size) for r in study.runs] == [
+        ("smlp-net", "ms", "tiny"), ("shift-vit", "ms", "r2_small"), ("shift-vit", "ms", "r2_small"), ("conv", "ms", "xxs")]
+    assert runs[("shiftvit_r2_small", 1)].model_kwargs == {"embed_dim": 16, "depths": [1, 1, 1, 1], "img_size": 32}
+    with pytest.raises(ValueError, match=r"\['cpe'\] are SPACH settings; smlpnet_tiny"):
+        parse_study({"name": "x", "data": "mnist5k", "img_size": 32, "recipe": recipe,
+                     "extra": [{"model": "smlpnet_tiny", "cpe": False}]})
+
+
+@pytest.mark.parametrize("model,kwargs", [("smlpnet_tiny", {"dim": 8, "depths": [1, 1, 1, 1]}),
+                                          ("shiftvit_light_tiny", {"embed_dim": 8, "n_div": 4, "depths": [1, 1, 1, 1]})])
+def test_one_epoch_of_training_through_the_engine(tmp_path, model, kwargs):
+    from spach.engine import TrainConfig, train
+
+    cfg = TrainConfig.from_dict(dict(
+        model=model, model_kwargs=kwargs, data="mnist5k", img_size=32, threads=1, workers=0, tensorboard=False,
+        epochs=1, warmup_epochs=0, cooldown_epochs=0, batch_size=16, max_train_samples=64, max_val_samples=32,
+        lr=2e-3, output=str(tmp_path / "run")))
+    r = train(cfg)
+    assert len(r["history"]) == 1 and math.isfinite(r["history"][0]["train_loss"])
+    # the exported weights load into a fresh model and give the run's evaluation
+    fresh = spach.create_model(model, num_classes=10, img_size=32, **kwargs)
+    spach.load_checkpoint(fresh, r["weights"])
+    from spach.engine import evaluate
+
+    m = evaluate(fresh, "mnist5k", img_size=32, max_samples=32)
+    assert m["top1"] == pytest.approx(r["final_top1"])
+
+
+@pytest.mark.slow
+def test_a_battle_puts_the_three_projects_side_by_side(tmp_path):
+    import sqlite3
+
+    from spach.battle import run_study
+
+    recipe = {"epochs": 1, "batch_size": 16, "lr": 2e-3, "warmup_epochs": 0, "cooldown_epochs": 0,
+              "max_train_samples": 64, "max_val_samples": 32, "mixup": 0.0, "cutmix": 0.0, "augment": False,
+              "repeated_aug": False, "model_ema": False, "workers": 0, "tensorboard": False}
+    study = {"name": "release", "data": "mnist5k", "img_size": 32, "recipe": recipe,
+             "measure": {"batch_size": 4, "warmup": 1, "repeats": 1},
+             "extra": [{"model": "spach_ms_xxs_patch4_224_conv", "model_kwargs": {"hidden_dim": 8}},
+                       {"model": "smlpnet_tiny", "model_kwargs": {"dim": 8, "depths": [1, 1, 1, 1]}},
+                       {"model": "shiftvit_light_tiny",
+                        "model_kwargs": {"embed_dim": 8, "n_div": 4, "depths": [1, 1, 1, 1]}}]}
+    result = run_study(study, tmp_path, quiet=True, threads=1)
+    assert result["done"] == 3 and result["failed"] == 0
+    conn = sqlite3.connect(tmp_path / "battle.db")
+    families = {r[0]: (r[1], r[2]) for r in conn.execute("SELECT model, family, status FROM runs")}
+    conn.close()
+    assert families == {"spach_ms_xxs_patch4_224_conv": ("conv", "done"), "smlpnet_tiny": ("smlp-net", "done"),
+                        "shiftvit_light_tiny": ("shift-vit", "done")}
+    report = (tmp_path / "report.md").read_text()
+    assert "| smlp-net | MS | tiny |" in report and "| shift-vit | MS | light_tiny |" in report

@@ -25,9 +25,10 @@ from spach.battle import db
 from spach.io import atomic_savefig, atomic_write
 from spach.battle.findings import Group, Stat, evaluate_findings
 
-FAMILY_ORDER = {"conv": 0, "attn": 1, "mlp": 2, "hybrid": 3}
+FAMILY_ORDER = {"conv": 0, "attn": 1, "mlp": 2, "hybrid": 3, "smlp-net": 4, "shift-vit": 5}
 SIZE_ORDER = {"xxs": 0, "xs": 1, "s": 2, "s_plus": 3}
-FAMILY_COLOR = {"conv": "tab:blue", "attn": "tab:red", "mlp": "tab:green", "hybrid": "tab:purple"}
+FAMILY_COLOR = {"conv": "tab:blue", "attn": "tab:red", "mlp": "tab:green", "hybrid": "tab:purple",
+                "smlp-net": "tab:olive", "shift-vit": "tab:orange"}
 
 
 # --------------------------------------------------------------------------- atomic files

@@ -20,6 +20,7 @@ A study is a YAML mapping (see docs/battle.md for the full reference)::
         ms: {hidden_dim: 16, num_heads: 1, depths: [1, 1, 2, 1], patch_size: 2}
     extra:                               # runs outside the grid
       - {model: spach_ms_s_plus_patch4_224_hybrid}
+      - {model: shiftvit_light_tiny, model_kwargs: {embed_dim: 16, depths: [1, 1, 1, 1]}}  # sMLPNet/ShiftViT too
       - {name: my-net, layout: ms, net_arch: [[[conv, 1]], [[attn, 1]], [[attn, 1]], [[attn, 1]]],
          hidden_dim: 16, num_heads: 1}
     launcher: {kind: local}              # or {kind: torchrun, nproc_per_node: 8, ...} or {kind: slurm, ...}
@@ -671,10 +672,13 @@ def _expand_extra(study: Study, entry: Any, where: str) -> list[Run]:
             _fail(where, "a custom net_arch entry needs a name")
         check_name(name, "name", where)
         size = "custom"
+    elif "model" in entry and _is_release_model(entry["model"]):
+        return _expand_release_extra(study, entry, kwargs, seeds, where)
     elif "model" in entry:
         model = entry["model"]
         if not isinstance(model, str) or not model.startswith("spach_"):
-            _fail(where, f"model must be a spach zoo name, got {model!r}")
+            _fail(where, f"model must be a spach zoo name or one of the release's sMLPNet/ShiftViT names "
+                         f"(see `spach models`), got {model!r}")
         layout = "ms" if model.startswith("spach_ms_") else "ss"
         family = entry.get("family", model.rsplit("_", 1)[-1])
         size = model.split("_")[2 if layout == "ms" else 1]
@@ -694,6 +698,32 @@ def _expand_extra(study: Study, entry: Any, where: str) -> list[Run]:
         kwargs["shared_spatial_func"] = True
     group = name + ("" if cpe else "-nocpe") + ("-shared" if shared else "")
     return [_make_run(study, group, family, layout, size, cpe, shared, seed, model, kwargs) for seed in seeds]
+
+
+def _is_release_model(model: Any) -> bool:
+    from spach.models.release_zoo import RELEASE_ZOO
+
+    return isinstance(model, str) and model in RELEASE_ZOO
+
+
+def _expand_release_extra(study: Study, entry: dict, kwargs: dict, seeds: list[int], where: str) -> list[Run]:
+    """An sMLPNet or ShiftViT of the original release, by name: its own family, multi-stage, no SPACH ablations."""
+    from spach.models.release_zoo import release_family, release_size
+
+    model = entry["model"]
+    family = release_family(model)
+    if entry.get("family", family) != family:
+        _fail(where, f"{model} is of family {family!r}, not {entry['family']!r}; drop the family key")
+    if entry.get("layout", "ms") != "ms":
+        _fail(where, f"{model} is a multi-stage network: layout must be ms (or left out)")
+    spach_keys = sorted(set(entry) & {"net_arch", "hidden_dim", "num_heads", "channel_ratio", "token_ratio",
+                                      "patch_size", "stem_type", "cpe", "shared"})
+    if spach_keys:
+        _fail(where, f"{spach_keys} are SPACH settings; {model} takes its own constructor keywords in model_kwargs "
+                     f"(e.g. dim/depths for sMLPNet, embed_dim/depths/n_div for ShiftViT)")
+    name = entry.get("name") or model
+    return [_make_run(study, name, family, "ms", release_size(model), True, False, seed, model, kwargs)
+            for seed in seeds]
 
 
 def summary(study: Study) -> str:

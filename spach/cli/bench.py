@@ -3,6 +3,7 @@
     spach bench --models zoo --batch 16 --img-size 224 --dtype fp32 bf16 --threads 2
     spach bench --models spach_ms_s_patch4_224_conv --mode infer train --json out.json
     spach bench --models ms --protocol swin          # Swin/SPACH: 50 warm-up, mean of 30
+    spach bench --models release --threads 2         # sMLPNet and ShiftViT of the original release
 
 A thin layer over `spach.bench`.
 """
@@ -18,7 +19,8 @@ from spach.io import check_output_file
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", nargs="+", default=["zoo"], metavar="NAME",
                         help="model names (SPACH or any timm model) or groups: "
-                             "zoo (all SPACH models), ms (multi-stage), ss (single-stage); default: zoo")
+                             "zoo (all SPACH models), ms (multi-stage), ss (single-stage), "
+                             "release (sMLPNet and ShiftViT); default: zoo")
     parser.add_argument("--batch", type=int, default=16, help="batch size (default: 16)")
     parser.add_argument("--img-size", type=int, default=224, help="image side in pixels (default: 224)")
     parser.add_argument("--dtype", nargs="+", default=["fp32"], choices=list(bench.DTYPES),
