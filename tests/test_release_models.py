@@ -152,12 +152,12 @@ def test_factories_keep_the_original_drop_path_rates():
 def test_shiftvit_takes_any_size_the_strides_allow_and_names_the_stride_otherwise():
     model = tiny_shift().eval()
     assert model(torch.randn(1, 3, 64, 96)).shape == (1, 5)
-    with pytest.raises(ValueError, match="divisible by its total stride 32.*48x48"):
+    with pytest.raises(ValueError, match="input size 48x48 is not divisible by the network's total stride 32"):
         model(torch.randn(1, 3, 48, 48))
 
 
 def test_smlpnet_names_the_size_it_was_built_for():
-    with pytest.raises(ValueError, match="built for 32x32 input and got 64x64.*img_size=64"):
+    with pytest.raises(ValueError, match="built for 32x32 input and got 64x64; build it with img_size=\\(64, 64\\)"):
         tiny_smlp()(torch.randn(1, 3, 64, 64))
     with pytest.raises(ValueError, match="leaves no tokens at stage 4"):
         SMLPNet(image_size=16, depths=[1, 1, 1, 1])
@@ -345,3 +345,33 @@ def test_a_battle_puts_the_three_projects_side_by_side(tmp_path):
                         "shiftvit_light_tiny": ("shift-vit", "done")}
     report = (tmp_path / "report.md").read_text()
     assert "| smlp-net | MS | tiny |" in report and "| shift-vit | MS | light_tiny |" in report
+
+
+# ---------------------------------------------------------------- tools that read the model
+@pytest.mark.parametrize("build", [tiny_smlp, tiny_shift])
+def test_torchscript_fx_and_export_give_the_eager_logits(build):
+    from timm.models import create_feature_extractor
+
+    torch.manual_seed(0)
+    model, x = build().eval(), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        eager = model(x)
+        torch.testing.assert_close(torch.jit.script(model)(x), eager, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(create_feature_extractor(model, {"head": "logits"})(x)["logits"], eager,
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.export.export(model, (x,)).module()(x), eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["smlpnet_tiny", "shiftvit_light_tiny"])
+def test_fx_feature_extraction_gives_the_getter_maps(name):
+    kw = dict(img_size=64, depths=[1, 1, 1, 1])
+    torch.manual_seed(0)
+    getter = timm.create_model(name, features_only=True, **kw).eval()
+    torch.manual_seed(0)  # the same initial weights
+    fx = timm.create_model(name, features_only=True, feature_cls="fx", **kw).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        maps, fx_maps = getter(x), fx(x)
+    assert len(fx_maps) == len(maps) == 4
+    for m, f in zip(maps, fx_maps):
+        torch.testing.assert_close(f.permute(0, 3, 1, 2), m, rtol=1e-5, atol=1e-5)

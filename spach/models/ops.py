@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import register_notrace_function
 
 
 def _channel_dim(ndim: int, channel_dim: int) -> int:
@@ -15,6 +16,7 @@ def _channel_dim(ndim: int, channel_dim: int) -> int:
     return channel_dim % 4
 
 
+@register_notrace_function  # torch.fx (timm's feature extraction): one node, shapes read when the graph runs
 def partial_shift(x: torch.Tensor, n_div: int = 12, channel_dim: int = 1) -> torch.Tensor:
     """ShiftViT's shift: four groups of ``C // n_div`` channels move one pixel, the rest stay.
 
@@ -39,6 +41,25 @@ def partial_shift(x: torch.Tensor, n_div: int = 12, channel_dim: int = 1) -> tor
     oc[3 * g:4 * g, :, 1:] = xc[3 * g:4 * g, :, :-1]  # down
     oc[3 * g:4 * g, :, :1] = 0
     return out
+
+
+@register_notrace_function  # torch.fx: one node, the grid checked when the graph runs
+def sparse_mix(x: torch.Tensor, w_h: torch.Tensor, b_h: torch.Tensor, w_w: torch.Tensor, b_w: torch.Tensor,
+               grid_size: tuple[int, int]) -> torch.Tensor:
+    """``cat([x, x_h, x_w], -1)`` for channels-last tokens: ``x_h`` mixes along W with ``(w_h, b_h)``,
+    ``x_w`` along H with ``(w_w, b_w)`` (1x1-conv or matrix weights); ``(B, H, W, C) -> (B, H, W, 3C)``."""
+    B, H, W, C = x.shape
+    if H != grid_size[0] or W != grid_size[1]:
+        raise ValueError(
+            f"the sparse MLP was built for a {grid_size[0]}x{grid_size[1]} token grid and got {H}x{W}: its "
+            f"weights depend on the grid, so feed the input size the model was built for "
+            f"(or rebuild it with that img_size)")
+    # both mixes as batched matmuls on views of the contiguous tokens, bias added in the product:
+    # along W, per row: (W, W) @ (W, C) for each of the B*H rows
+    x_h = torch.baddbmm(b_h.view(1, W, 1), w_h.view(W, W).expand(B * H, W, W), x.reshape(B * H, W, C))
+    # along H, per image: (H, H) @ (H, W*C)
+    x_w = torch.baddbmm(b_w.view(1, H, 1), w_w.view(H, H).expand(B, H, H), x.reshape(B, H, W * C))
+    return torch.cat([x, x_h.view(B, H, W, C), x_w.view(B, H, W, C)], dim=-1)
 
 
 class SparseMLP(nn.Module):
@@ -67,20 +88,9 @@ class SparseMLP(nn.Module):
 
     def mix(self, x: torch.Tensor) -> torch.Tensor:
         """``cat([x, x_h, x_w], -1)``: the tokens and their two axial mixes, ``(B, H, W, 3C)``."""
-        B, H, W, C = x.shape
-        if H != self.grid_size[0] or W != self.grid_size[1]:
-            raise ValueError(
-                f"the sparse MLP was built for a {self.grid_size[0]}x{self.grid_size[1]} token grid and got "
-                f"{H}x{W}: its weights depend on the grid, so feed the input size the model was built for "
-                f"(or rebuild it with that img_size)")
-        # both mixes as batched matmuls on views of the contiguous tokens, bias added in the product:
-        # along W, per row: (W, W) @ (W, C) for each of the B*H rows
-        x_h = torch.baddbmm(self.proj_h.bias.view(1, W, 1), self.proj_h.weight.view(W, W).expand(B * H, W, W),
-                            x.reshape(B * H, W, C)).view(B, H, W, C)
-        # along H, per image: (H, H) @ (H, W*C)
-        x_w = torch.baddbmm(self.proh_w.bias.view(1, H, 1), self.proh_w.weight.view(H, H).expand(B, H, H),
-                            x.reshape(B, H, W * C)).view(B, H, W, C)
-        return torch.cat([x, x_h, x_w], dim=-1)
+        b_h, b_w = self.proj_h.bias, self.proh_w.bias
+        assert b_h is not None and b_w is not None  # built with biases (a TorchScript type refinement)
+        return sparse_mix(x, self.proj_h.weight, b_h, self.proh_w.weight, b_w, self.grid_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.mix(x), self.fuse.weight.flatten(1))
@@ -98,7 +108,18 @@ class BatchNormNhwc(nn.BatchNorm2d):
     """``BatchNorm2d`` on channels-last tokens ``(B, H, W, C)`` (run on the channels_last NCHW view, no copy)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        # BatchNorm2d's own forward, on the (B, C, H, W) view (written out: TorchScript has no super())
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                momentum = 1.0 / float(self.num_batches_tracked)
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        keep = not self.training or self.track_running_stats
+        y = F.batch_norm(x.permute(0, 3, 1, 2), self.running_mean if keep else None,
+                         self.running_var if keep else None, self.weight, self.bias, use_batch_stats, momentum,
+                         self.eps)
+        return y.permute(0, 2, 3, 1)
 
 
 class GroupNorm1Nhwc(nn.GroupNorm):
@@ -109,4 +130,4 @@ class GroupNorm1Nhwc(nn.GroupNorm):
         super().__init__(1, num_channels, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return F.group_norm(x.permute(0, 3, 1, 2), 1, self.weight, self.bias, self.eps).permute(0, 2, 3, 1)

@@ -118,6 +118,7 @@ class ShiftViT(StagedNet):
         self.img_size = to_2tuple(img_size)
         self.patch_size = patch_size
         self.stride = patch_size * 2 ** (len(depths) - 1)
+        self.fixed_input_size = False  # no weight depends on the input size
         self.depths = depths
 
         self.stem = PatchEmbed(in_chans, embed_dim, patch_size, norm_layer, patch_norm)
@@ -142,12 +143,7 @@ class ShiftViT(StagedNet):
             nn.init.zeros_(self.head.bias)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Patch embedding: (B, C_in, H, W) -> (B, H/p, W/p, C), after checking the input size."""
-        H, W = x.shape[-2:]
-        if H % self.stride or W % self.stride:
-            raise ValueError(f"ShiftViT takes input sides divisible by its total stride {self.stride} "
-                             f"(patch_size {self.patch_size} x 2^{len(self.depths) - 1}), got {H}x{W}: "
-                             f"resize or crop the input")
+        """Patch embedding: (B, C_in, H, W) -> (B, H/p, W/p, C)."""
         return self.pos_drop(self.stem(x))
 
 

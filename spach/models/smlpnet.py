@@ -101,6 +101,8 @@ class SMLPNet(StagedNet):
         self.num_classes = num_classes
         self.global_pool = check_global_pool(global_pool)
         self.img_size = tuple(img_size)
+        self.fixed_input_size = True  # the sparse MLPs' weights depend on the token grid
+        self.stride = 1  # the original floors odd sides at each downsampling; only the built size is checked
         self.patch_size = patch_size
         self.depths = depths
         self.drop_path_rate = drop_path_rate
@@ -123,12 +125,7 @@ class SMLPNet(StagedNet):
         self.head = nn.Linear(width, num_classes) if num_classes > 0 else nn.Identity()
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """The stem: (B, C_in, H, W) -> (B, H/p, W/p, C), after checking the input size."""
-        if tuple(x.shape[-2:]) != self.img_size:
-            H, W = x.shape[-2:]
-            raise ValueError(
-                f"this sMLPNet was built for {self.img_size[0]}x{self.img_size[1]} input and got {H}x{W}: its "
-                f"sparse MLPs' weights depend on the token grid; build it with img_size={H if H == W else (H, W)}")
+        """The stem: (B, C_in, H, W) -> (B, H/p, W/p, C)."""
         return nchw_to_nhwc(self.stem(x.contiguous(memory_format=torch.channels_last)))
 
 

@@ -7,6 +7,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
 from spach.models.layers import nhwc_to_nchw
+from spach.models.spach import check_input_size
 
 
 class StagedStage(nn.Module):
@@ -30,9 +31,10 @@ class StagedNet(nn.Module):
     """``embed`` (stem) -> ``stages`` -> ``norm`` -> mean over tokens -> ``head``.
 
     A subclass builds ``stem``, ``stages`` (of :class:`StagedStage`), ``norm``,
-    ``head``, ``num_features``, ``feature_info`` and ``global_pool``, and defines
-    ``embed(x)``: ``(B, C_in, H, W) -> (B, H', W', C)``, which checks the input size.
-    Everything timm expects of a model follows from these.
+    ``head``, ``num_features``, ``feature_info``, ``global_pool``, ``img_size``,
+    ``stride`` and ``fixed_input_size`` (the input must be ``img_size``; else its
+    sides must divide by ``stride``), and defines ``embed(x)``:
+    ``(B, C_in, H, W) -> (B, H', W', C)``. Everything timm expects of a model follows.
     """
 
     output_fmt = "NHWC"
@@ -64,6 +66,7 @@ class StagedNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C_in, H, W) -> (B, H/s, W/s, C) after the final norm (``output_fmt = 'NHWC'``)."""
+        x = check_input_size(x, self.img_size, self.stride, self.fixed_input_size)
         return self.norm(self.stages(self.embed(x)))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -85,7 +88,7 @@ class StagedNet(nn.Module):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         stages = self.stages[:max_index + 1] if stop_early else self.stages
-        x = self.embed(x)
+        x = self.embed(check_input_size(x, self.img_size, self.stride, self.fixed_input_size))
         intermediates = []
         for i, stage in enumerate(stages):
             x = stage(x)
