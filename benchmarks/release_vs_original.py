@@ -11,6 +11,7 @@ both see the same load on the machine.
 
     python benchmarks/release_vs_original.py --models smlpnet_tiny shiftvit_light_tiny --threads 2
     python benchmarks/release_vs_original.py --models release --batch 16 --rounds 3 --json out.json
+    python benchmarks/release_vs_original.py --models shiftvit_light_tiny --mode train --batch 8
 """
 from __future__ import annotations
 
@@ -235,7 +236,8 @@ def randomise(model: nn.Module) -> None:
                     t.copy_(torch.randn(t.shape, generator=gen) * (t[0].numel() ** -0.5))
 
 
-def compare(name: str, batch: int, threads: int, rounds: int, repeats: int, dtype: str) -> dict:
+def compare(name: str, batch: int, threads: int, rounds: int, repeats: int, dtype: str, mode: str = "infer",
+            warmup: int = 2) -> dict:
     ref = original_model(name).eval()
     randomise(ref)
     ours = spach.load_checkpoint(timm.create_model(name), {"model": ref.state_dict()}).eval()
@@ -247,10 +249,10 @@ def compare(name: str, batch: int, threads: int, rounds: int, repeats: int, dtyp
     for _ in range(rounds):  # alternate, so both see the same machine load
         for key, model in (("spach", ours), ("original", ref)):
             r = measure_throughput(model, batch_size=batch, img_size=224, dtype=dtype, threads=threads,
-                                   warmup=2, repeats=repeats)
+                                   mode=mode, warmup=warmup, repeats=repeats)
             ips[key].append(r["images_per_s"])
     med = {k: statistics.median(v) for k, v in ips.items()}
-    return {"model": name, "dtype": dtype, "batch": batch, "threads": threads,
+    return {"model": name, "dtype": dtype, "mode": mode, "batch": batch, "threads": threads,
             "max_rel_diff": diff, "spach_ips": med["spach"], "original_ips": med["original"],
             "speedup": med["spach"] / med["original"], "rounds": ips}
 
@@ -262,7 +264,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3, help="alternating measurements of each model")
     p.add_argument("--repeats", type=int, default=5, help="timed passes per measurement (median)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed passes before each measurement")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--mode", default="infer", choices=["infer", "train"],
+                   help="infer (eval, no grad) or train (forward, backward, AdamW step)")
     p.add_argument("--json", default=None, help="also write the rows as JSON (atomically)")
     args = p.parse_args(argv)
     tune_cpu_allocator()
@@ -273,7 +278,7 @@ def main(argv=None) -> int:
     rows = []
     print(f"{'model':<22} {'spach img/s':>12} {'original img/s':>15} {'speed-up':>9} {'max rel diff':>13}")
     for n in names:
-        r = compare(n, args.batch, args.threads, args.rounds, args.repeats, args.dtype)
+        r = compare(n, args.batch, args.threads, args.rounds, args.repeats, args.dtype, args.mode, args.warmup)
         rows.append(r)
         print(f"{n:<22} {r['spach_ips']:>12.1f} {r['original_ips']:>15.1f} {r['speedup']:>8.2f}x "
               f"{r['max_rel_diff']:>13.1e}", flush=True)

@@ -248,7 +248,8 @@ def test_bare_state_dict_safetensors_and_timm_pretrained_file(tmp_path):
     model = spach.load_checkpoint(SMLPNet(**ref["kwargs"]).eval(), ref["state_dict"])  # bare, original layout
     spach.save_safetensors(model, tmp_path / "m.safetensors")
     again = spach.load_checkpoint(SMLPNet(**ref["kwargs"]).eval(), tmp_path / "m.safetensors")
-    torch.save({"model": ref["state_dict"]}, tmp_path / "smlp_s.pth")
+    args = argparse.Namespace(model="smlp_s", dp_rate=0.2)  # as a training checkpoint of the original carries
+    torch.save({"model": ref["state_dict"], "args": args}, tmp_path / "smlp_s.pth")
     kw = {k: v for k, v in ref["kwargs"].items() if k != "num_classes"}
     overlay = dict(file=str(tmp_path / "smlp_s.pth"), num_classes=10)  # else timm drops the classifier
     via_timm = timm.create_model("smlpnet_small", pretrained=True, num_classes=10, drop_path_rate=0.0,

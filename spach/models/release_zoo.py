@@ -6,6 +6,7 @@ constructor keyword). Each entry is the class and the original factory's keyword
 """
 from __future__ import annotations
 
+import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
@@ -95,9 +96,13 @@ def _create(name: str, pretrained: bool = False, **kwargs):
             kwargs["img_size"] = kwargs.pop("image_size")
     kwargs = {**entry, **kwargs}
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    return build_model_with_cfg(
-        cls, name, pretrained, pretrained_filter_fn=FILTERS[cls],
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs)
+    from spach.models.checkpoint import SAFE_CLASSES  # (imported here: checkpoint imports this module)
+
+    # timm reads pretrained files with weights_only=True; the original's may carry their run's Namespace
+    with torch.serialization.safe_globals(SAFE_CLASSES):
+        return build_model_with_cfg(
+            cls, name, pretrained, pretrained_filter_fn=FILTERS[cls],
+            feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs)
 
 
 def _make_entrypoint(name: str):

@@ -138,7 +138,8 @@ class ShiftViT(StagedNet):
         self.num_features = self.head_hidden_size = width
         self.norm = norm_layer(width)
         self.head = nn.Linear(width, num_classes) if num_classes > 0 else nn.Identity()
-        if isinstance(self.head, nn.Linear):  # as the original: the classifier trunc-normal(0.02), zero bias
+        if isinstance(self.head, nn.Linear):  # the classifier trunc-normal(0.02), zero bias (Swin's convention);
+            # every other layer keeps PyTorch's default init (the MLP's Linear equals the 1x1 conv's)
             trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
 

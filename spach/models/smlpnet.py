@@ -66,10 +66,10 @@ class Downsample(nn.Module):
         return nchw_to_nhwc(self.conv(nhwc_to_nchw(x)))
 
 
-def _pick(name: str, original, ours, default):
+def _pick(names: tuple[str, str], original, ours, default):
     # one value from the original keyword and timm's spelling of it; both given must agree
     if original is not None and ours is not None and original != ours:
-        raise ValueError(f"sMLPNet got {name[0]}={original!r} and {name[1]}={ours!r}: give one of them")
+        raise ValueError(f"sMLPNet got {names[0]}={original!r} and {names[1]}={ours!r}: give one of them")
     return original if original is not None else ours if ours is not None else default
 
 
@@ -89,7 +89,8 @@ class SMLPNet(StagedNet):
                  img_size=None, drop_path_rate: float | None = None, drop_rate: float = 0.0,
                  global_pool: str = "avg"):
         super().__init__()
-        img_size = to_2tuple(_pick(("image_size", "img_size"), image_size, img_size, 224))
+        img_size = _pick(("image_size", "img_size"), None if image_size is None else tuple(to_2tuple(image_size)),
+                         None if img_size is None else tuple(to_2tuple(img_size)), (224, 224))
         drop_path_rate = float(_pick(("dp_rate", "drop_path_rate"), dp_rate, drop_path_rate, 0.0))
         depths = list(depths)
         if not depths or any(not isinstance(d, int) or d < 1 for d in depths):
