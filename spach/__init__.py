@@ -7,6 +7,8 @@
     spach.load_checkpoint(model, "spach_ms_hybrid_s.pth")   # an original release file
 """
 from spach.models import (  # noqa: F401
+    SMLPNet,
+    ShiftViT,
     Spach,
     SpachMS,
     count_macs,

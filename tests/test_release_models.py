@@ -98,7 +98,8 @@ def test_macs_within_one_percent_of_the_original(name):
 
 def test_pretrained_cfg_names_release_files_urls_and_top1():
     url = "https://github.com/microsoft/SPACH/releases/download/v1.0/"
-    files = {"smlpnet_small": "smlp_s.pth", "smlpnet_base": "smlp_b.pth", "shiftvit_light_tiny": "shiftvit_tiny_light.pth",
+    files = {"smlpnet_small": "smlp_s.pth", "smlpnet_base": "smlp_b.pth",
+             "shiftvit_light_tiny": "shiftvit_tiny_light.pth",
              "shiftvit_r2_tiny": "shiftvit_tiny_r2.pth", "shiftvit_light_small": "shiftvit_small_light.pth",
              "shiftvit_r2_small": "shiftvit_small_r2.pth"}
     for name in RELEASE_ZOO:
@@ -295,15 +296,17 @@ def test_battle_accepts_them_as_extra_entries_by_name():
                                    "spach_ms_xxs_patch4_224_conv"]})
     runs = {(r.model, r.seed): r for r in study.runs}
     assert [(r.family, r.layout, r.size) for r in study.runs] == [
-        ("smlp-net", "ms", "tiny"), ("shift-vit", "ms", "r2_small"), ("shift-vit", "ms", "r2_small"), ("conv", "ms", "xxs")]
+        ("smlp-net", "ms", "tiny"), ("shift-vit", "ms", "r2_small"), ("shift-vit", "ms", "r2_small"),
+        ("conv", "ms", "xxs")]
     assert runs[("shiftvit_r2_small", 1)].model_kwargs == {"embed_dim": 16, "depths": [1, 1, 1, 1], "img_size": 32}
     with pytest.raises(ValueError, match=r"\['cpe'\] are SPACH settings; smlpnet_tiny"):
         parse_study({"name": "x", "data": "mnist5k", "img_size": 32, "recipe": recipe,
                      "extra": [{"model": "smlpnet_tiny", "cpe": False}]})
 
 
-@pytest.mark.parametrize("model,kwargs", [("smlpnet_tiny", {"dim": 8, "depths": [1, 1, 1, 1]}),
-                                          ("shiftvit_light_tiny", {"embed_dim": 8, "n_div": 4, "depths": [1, 1, 1, 1]})])
+@pytest.mark.parametrize("model,kwargs", [
+    ("smlpnet_tiny", {"dim": 8, "depths": [1, 1, 1, 1]}),
+    ("shiftvit_light_tiny", {"embed_dim": 8, "n_div": 4, "depths": [1, 1, 1, 1]})])
 def test_one_epoch_of_training_through_the_engine(tmp_path, model, kwargs):
     from spach.engine import TrainConfig, train
 
