@@ -1,17 +1,18 @@
-"""Speed of models, judged against this machine's own matmul rate.
+"""The benchmark suite: speed of models, judged against this machine's real GEMM limit.
 
-Three layers, each usable alone:
+The timing harness and the reference live in `spach.timing`
+(`machine_limit(dtype)`: the best rate of BLAS and oneDNN GEMMs over several
+shapes, measured now with the same threads and dtype as the model). Here:
 
-- `matmul_rate(dtype)`: FLOP/s of a square `torch.matmul` (2·n³ FLOPs) measured
-  now, with the same threads and dtype as the model it is compared with.
 - `measure_throughput(model, ...)`: images/s of inference (eval +
   `torch.inference_mode`) or of a training step (forward, cross-entropy on
   random labels, backward, AdamW step). Warm-up, then the median of repeated
   timed passes (or, with `protocol="swin"`, the Swin/SPACH protocol: 50 warm-up
   passes, then the mean of 30 timed passes).
 - `benchmark(models, ...)`: one row per (model, dtype, mode) with params,
-  GMACs, images/s, achieved GFLOP/s and the fraction of the matmul rate
-  ("MFU"), plus a summary (geometric mean and minimum of the fractions).
+  GMACs, images/s, achieved GFLOP/s and the fraction of the machine's limit
+  ("MFU", at most 100% by construction of the limit), plus a summary
+  (geometric mean and minimum of the fractions).
   `format_table` and `write_json` render the result.
 
 Achieved FLOP/s counts 2 FLOPs per multiply-accumulate: 2·MACs·images/s for
@@ -27,28 +28,30 @@ Example::
 from __future__ import annotations
 
 import copy
-import datetime
 import difflib
 import json
 import math
 import os
-import platform
 import statistics
-import time
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from spach.engine.device import autocast as amp_autocast
+from spach.engine.build import optimizer_kernel_kwargs
 from spach.io import atomic_write
-from spach.runtime import num_threads
 from spach.models import count_macs, count_params
+from spach.runtime import cpu_allocator_tuned, num_threads
+from spach.timing import (DEVICES, DTYPES, GEMM_SHAPES, check_choice, check_device, loadavg, machine_info,
+                          machine_limit, matmul_rate, spread, time_passes)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+__all__ = ["DTYPES", "MODES", "DEVICES", "BF16_IMPLS", "GROUPS", "PROTOCOLS", "matmul_rate", "machine_limit",
+           "num_threads", "measure_throughput", "zoo_names", "resolve_models", "create_model", "benchmark",
+           "summarize", "format_table", "write_json"]
+
 MODES = ("infer", "train")
-DEVICES = ("cpu", "cuda")
 # bf16 inference: "autocast" keeps fp32 weights and casts inside torch.autocast;
 # "weights" casts the model (weights and input) to bf16 and runs it plainly.
 BF16_IMPLS = ("autocast", "weights")
@@ -62,108 +65,8 @@ PROTOCOLS = {
 
 
 # --------------------------------------------------------------------------
-# argument checks and small helpers
+# GPU: MFU against the device's dense peak
 # --------------------------------------------------------------------------
-
-def _check_choice(what: str, value: str, choices: Iterable[str]) -> str:
-    choices = tuple(choices)
-    if value not in choices:
-        raise ValueError(f"unknown {what} {value!r}; choose one of: {', '.join(choices)}")
-    return value
-
-
-def _check_device(device: str) -> torch.device:
-    _check_choice("device", device, DEVICES)
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but no CUDA GPU is available")
-    return torch.device(device)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time_passes(step: Callable[[], object], warmup: int, repeats: int, device: torch.device,
-                 together: bool = False) -> list[float]:
-    """Seconds per pass of `step`, after `warmup` untimed passes.
-
-    `together=True` times all `repeats` passes as one block (the Swin way) and
-    returns that block's mean once per pass.
-    """
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
-    for _ in range(warmup):
-        step()
-    _sync(device)
-    if together:
-        start = time.perf_counter()
-        for _ in range(repeats):
-            step()
-        _sync(device)
-        return [(time.perf_counter() - start) / repeats] * repeats
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def _spread(times: list[float]) -> dict:
-    """Summary of per-pass times: median, mean, min, max and relative spread (max-min)/median."""
-    med = statistics.median(times)
-    return {
-        "median_s": med,
-        "mean_s": statistics.fmean(times),
-        "min_s": min(times),
-        "max_s": max(times),
-        "spread": (max(times) - min(times)) / med if med > 0 else 0.0,
-    }
-
-
-# --------------------------------------------------------------------------
-# the machine's reference: a square matmul
-# --------------------------------------------------------------------------
-
-def matmul_rate(dtype: str = "fp32", n: int = 2048, threads: int | None = None, warmup: int = 3,
-                repeats: int = 10, device: str = "cpu", details: bool = False) -> float | dict:
-    """FLOP/s of `torch.matmul` of two n×n matrices in `dtype`, measured now.
-
-    One matmul counts 2·n³ FLOPs; the rate is taken from the median pass after
-    `warmup` passes. With `details=True` a dict is returned instead:
-    `flops_per_s` plus the timing spread (`median_s`, `min_s`, `max_s`, `spread`).
-    """
-    _check_choice("dtype", dtype, DTYPES)
-    dev = _check_device(device)
-    if dev.type == "cuda":
-        return _cuda_matmul_rate(dtype, n, warmup, repeats, details)
-    torch_dtype = DTYPES[dtype]
-    with num_threads(threads) as used_threads:
-        gen = torch.Generator().manual_seed(0)
-        a = torch.randn(n, n, generator=gen).to(dev, torch_dtype)
-        b = torch.randn(n, n, generator=gen).to(dev, torch_dtype)
-        out = torch.empty(n, n, device=dev, dtype=torch_dtype)
-        times = _time_passes(lambda: torch.matmul(a, b, out=out), warmup, repeats, dev)
-    stats = _spread(times)
-    rate = 2 * n**3 / stats["median_s"]
-    if not details:
-        return rate
-    return {"dtype": dtype, "n": n, "threads": used_threads, "device": device, "flops_per_s": rate, **stats}
-
-
-def _cuda_matmul_rate(dtype: str, n: int, warmup: int, repeats: int, details: bool) -> float | dict:
-    """On a GPU: an n x n GEMM with n >= 8192, passes timed together with CUDA events (see
-    `spach.accelerators`); `details` adds the device's dense peak and the fraction of it."""
-    from spach.accelerators import cuda_gemm_rate
-
-    ref = cuda_gemm_rate(dtype, n=max(n, 8192), warmup=max(warmup, 3), repeats=max(repeats, 10))
-    if not details:
-        return ref["flops_per_s"]
-    return {**ref, "threads": None, "median_s": ref["seconds"], "mean_s": ref["seconds"], "min_s": ref["seconds"],
-            "max_s": ref["seconds"], "spread": 0.0}
-
 
 def cuda_mfu(achieved_flops_per_s: float, dtype: str) -> dict:
     """On a GPU: the device's dense peak for the precision its matmuls run in, and MFU against it."""
@@ -203,13 +106,13 @@ def measure_throughput(model: nn.Module, batch_size: int = 16, img_size: int = 2
     `protocol="swin"`), the per-pass timing summary (`median_s`, `mean_s`,
     `min_s`, `max_s`, `spread` = (max-min)/median) and the settings used.
     """
-    _check_choice("dtype", dtype, DTYPES)
-    _check_choice("mode", mode, MODES)
-    _check_choice("protocol", protocol, PROTOCOLS)
+    check_choice("dtype", dtype, DTYPES)
+    check_choice("mode", mode, MODES)
+    check_choice("protocol", protocol, PROTOCOLS)
     if bf16_impl is None:
         bf16_impl = "weights" if mode == "infer" else "autocast"
-    _check_choice("bf16_impl", bf16_impl, BF16_IMPLS)
-    dev = _check_device(device)
+    check_choice("bf16_impl", bf16_impl, BF16_IMPLS)
+    dev = check_device(device)
     if batch_size < 1 or img_size < 1:
         raise ValueError(f"batch_size and img_size must be >= 1, got {batch_size} and {img_size}")
     if protocol == "swin" and mode != "infer":
@@ -257,7 +160,8 @@ def measure_throughput(model: nn.Module, batch_size: int = 16, img_size: int = 2
             else:
                 model.train()
                 y = torch.randint(0, _num_classes(model, x), (batch_size,), generator=gen).to(dev)
-                opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+                # the optimizer as the engine builds it (fused AdamW)
+                opt = torch.optim.AdamW(model.parameters(), lr=1e-6, **optimizer_kernel_kwargs("adamw"))
 
                 def step():
                     opt.zero_grad(set_to_none=True)
@@ -266,12 +170,12 @@ def measure_throughput(model: nn.Module, batch_size: int = 16, img_size: int = 2
                     F.cross_entropy(out.float(), y).backward()
                     opt.step()
 
-            times = _time_passes(step, warmup, repeats, dev, together=(protocol == "swin"))
+            times = time_passes(step, warmup, repeats, dev, together=(protocol == "swin"))
     finally:
         if in_place:
             model.train(was_training)
 
-    stats = _spread(times)
+    stats = spread(times)
     seconds = stats["mean_s"] if statistic == "mean" else stats["median_s"]
     precision = dtype if dtype == "fp32" else ("bf16-weights" if cast_weights else "bf16-autocast")
     return {
@@ -374,81 +278,51 @@ def _as_named(models) -> list[tuple[str, nn.Module | None]]:
     return list(dict.fromkeys(named))  # keep order, drop repeats
 
 
-def machine_info() -> dict:
-    info = {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "processor": _cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-    }
-    if torch.cuda.is_available():
-        info["cuda_device"] = torch.cuda.get_device_name()
-    return info
-
-
-def _allocator_tuned() -> bool | None:
-    """Whether `spach.runtime.tune_cpu_allocator()` ran in this process (`spach` commands call it)."""
-    try:
-        import spach.runtime
-    except ImportError:
-        return None
-    return bool(getattr(spach.runtime, "_tuned", False))
-
-
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
 
 def benchmark(models, batch_size: int = 16, img_size: int = 224, dtypes: Iterable[str] = ("fp32",),
               modes: Iterable[str] = ("infer",), threads: int | None = None, warmup: int | None = None,
               repeats: int | None = None, device: str = "cpu", channels_last: bool = False,
-              protocol: str = "default", bf16_impl: str | None = None, matmul_n: int = 2048,
+              protocol: str = "default", bf16_impl: str | None = None,
+              limit_shapes: Iterable[tuple[int, int, int]] | None = None,
               log: Callable[[str], None] | None = None) -> dict:
     """Benchmark `models` in every dtype and mode; return `{"meta", "rows", "summary"}`.
 
     `models`: names (timm/SPACH names or the groups zoo/ms/ss), nn.Modules, or
-    (name, module) pairs. The reference matmul is measured right before and
-    right after each (model, dtype, mode) in the same dtype, threads and
-    device; the fraction divides by the better of the two, so model and matmul
-    are measured under the same conditions (on a shared machine both move)
-    and a momentary dip of the reference cannot inflate the fraction.
+    (name, module) pairs. The machine's limit (`spach.timing.machine_limit`: the
+    best of BLAS and oneDNN GEMMs over `limit_shapes`, default
+    `spach.timing.GEMM_SHAPES`) is measured right before and right after each
+    (model, dtype, mode) in the same dtype, threads and device; the fraction
+    divides by the better of the two, so model and limit are measured under the
+    same conditions (on a shared machine both move) and a momentary dip of the
+    reference cannot inflate the fraction.
 
     Each row: model, params, gmacs, dtype, precision, mode, batch, img_size,
     threads, images_per_s, the timing spread (median_s, mean_s, min_s, max_s,
-    spread = (max-min)/median), achieved_gflops, matmul_gflops (and its
-    _before/_after), fraction (= achieved_gflops / matmul_gflops).
+    spread = (max-min)/median), achieved_gflops, limit_gflops (and its
+    _before/_after, the kernel and shape that reached it), fraction
+    (= achieved_gflops / limit_gflops).
     """
     dtypes, modes = list(dtypes), list(modes)
     for d in dtypes:
-        _check_choice("dtype", d, DTYPES)
+        check_choice("dtype", d, DTYPES)
     for m in modes:
-        _check_choice("mode", m, MODES)
-    _check_choice("protocol", protocol, PROTOCOLS)
-    _check_device(device)
+        check_choice("mode", m, MODES)
+    check_choice("protocol", protocol, PROTOCOLS)
+    check_device(device)
+    shapes = [tuple(int(v) for v in s) for s in (limit_shapes or GEMM_SHAPES)]
+    if any(len(s) != 3 or min(s) < 1 for s in shapes):
+        raise ValueError(f"limit shapes must be (M, K, N) triples of positive sizes, got {shapes}")
     named = _as_named(models)
     log = log or (lambda msg: None)
 
+    def limit(dtype: str) -> dict:
+        return machine_limit(dtype, device=device, shapes=shapes)
+
     rows = []
-    load_before = _loadavg()
+    load_before = loadavg()
     with num_threads(threads) as used_threads:
-        for dtype in dtypes:  # wake the thread pool and the matmul kernels before anything is timed
-            matmul_rate(dtype, n=matmul_n, device=device, warmup=5, repeats=1)
+        for dtype in dtypes:  # wake the thread pool and the GEMM kernels before anything is timed
+            machine_limit(dtype, device=device, shapes=shapes, warmup=3, repeats=1)
         for name, module in named:
             model = module if module is not None else create_model(name, img_size)
             params = count_params(model)
@@ -457,36 +331,32 @@ def benchmark(models, batch_size: int = 16, img_size: int = 224, dtypes: Iterabl
                 for mode in modes:
                     if protocol == "swin" and mode != "infer":
                         continue
-                    # the reference matmul right before and right after the model, same
-                    # dtype, threads and device: both see the same load on the machine
-                    before = matmul_rate(dtype, n=matmul_n, device=device, details=True)
+                    before = limit(dtype)
                     res = measure_throughput(model, batch_size, img_size, dtype, mode=mode, warmup=warmup,
                                              repeats=repeats, device=device, channels_last=channels_last,
                                              protocol=protocol, bf16_impl=bf16_impl if mode == "infer" else "autocast")
-                    after = matmul_rate(dtype, n=matmul_n, device=device, details=True)
-                    # the better of the two: a momentary dip of the reference must not flatter the model
-                    matmul = max(before["flops_per_s"], after["flops_per_s"])
-                    flops_per_image = 2 * macs * (3 if mode == "train" else 1)
-                    achieved = flops_per_image * res["images_per_s"]
+                    after = limit(dtype)
+                    best = max(before, after, key=lambda r: r["flops_per_s"])
+                    achieved = 2 * macs * (3 if mode == "train" else 1) * res["images_per_s"]
                     row = {
                         "model": name, "params": params, "gmacs": macs / 1e9,
                         "dtype": dtype, "precision": res["precision"], "mode": mode,
                         "batch": batch_size, "img_size": img_size, "threads": used_threads, "device": device,
                         "images_per_s": res["images_per_s"],
-                        "median_s": res["median_s"], "mean_s": res["mean_s"], "min_s": res["min_s"],
-                        "max_s": res["max_s"], "spread": res["spread"],
+                        **{k: res[k] for k in ("median_s", "mean_s", "min_s", "max_s", "spread")},
                         "achieved_gflops": achieved / 1e9,
-                        "matmul_gflops": matmul / 1e9,
-                        "matmul_gflops_before": before["flops_per_s"] / 1e9,
-                        "matmul_gflops_after": after["flops_per_s"] / 1e9,
-                        "fraction": achieved / matmul,
+                        "limit_gflops": best["flops_per_s"] / 1e9,
+                        "limit_gflops_before": before["flops_per_s"] / 1e9,
+                        "limit_gflops_after": after["flops_per_s"] / 1e9,
+                        "limit_kernel": best["kernel"], "limit_shape": best["shape"],
+                        "fraction": achieved / best["flops_per_s"],
                     }
                     if device == "cuda":
                         row.update(cuda_mfu(achieved, dtype))
                     rows.append(row)
                     log(f"{name:40s} {dtype} {mode:5s} {row['images_per_s']:8.1f} img/s  "
-                        f"{row['achieved_gflops']:6.1f} GFLOP/s  {100 * row['fraction']:5.1f}% of matmul "
-                        f"({row['matmul_gflops']:.0f} GFLOP/s)  spread {100 * row['spread']:.0f}%")
+                        f"{row['achieved_gflops']:6.1f} GFLOP/s  {100 * row['fraction']:5.1f}% of the limit "
+                        f"({row['limit_gflops']:.0f} GFLOP/s, {best['kernel']})  spread {100 * row['spread']:.0f}%")
             del model
 
     meta = {
@@ -494,10 +364,11 @@ def benchmark(models, batch_size: int = 16, img_size: int = 224, dtypes: Iterabl
         "img_size": img_size, "protocol": protocol, "statistic": PROTOCOLS[protocol][2],
         "warmup": warmup if warmup is not None else PROTOCOLS[protocol][0],
         "repeats": repeats if repeats is not None else PROTOCOLS[protocol][1],
-        "channels_last": channels_last, "bf16_impl": bf16_impl or "weights", "matmul_n": matmul_n,
-        # other processes on the machine slow both the models and the matmul: look here first
-        "loadavg_before": load_before, "loadavg_after": _loadavg(),
-        "cpu_allocator_tuned": _allocator_tuned(),
+        "channels_last": channels_last, "bf16_impl": bf16_impl or "weights",
+        "limit_shapes": [list(s) for s in shapes],
+        # other processes on the machine slow both the models and the limit: look here first
+        "loadavg_before": load_before, "loadavg_after": loadavg(),
+        "cpu_allocator_tuned": cpu_allocator_tuned(),
     }
     return {"meta": meta, "rows": rows, "summary": summarize(rows)}
 
@@ -539,7 +410,7 @@ def summarize(rows: list[dict]) -> list[dict]:
 def format_table(result: dict) -> str:
     """A markdown table of the rows followed by the summary lines."""
     head = ["model", "params", "GMACs", "dtype", "mode", "batch", "threads", "images/s", "spread",
-            "GFLOP/s", "matmul GFLOP/s", "fraction"]
+            "GFLOP/s", "limit GFLOP/s", "fraction"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     with_mfu = any("mfu" in r for r in result["rows"])
     if with_mfu:  # on a GPU: the fraction of the device's dense peak, too
@@ -547,7 +418,7 @@ def format_table(result: dict) -> str:
     for r in result["rows"]:
         cells = [r["model"], f"{r['params'] / 1e6:.2f}M", f"{r['gmacs']:.2f}", r["precision"], r["mode"],
                  str(r["batch"]), str(r["threads"]), f"{r['images_per_s']:.1f}", f"{100 * r['spread']:.0f}%",
-                 f"{r['achieved_gflops']:.1f}", f"{r['matmul_gflops']:.1f}", f"{100 * r['fraction']:.1f}%"]
+                 f"{r['achieved_gflops']:.1f}", f"{r['limit_gflops']:.1f}", f"{100 * r['fraction']:.1f}%"]
         if with_mfu:
             cells += [f"{r['peak_tflops']:.0f}" if r.get("peak_tflops") else "?",
                       f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "?"]
@@ -556,7 +427,7 @@ def format_table(result: dict) -> str:
     for s in result["summary"]:
         if "geomean_fraction" in s:
             lines.append(f"- {s['dtype']} {s['mode']}: geometric mean {100 * s['geomean_fraction']:.1f}% of the "
-                         f"matmul rate over {s['models']} models; min {100 * s['min_fraction']:.1f}% "
+                         f"machine's limit over {s['models']} models; min {100 * s['min_fraction']:.1f}% "
                          f"({s['min_model']})")
         else:
             lines.append(f"- bf16 vs fp32 {s['mode']}: speed-up geometric mean {s['geomean_speedup']:.2f}×, "

@@ -49,3 +49,8 @@ def num_threads(threads: int | None) -> Iterator[int]:
         yield torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
+
+
+def cpu_allocator_tuned() -> bool:
+    """Whether `tune_cpu_allocator()` has been applied in this process (`spach` commands apply it)."""
+    return _tuned

@@ -6,10 +6,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from spach import bench
+from spach import bench, timing
 from spach.cli.main import main
 
-FAST = dict(batch_size=2, img_size=32, warmup=1, repeats=2, threads=1, matmul_n=64)
+SHAPES = [(64, 64, 64), (128, 32, 64)]
+FAST = dict(batch_size=2, img_size=32, warmup=1, repeats=2, threads=1, limit_shapes=SHAPES)
 
 
 class Tiny(nn.Module):
@@ -29,6 +30,19 @@ def test_matmul_rate_is_positive_and_restores_threads():
     details = bench.matmul_rate("bf16", n=64, warmup=0, repeats=1, details=True)
     assert details["flops_per_s"] == pytest.approx(2 * 64**3 / details["median_s"])
     assert torch.get_num_threads() == before
+
+
+def test_machine_limit_is_the_best_of_every_kernel_and_shape():
+    limit = timing.machine_limit("fp32", threads=1, shapes=SHAPES, warmup=0, repeats=1)
+    kernels = {r["kernel"] for r in limit["rates"]}
+    assert kernels == ({"blas", "onednn"} if timing.onednn_available() else {"blas"})
+    assert len(limit["rates"]) == len(kernels) * len(SHAPES)
+    assert limit["flops_per_s"] == max(r["flops_per_s"] for r in limit["rates"])
+    assert (limit["kernel"], tuple(limit["shape"])) in {(r["kernel"], tuple(r["shape"])) for r in limit["rates"]}
+    one = timing.gemm_rate("bf16", "blas", (32, 16, 8), warmup=0, repeats=1, details=True)
+    assert one["flops_per_s"] == pytest.approx(2 * 32 * 16 * 8 / one["median_s"])
+    with pytest.raises(ValueError, match="unknown kernel"):
+        timing.gemm_rate("fp32", "cublas")
 
 
 @pytest.mark.parametrize("mode,dtype,impl", [("infer", "fp32", "autocast"), ("infer", "bf16", "autocast"),
@@ -63,14 +77,15 @@ def test_benchmark_rows_fractions_and_summary():
     rows = result["rows"]
     assert len(rows) == 2 * 2 * 2
     fields = {"model", "params", "gmacs", "dtype", "precision", "mode", "batch", "img_size", "threads",
-              "images_per_s", "median_s", "spread", "achieved_gflops", "matmul_gflops", "fraction"}
+              "images_per_s", "median_s", "spread", "achieved_gflops", "limit_gflops", "limit_kernel", "fraction"}
     for r in rows:
         assert fields <= r.keys()
         assert (r["batch"], r["img_size"], r["threads"]) == (2, 32, 1)
         flops_per_image = 2 * r["gmacs"] * (3 if r["mode"] == "train" else 1)
         assert r["achieved_gflops"] == pytest.approx(flops_per_image * r["images_per_s"])
-        assert r["fraction"] == pytest.approx(r["achieved_gflops"] / r["matmul_gflops"])
-        assert r["matmul_gflops"] == max(r["matmul_gflops_before"], r["matmul_gflops_after"])
+        assert r["fraction"] == pytest.approx(r["achieved_gflops"] / r["limit_gflops"])
+        assert r["limit_gflops"] == max(r["limit_gflops_before"], r["limit_gflops_after"])
+        assert tuple(r["limit_shape"]) in SHAPES and r["limit_kernel"] in timing.GEMM_KERNELS
     tiny = rows[0]
     assert tiny["params"] == sum(p.numel() for p in Tiny().parameters())
     # MACs of Tiny at 32²: conv 8·3·9 per pixel + the linear layer
@@ -103,7 +118,7 @@ def test_write_json_is_atomic_and_loadable(tmp_path):
 def test_cli_runs_and_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     rc = main(["bench", "--models", "test_resnet", "--batch", "2", "--img-size", "32", "--threads", "1",
-               "--warmup", "1", "--repeats", "1", "--matmul-size", "64", "--dtype", "fp32", "bf16",
+               "--warmup", "1", "--repeats", "1", "--limit-shapes", "64x64x64", "--dtype", "fp32", "bf16",
                "--json", str(out), "--quiet"])
     assert rc == 0
     assert "| test_resnet |" in capsys.readouterr().out
@@ -123,6 +138,9 @@ def test_cli_bad_dtype_and_values_are_clear_errors(capsys):
     assert e.value.code == 2 and "invalid choice: 'fp16'" in capsys.readouterr().err
     assert main(["bench", "--models", "test_resnet", "--batch", "0"]) == 2
     assert "--batch must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--models", "test_resnet", "--limit-shapes", "64x64"])
+    assert e.value.code == 2 and "expected MxKxN" in capsys.readouterr().err
 
 
 def test_library_rejects_bad_arguments():

@@ -144,3 +144,89 @@ def test_torch_export_under_no_grad_gives_the_eager_logits(name):
     with torch.no_grad():
         program = torch.export.export(model, (x,))
         torch.testing.assert_close(program.module()(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def grads(model, x, fused, autocast=False):
+    """Logits and every parameter's gradient of one training forward/backward."""
+    kernels.set_fused_kernels(fused)
+    try:
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(x)
+        out.float().square().mean().backward()
+    finally:
+        kernels.set_fused_kernels(True)
+    return out.detach().float(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_training_kernels_give_the_plain_logits_and_gradients(name):
+    model, x = tiny(name).train(), torch.randn(2, 3, 64, 64)
+    out, g = grads(model, x, fused=True)
+    ref_out, ref_g = grads(model, x, fused=False)
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-4)
+    assert g.keys() == ref_g.keys() and len(g) == len(list(model.parameters()))
+    for n in g:
+        scale = ref_g[n].abs().max().item() + 1e-6
+        torch.testing.assert_close(g[n] / scale, ref_g[n] / scale, rtol=1e-4, atol=1e-4, msg=n)
+
+
+@pytest.mark.parametrize("name", NAMES[:3])
+def test_training_kernels_agree_with_the_plain_path_under_bf16_autocast(name):
+    model, x = tiny(name).train(), torch.randn(2, 3, 64, 64)
+    out, g = grads(model, x, fused=True, autocast=True)
+    ref_out, ref_g = grads(model, x, fused=False, autocast=True)
+    assert (out - ref_out).abs().max() <= 0.02 * ref_out.abs().max() + 1e-3
+    for n in g:
+        assert g[n].dtype == ref_g[n].dtype == torch.float32, n
+        assert (g[n] - ref_g[n]).abs().max() <= 0.05 * ref_g[n].abs().max() + 1e-4, n
+
+
+def test_onednn_linear_and_token_matmul_match_the_plain_maths():
+    torch.manual_seed(0)
+    lin = kernels.Linear(8, 5)
+    x = torch.randn(2, 3, 4, 8, requires_grad=True)
+    out = lin(x)
+    assert kernels.use_onednn_linear(x) == kernels.HAS_ONEDNN_LINEAR
+    ref = torch.nn.functional.linear(x, lin.weight, lin.bias)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, lin.weight, lin.bias), g)
+    want = torch.autograd.grad(ref, (x, lin.weight, lin.bias), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    w = torch.randn(6, 12, requires_grad=True)
+    t = torch.randn(3, 12, 5, requires_grad=True)
+    out = kernels.token_matmul(w, t)
+    ref = torch.matmul(w, t)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (w, t), g), torch.autograd.grad(ref, (w, t), g)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_training_kernels_are_off_while_a_tool_reads_the_model():
+    x = torch.randn(2, 4, 8)
+    with set_scriptable(True):
+        assert not kernels.use_onednn_linear(x) and not kernels.use_token_matmul(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not kernels.use_onednn_linear(x)
+    assert not kernels.use_onednn_linear(x.bfloat16())
+    kernels.set_fused_kernels(False)
+    try:
+        assert not kernels.use_onednn_linear(x) and not kernels.use_token_matmul(x)
+    finally:
+        kernels.set_fused_kernels(True)
+
+
+def test_compiled_training_step_matches_eager():
+    model, x = tiny("spach_ms_xxs_patch4_224_mlp").train(), torch.randn(2, 3, 64, 64)
+    ref_out, ref_g = grads(model, x, fused=True)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    model.zero_grad(set_to_none=True)
+    out = compiled(x)
+    out.square().mean().backward()
+    torch.testing.assert_close(out.detach(), ref_out, rtol=1e-4, atol=1e-4)
+    for n, p in model.named_parameters():
+        scale = ref_g[n].abs().max().item() + 1e-6
+        torch.testing.assert_close(p.grad / scale, ref_g[n] / scale, rtol=1e-4, atol=1e-4, msg=n)

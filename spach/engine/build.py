@@ -3,6 +3,7 @@
     model = build_model("spach_ms_xxs_patch4_224_conv", num_classes=10, img_size=32,
                         model_kwargs={"hidden_dim": 16}, drop_path=0.1)
     check_model_input(model, img_size=32, num_classes=10)   # ValueError if it cannot
+    create_optimizer_v2(model, opt="adamw", lr=1e-3, **optimizer_kernel_kwargs("adamw"))
 """
 from __future__ import annotations
 
@@ -88,3 +89,16 @@ def check_model_input(model: nn.Module, img_size: int, num_classes: int, device=
     if tuple(out.shape) != (1, num_classes):
         raise ValueError(f"{name} returns shape {tuple(out.shape)} for one image, expected (1, {num_classes})")
 
+
+
+# torch optimizers (as timm builds them) with a fused kernel: one pass over all parameters
+# instead of a dozen element-wise ops per parameter tensor (about 10x faster on CPU)
+FUSED_OPTIMIZERS = ("adam", "adamw")
+
+
+def optimizer_kernel_kwargs(opt: str) -> dict:
+    """Extra keywords for `timm.optim.create_optimizer_v2(opt=...)` selecting the fastest update kernel.
+
+    Adam/AdamW: torch's fused implementation (CPU and CUDA, same update rule); others: as timm builds them.
+    """
+    return {"fused": True} if opt.lower() in FUSED_OPTIMIZERS else {}

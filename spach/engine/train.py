@@ -52,7 +52,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from spach.engine import checkpoint as ckpt
 from spach.engine import distributed as D
-from spach.engine.build import build_model, check_model_input
+from spach.engine.build import build_model, check_model_input, optimizer_kernel_kwargs
 from spach.engine.config import TrainConfig
 from spach.engine.device import autocast, cuda_math, peak_memory_mb, reset_peak_memory
 from spach.engine.evaluate import evaluate
@@ -236,7 +236,7 @@ def _optimisation(cfg: TrainConfig, env: D.DistEnv, out: Path, model: nn.Module,
     global_batch = cfg.batch_size * env.world_size * cfg.accum_steps
     lr = cfg.lr if cfg.lr is not None else cfg.base_lr * global_batch / 512
     optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay,
-                                    eps=cfg.opt_eps, momentum=cfg.momentum)
+                                    eps=cfg.opt_eps, momentum=cfg.momentum, **optimizer_kernel_kwargs(cfg.opt))
     sampler, train_loader, val_loader, steps = _loaders(cfg, env, train_set, val_set)
     scheduler, _ = create_scheduler_v2(
         optimizer, sched=cfg.sched, step_on_epochs=False, updates_per_epoch=1,

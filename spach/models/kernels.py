@@ -1,13 +1,19 @@
 """Kernel choice, in one place: when a CPU fast path runs instead of the plain maths.
 
-The models' ``forward`` methods are the paper's maths. Two pieces have a faster
+The models' ``forward`` methods are the paper's maths. Some pieces have a faster
 kernel for the same numbers, and this module alone decides when it runs:
 
 - attention: ``F.scaled_dot_product_attention`` (timm's ``use_fused_attn()``
   setting, kept per module as ``Attention.fused_attn``) — except bf16 on CPU,
   where the plain matmuls are faster at these head widths;
 - the channel MLP in CPU inference: oneDNN linear kernels that fuse the bias,
-  the GELU and the residual sum (:func:`use_fused_mlp`).
+  the GELU and the residual sum (:func:`use_fused_mlp`);
+- every :class:`Linear` in fp32 on CPU, forward *and* backward: oneDNN's GEMM
+  (``torch.ops.mkldnn._linear_pointwise``) instead of the BLAS ``addmm``/``mm``
+  (MKL, about half oneDNN's rate on AMD CPUs) — :func:`use_onednn_linear`;
+- the token-mixing MLP's ``W @ x`` (:func:`token_matmul`): its weight gradient
+  is one GEMM over all samples instead of autograd's per-sample products
+  (a ``(B, tN, N)`` tensor summed over the batch).
 
 The fast paths follow timm's switches (off when timm is set ``scriptable`` or
 ``exportable``), and they are off whenever a tool reads the model instead of
@@ -18,6 +24,8 @@ environment variable ``SPACH_FUSED_KERNELS=0`` — turns them off everywhere.
 import os
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import is_exportable, is_scriptable
 
 # oneDNN linear with a fused GELU or residual add (the kernels torch.compile itself uses on CPU)
@@ -66,3 +74,98 @@ def use_sdpa(q: torch.Tensor, fused_attn: bool) -> bool:
     at these head widths (benchmarks/RESULTS.md), so they run instead.
     """
     return fused_attn and not (q.dtype == torch.bfloat16 and q.device.type == "cpu")
+
+
+@torch.jit.unused  # TorchScript runs the plain path (callers test torch.jit.is_scripting() first)
+def use_onednn_linear(x: torch.Tensor) -> bool:
+    """Run a linear layer (forward and backward) on oneDNN's GEMM instead of BLAS?
+
+    Eager fp32 on CPU, outside autocast (under bf16 autocast torch's own linear
+    already runs on oneDNN) and outside any graph capture.
+    """
+    if not (_FUSED_KERNELS and HAS_ONEDNN_LINEAR) or is_graph_capture():
+        return False
+    return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+
+
+def _onednn_mm(a: torch.Tensor, b_t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    # a @ b_t.T (+ bias) through oneDNN; a: (..., K), b_t: (N, K), strided views allowed
+    return torch.ops.mkldnn._linear_pointwise(a, b_t, bias, "none", [], "")
+
+
+class OneDnnLinearFunction(torch.autograd.Function):
+    """``F.linear`` with forward, input gradient and weight gradient on oneDNN's GEMM."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _onednn_mm(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _onednn_mm(grad, weight.t())  # (..., N) @ (N, K)
+        if ctx.needs_input_grad[1]:
+            grad_w = _onednn_mm(g.t(), x.reshape(-1, x.shape[-1]).t())  # (N, M) @ (M, K): no copies
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g.sum(0)
+        return grad_x, grad_w, grad_b
+
+
+@torch.jit.unused
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` on oneDNN (autograd through :class:`OneDnnLinearFunction`)."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return OneDnnLinearFunction.apply(x, weight, bias)
+    return _onednn_mm(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, same maths) whose kernel :func:`use_onednn_linear` chooses."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting() and use_onednn_linear(x):
+            return onednn_linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+class TokenMatmulFunction(torch.autograd.Function):
+    """``weight @ x`` for ``weight (M, N)`` and tokens ``x (B, N, C)``, with the weight gradient
+    ``sum_b grad_b @ x_b^T`` as one GEMM over (batch, channels) instead of per-sample products."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight, x)
+        return torch.matmul(weight, x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight, x = ctx.saved_tensors
+        grad_w = grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_w = torch.tensordot(grad, x, dims=([0, 2], [0, 2]))  # (M, N)
+        if ctx.needs_input_grad[1]:
+            grad_x = torch.matmul(weight.t(), grad)
+        return grad_w, grad_x
+
+
+@torch.jit.unused  # TorchScript runs torch.matmul (callers test torch.jit.is_scripting() first)
+def use_token_matmul(x: torch.Tensor) -> bool:
+    """Take :class:`TokenMatmulFunction` for a token-mixing product? (Eager autograd only.)"""
+    return _FUSED_KERNELS and torch.is_grad_enabled() and not is_graph_capture()
+
+
+@torch.jit.unused
+def token_matmul(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``torch.matmul(weight, x)`` (autocast-aware) through :class:`TokenMatmulFunction`."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):  # cast as autocast would, then run the product without it
+        dtype = torch.get_autocast_dtype(device)
+        with torch.autocast(device, enabled=False):
+            return TokenMatmulFunction.apply(weight.to(dtype), x.to(dtype))
+    return TokenMatmulFunction.apply(weight, x)

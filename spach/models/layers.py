@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, register_notrace_function, use_fused_attn
 
-from spach.models.kernels import use_fused_mlp, use_sdpa
+from spach.models.kernels import Linear, token_matmul, use_fused_mlp, use_sdpa, use_token_matmul
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 
@@ -140,9 +140,9 @@ class Attention(nn.Module):
         self.head_dim = dim // num_heads
         self.scale = qk_scale or self.head_dim ** -0.5
         self.fused_attn = use_fused_attn()
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -208,12 +208,18 @@ class TokenMlp(nn.Module):
         B, H, W, C = x.shape
         x = x.reshape(B, H * W, C)
         # (tN, N) @ (B, N, C) -> (B, tN, C); the bias in the product's dtype (bf16 under autocast)
-        x = torch.matmul(self.fc1.weight, x)
+        x = self.mix(self.fc1.weight, x)
         x = x + self.fc1.bias[:, None].to(x.dtype)
         x = self.drop1(self.act(x))
-        x = torch.matmul(self.fc2.weight, x)
+        x = self.mix(self.fc2.weight, x)
         x = x + self.fc2.bias[:, None].to(x.dtype)
         return self.drop2(x).reshape(B, H, W, C)
+
+    def mix(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        # weight @ x; in training the kernel of spach.models.kernels (weight gradient without per-sample products)
+        if not torch.jit.is_scripting() and use_token_matmul(x):
+            return token_matmul(weight, x)
+        return torch.matmul(weight, x)
 
 
 class ChannelMlp(nn.Module):
@@ -221,10 +227,10 @@ class ChannelMlp(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc1 = Linear(dim, hidden_dim)
         self.act = nn.GELU()
         self.drop1 = nn.Dropout(drop)
-        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.fc2 = Linear(hidden_dim, dim)
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
