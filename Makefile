@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench gpu-check clean slurm-up slurm-down
+.PHONY: install test demo bench bench-gpu bench-original gpu-check clean slurm-up slurm-down
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -19,7 +19,16 @@ demo: $(STAMP)
 	$(VENV)/bin/spach battle --out runs/cpu-mini
 
 bench: $(STAMP)
-	$(VENV)/bin/spach bench --models zoo --batch 16 --img-size 224 --dtype fp32 bf16 --threads 2
+	$(VENV)/bin/spach bench --models zoo --batch 16 --img-size 224 --dtype fp32 bf16 --mode infer train --threads 2
+
+# GPU readiness: zoo bf16 inference at batch 256, 200 bf16 training steps of the MS-S models
+# (channels_last + torch.compile), images/s and MFU; a clear message and exit 0 without CUDA
+bench-gpu: $(STAMP)
+	$(PY) benchmarks/gpu.py --json runs/bench-gpu.json
+
+# the training step against the original release's block maths, same weights, side by side
+bench-original: $(STAMP)
+	$(PY) benchmarks/original_step.py --threads 2 --repeats 5
 
 # the GPU path end to end (< 5 min on a CUDA machine; a message and exit 0 without CUDA)
 gpu-check: $(STAMP)

@@ -176,7 +176,10 @@ def test_killed_study_resumes_without_retraining(tmp_path):
 
     assert main(["battle", str(study), "--out", str(out), "--quiet", "--threads", "1"]) == 0
     resumed = rows(out)
-    assert resumed[first.name] == killed[first.name]  # not trained again: row, timestamps, attempts unchanged
+    # throughput is measured after all training: the killed study had not got there yet
+    assert killed[first.name]["images_per_s"] is None and resumed[first.name]["images_per_s"] > 0
+    same = {k: v for k, v in resumed[first.name].items() if k != "images_per_s"}
+    assert same == {k: v for k, v in killed[first.name].items() if k != "images_per_s"}  # not trained again
     assert {p: p.stat().st_mtime_ns for p in ckpts} == mtimes  # nor its files touched
     assert resumed[second.name]["status"] == "done" and resumed[second.name]["attempts"] == 2
     log = Path(resumed[second.name]["output_dir"], "train.log").read_text()
@@ -205,3 +208,34 @@ def test_workers_run_in_subprocesses_and_report_cli(tmp_path, capsys):
 def test_report_of_missing_directory_is_a_clear_error(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nowhere")]) == 2
     assert "no study database" in capsys.readouterr().err
+
+
+def test_workers_default_to_what_the_cores_allow_at_the_study_threads(monkeypatch):
+    from spach.battle import runner
+
+    monkeypatch.setattr(runner, "available_threads", lambda: 8)
+    assert runner.default_workers(load_study(micro(threads=1))) == 8
+    assert runner.default_workers(load_study(micro(threads=2))) == 4
+    assert runner.default_workers(load_study(micro(threads=3)), threads=4) == 1
+    assert runner.default_workers(load_study(micro())) == 1  # no threads per run given: one run, all cores
+
+
+def test_throughput_is_measured_after_training_and_on_resume(finished, tmp_path):
+    import shutil
+
+    out, _ = finished
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    conn = sqlite3.connect(copy / "battle.db")
+    with conn:
+        conn.execute("UPDATE runs SET images_per_s = NULL WHERE name = 'conv-ss-nano-s0'")
+    conn.close()
+    before = rows(copy)
+    result = run_study(micro(), copy, quiet=True, threads=1)  # nothing to train; the quiet phase measures
+    after = rows(copy)
+    assert result["done"] == 8
+    assert after["conv-ss-nano-s0"]["images_per_s"] > 0
+    for name, row in before.items():  # nothing trained again
+        assert after[name]["finished_at"] == row["finished_at"]
+        if name != "conv-ss-nano-s0":
+            assert after[name]["images_per_s"] == row["images_per_s"]

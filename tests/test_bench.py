@@ -152,3 +152,38 @@ def test_library_rejects_bad_arguments():
         bench.resolve_models(["no_such_model_xyz"])
     with pytest.raises(ValueError, match="must be a name"):
         bench.benchmark([42])
+
+
+def _gpu_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
+    spec = importlib.util.spec_from_file_location("bench_gpu", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_gpu_without_cuda_says_so_and_succeeds(capsys, monkeypatch):
+    gpu = _gpu_script()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu.main([]) == 0
+    assert "no CUDA device" in capsys.readouterr().out
+
+
+def test_bench_gpu_logic_runs_on_cpu(tmp_path):
+    gpu = _gpu_script()
+    out = tmp_path / "gpu.json"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert gpu.main(["--device", "cpu", "--models", "test_resnet", "--train-models", "test_resnet",
+                         "--batch", "2", "--img-size", "32", "--steps", "2", "--compile-backend", "eager",
+                         "--json", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["model"], r["mode"]) for r in rows] == [("test_resnet", "infer"), ("test_resnet", "train")]
+    assert all(r["images_per_s"] > 0 and r["mfu"] is None for r in rows)  # no device peak on a CPU
+    assert rows[1]["steps"] == 2 and math.isfinite(rows[1]["final_loss"]) and rows[1]["compile"] == "eager"

@@ -108,8 +108,7 @@ def test_battle_measures_by_the_swin_protocol(monkeypatch):
         calls.append(kw)
         return {"images_per_s": 123.0}
     monkeypatch.setattr(spach.bench, "measure_throughput", fake)
-    out = runner.measure(study.runs[0].resolved(), threads=1)
-    assert out["images_per_s"] == 123.0
+    assert runner.measure_speed(study.runs[0].resolved(), threads=1) == 123.0
     kw = calls[0]
     assert (kw["protocol"], kw["mode"], kw["warmup"], kw["repeats"]) == ("swin", "infer", 50, 30)
 

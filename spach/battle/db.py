@@ -247,6 +247,12 @@ def mark_done(conn: sqlite3.Connection, key: str, metrics: dict[str, Any]) -> No
     _release_run_lock(key)
 
 
+def record_speed(conn: sqlite3.Connection, key: str, images_per_s: float) -> None:
+    """Store a done run's inference throughput (measured after all training, one run at a time)."""
+    with _Tx(conn):
+        conn.execute("UPDATE runs SET images_per_s = ? WHERE key = ? AND status = 'done'", (images_per_s, key))
+
+
 def mark_failed(conn: sqlite3.Connection, key: str, error: str) -> None:
     with _Tx(conn):
         conn.execute("UPDATE runs SET status = 'failed', finished_at = ?, owner_pid = NULL, error = ? WHERE key = ?",

@@ -11,10 +11,14 @@ in the database, and executes the runs that are not done:
 - a run left 'running' by an interrupted invocation continues from its
   checkpoint (the engine's `resume="auto"`); done runs are never run again;
   failed runs are retried only with `retry_failed=True`;
-- a failing run is recorded with its error and the study goes on.
+- a failing run is recorded with its error and the study goes on;
+- inference throughput is measured in a quiet phase, after all training, one
+  run at a time (`measure_speeds`), so no figure is taken while other runs
+  train on the same cores; an interrupted study measures on its next invocation.
 
-Then the study's `analysis:` measurements run on the finished runs (`spach.analysis.study`),
-and the report is written at the end.
+`--workers` defaults to what the cores allow at the study's threads per run
+(`default_workers`). Then the study's `analysis:` measurements run on the finished runs
+(`spach.analysis.study`), and the report is written at the end.
 """
 from __future__ import annotations
 
@@ -83,41 +87,71 @@ def available_threads() -> int:
         return os.cpu_count() or 1
 
 
-def measure(config: dict[str, Any], threads: int | None) -> dict[str, Any]:
-    """Params, MACs and inference images/s of a run's architecture at the study's settings.
+def build_run_model(config: dict[str, Any]):
+    """The run's model, built exactly as the engine builds it for training (3-channel input), and its img_size."""
+    from spach.data import open_source
+    from spach.engine.build import build_model
 
-    The model is built exactly as the engine builds it for training (3-channel input); images/s
-    by the Swin protocol (eval mode, `warmup` untimed passes, the mean of `repeats` timed ones),
+    train = config["train"]
+    num_classes = train.get("num_classes") or len(open_source(train["data"], "val").classes)
+    img_size = int(train["img_size"])
+    return build_model(config["model"], num_classes=num_classes, img_size=img_size,
+                       model_kwargs=config["model_kwargs"]), img_size
+
+
+def count_run(config: dict[str, Any]) -> dict[str, Any]:
+    """Params and MACs of a run's architecture at the study's input size."""
+    from spach.models import count_macs, count_params
+
+    model, img_size = build_run_model(config)
+    return {"params": int(count_params(model)), "macs": int(count_macs(model, img_size, in_chans=3))}
+
+
+def measure_speed(config: dict[str, Any], threads: int | None) -> float:
+    """Inference images/s of a run's architecture at the study's `measure` settings.
+
+    By the Swin protocol (eval mode, `warmup` untimed passes, the mean of `repeats` timed ones),
     on CUDA with cuDNN autotuning and TF32 matmuls as in training.
     """
     from spach.bench import measure_throughput
-    from spach.data import open_source
-    from spach.engine.build import build_model
     from spach.engine.device import cuda_math
-    from spach.models import count_macs, count_params
 
-    train, m = config["train"], config["measure"]
-    num_classes = train.get("num_classes") or len(open_source(train["data"], "val").classes)
-    img_size = int(train["img_size"])
-    model = build_model(config["model"], num_classes=num_classes, img_size=img_size,
-                        model_kwargs=config["model_kwargs"])
-    out = {"params": int(count_params(model)), "macs": int(count_macs(model, img_size, in_chans=3))}
+    m = config["measure"]
+    model, img_size = build_run_model(config)
     device = m.get("device", "cpu")
     with cuda_math(device):
         speed = measure_throughput(model, batch_size=m["batch_size"], img_size=img_size, dtype=m["dtype"],
                                    threads=m["threads"] or threads, mode="infer", warmup=m["warmup"],
                                    repeats=m["repeats"], device=device, protocol="swin")
-    out["images_per_s"] = float(speed["images_per_s"])
-    return out
+    return float(speed["images_per_s"])
+
+
+def measure_speeds(out_dir: str | Path, keys: list[str], threads: int | None, progress: Progress) -> int:
+    """The quiet phase: inference throughput of every done run that lacks it, one at a time. Returns the count."""
+    conn = db.connect(out_dir)
+    try:
+        todo = [r for r in db.runs(conn, keys) if r["status"] == "done" and r["images_per_s"] is None]
+        if todo:
+            progress.message(f"measuring inference throughput of {len(todo)} run(s), one at a time")
+        for row in todo:
+            images_per_s = measure_speed(json.loads(row["config"]), threads)
+            db.record_speed(conn, row["key"], images_per_s)
+            progress.message(f"{row['name']}: {images_per_s:.0f} img/s")
+        return len(todo)
+    finally:
+        conn.close()
 
 
 def train_and_measure(config: dict[str, Any], output_dir: str | Path, threads: int | None,
                       on_epoch_end: Callable[[dict], None] | None = None,
-                      on_step: Callable[[int, int, int], None] | None = None) -> tuple[dict[str, Any], list[dict]]:
+                      on_step: Callable[[int, int, int], None] | None = None,
+                      speed_now: bool = True) -> tuple[dict[str, Any], list[dict]]:
     """Train a run (continuing from its checkpoint, if any) and measure it: (metrics, per-epoch history).
 
     `config` is the run's resolved configuration (its `config` column). The engine's own lines go to
     OUTPUT/train.log. Under torch.distributed only rank 0 measures; other ranks get ({}, history).
+    `speed_now=False` leaves the inference throughput to the study's quiet phase (`measure_speeds`):
+    local runs share the cores with other runs' training; a Slurm job has its node to itself.
     """
     from spach.engine import TrainConfig, train
     from spach.engine.distributed import process_rank
@@ -132,7 +166,9 @@ def train_and_measure(config: dict[str, Any], output_dir: str | Path, threads: i
     history = result.get("history") or []
     if process_rank() != 0:
         return {}, history
-    metrics = measure(config, threads)
+    metrics = count_run(config)
+    if speed_now:
+        metrics["images_per_s"] = measure_speed(config, threads)
     metrics.update(best_top1=result.get("best_top1"), final_top1=result.get("final_top1"),
                    final_top5=result.get("final_top5"), final_val_loss=result.get("final_val_loss"),
                    final_train_loss=(history[-1] if history else {}).get("train_loss"),
@@ -170,7 +206,9 @@ def execute_run(out_dir: str | Path, key: str, threads: int | None = None,
             progress.step(name, epoch, step, steps, epochs)
 
     try:
-        metrics, history = train_and_measure(config, row["output_dir"], threads, on_epoch_end, on_step)
+        # throughput: later, one run at a time, in the quiet phase (measure_speeds)
+        metrics, history = train_and_measure(config, row["output_dir"], threads, on_epoch_end, on_step,
+                                             speed_now=False)
         if rank != 0:
             conn.close()
             return True
@@ -188,8 +226,7 @@ def execute_run(out_dir: str | Path, key: str, threads: int | None = None,
     conn.close()
     if progress:
         progress.run_finished(name, True, f"top-1 {metrics['final_top1']:.2f}% (best {metrics['best_top1']:.2f}%), "
-                                          f"{metrics['params'] / 1e6:.3f}M params, "
-                                          f"{metrics['images_per_s']:.0f} img/s, {metrics['train_time_s']:.0f}s")
+                                          f"{metrics['params'] / 1e6:.3f}M params, {metrics['train_time_s']:.0f}s")
     return True
 
 
@@ -298,7 +335,15 @@ def gpus_for_slot(slot: int, per_slot: int, gpus: list[str]) -> list[str]:
 
 # --------------------------------------------------------------------------- the study
 
-def run_study(spec: Study | str | Path | dict, out_dir: str | Path, workers: int = 1, retry_failed: bool = False,
+def default_workers(study: Study, threads: int | None = None) -> int:
+    """Runs at a time that the cores allow at the study's threads per run (1 for launchers other than local)."""
+    if study.launcher["kind"] != "local" or not study.threads:
+        return 1
+    return max(1, (threads or available_threads()) // study.threads)
+
+
+def run_study(spec: Study | str | Path | dict, out_dir: str | Path, workers: int | None = None,
+              retry_failed: bool = False,
               threads: int | None = None, quiet: bool = False,
               report: bool = True, on_progress: Callable[[Progress], None] | None = None,
               launcher: str | None = None, detach: bool = False) -> dict[str, Any]:
@@ -313,6 +358,8 @@ def run_study(spec: Study | str | Path | dict, out_dir: str | Path, workers: int
         study = with_launcher(study, launcher)
     if detach and study.launcher["kind"] != "slurm":
         raise ValueError("--detach needs the slurm launcher (launcher: {kind: slurm} or --launcher slurm)")
+    if workers is None:
+        workers = default_workers(study, threads)
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     out_dir = Path(out_dir)
@@ -358,6 +405,7 @@ def run_study(spec: Study | str | Path | dict, out_dir: str | Path, workers: int
         elif pending:
             _run_in_subprocesses(out_dir, pending, workers, per_run if study.launcher["kind"] == "local" else None,
                                  study.launcher, progress)
+        measure_speeds(out_dir, keys, per_run, progress)
         conn = db.connect(out_dir)
         final = db.runs(conn, keys)
         conn.close()

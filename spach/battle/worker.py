@@ -1,7 +1,8 @@
 """Execute one run of a study database in this process: `python -m spach.battle.worker OUT KEY [--threads N]`.
 
 `spach battle --workers N` and the torchrun launcher start this module; it
-trains, measures and records the run (see `spach.battle.runner.execute_run`).
+trains the run, counts its params and MACs and records it (see `spach.battle.runner.execute_run`;
+its inference throughput is measured after all training by `spach battle` itself).
 Exit status 0 if the run is done, 1 if it failed (the error is in the database).
 """
 from __future__ import annotations

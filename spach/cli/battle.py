@@ -24,7 +24,9 @@ def add_parser(subparsers) -> None:
                         "state, Slurm job, node, epoch, elapsed) or `cancel OUT [RUN ...]` (scancel the study's jobs)")
     p.add_argument("--preset", default=None, help="a built-in study (same as giving its name as STUDY)")
     p.add_argument("--out", default=None, help="output directory (default: runs/<study name>)")
-    p.add_argument("--workers", type=int, default=1, help="runs at a time on this machine (threads are split)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="runs at a time on this machine (threads are split); default: what the cores allow at "
+                        "the study's `threads` per run (1 when the study does not set it)")
     p.add_argument("--threads", type=int, default=None, help="total CPU threads, split between the workers (default: the study's "
                                                                   "`threads` per run, else all available)")
     p.add_argument("--retry-failed", action="store_true", help="run failed runs again")
