@@ -10,9 +10,10 @@ kernel for the same numbers, and this module alone decides when it runs:
   the GELU and the residual sum (:func:`use_fused_mlp`);
 - every :class:`Linear` in fp32 on CPU, forward and input gradient: oneDNN's
   GEMM (``torch.ops.mkldnn._linear_pointwise``) instead of the BLAS ``addmm``/``mm``
-  (MKL, slower on AMD CPUs: 1.1–1.6x per GEMM at these shapes); the weight
-  gradient, a reduction over all tokens, stays on BLAS, which is faster
-  there — :func:`use_onednn_linear`;
+  (MKL, slower on AMD CPUs: 1.1–1.6x per GEMM at these shapes on one thread,
+  more on two); the weight gradient, a reduction over all tokens, on oneDNN
+  with several threads and on BLAS with one (faster there) —
+  :func:`use_onednn_linear`;
 - the token-mixing MLP's ``W @ x`` (:func:`token_matmul`): its weight gradient
   is one GEMM over all samples instead of autograd's per-sample products
   (a ``(B, tN, N)`` tensor summed over the batch).
@@ -96,7 +97,8 @@ def _onednn_mm(a: torch.Tensor, b_t: torch.Tensor, bias: torch.Tensor | None = N
 
 
 class OneDnnLinearFunction(torch.autograd.Function):
-    """``F.linear`` with the forward and the input gradient on oneDNN's GEMM (the weight gradient on BLAS)."""
+    """``F.linear`` with the forward and the input gradient on oneDNN's GEMM, the weight gradient on
+    the faster of oneDNN and BLAS for the thread count."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -112,8 +114,10 @@ class OneDnnLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = _onednn_mm(grad, weight.t())  # (..., N) @ (N, K)
         if ctx.needs_input_grad[1]:
-            # (N, M) @ (M, K), a reduction over all tokens: BLAS beats oneDNN on this transposed form
-            grad_w = torch.mm(g.t(), x.reshape(-1, x.shape[-1]))
+            # (N, M) @ (M, K), a reduction over all tokens (strided views, no copies): on one thread
+            # BLAS is faster on this transposed form, on several oneDNN is (it splits the reduction better)
+            x2 = x.reshape(-1, x.shape[-1])
+            grad_w = torch.mm(g.t(), x2) if torch.get_num_threads() == 1 else _onednn_mm(g.t(), x2.t())
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g.sum(0)
         return grad_x, grad_w, grad_b
