@@ -78,7 +78,7 @@ def train_throughput(name: str, steps: int, batch: int, img_size: int, device: t
     return {"model": name, "mode": "train", "steps": steps, "batch": batch, "img_size": img_size,
             "compile": compile_backend if compile_model else None, "warmup_s": warm_s,
             "images_per_s": images_per_s, "achieved_tflops": achieved / 1e12,
-            "mfu": achieved / peak if peak else None, "final_loss": float(loss)}
+            "mfu": achieved / peak if peak else None, "final_loss": loss.item()}
 
 
 def infer_throughput(name: str, batch: int, img_size: int, device: torch.device, repeats: int = 20) -> dict:
