@@ -54,6 +54,7 @@ def test_bench_cli_in_bf16_autocast_and_weights(tmp_path):
     assert all(r["images_per_s"] > 0 for r in rows)
 
 
+@pytest.mark.slow
 def test_battle_trains_and_measures_in_bf16(tmp_path):
     spec = {
         "name": "bf16", "data": "mnist5k", "img_size": 32, "threads": 1,
