@@ -8,7 +8,7 @@
    after the compile/warm-up steps.
 
 Images/s and MFU (achieved FLOP/s ÷ the device's dense bf16 peak from
-`spach.timing.DEVICE_PEAKS`; 2·MACs per image for inference, 3× that for a
+`spach.accelerators.DENSE_PEAKS_TFLOPS`; 2·MACs per image for inference, 3× that for a
 training step). Without CUDA it says so and exits 0. `--device cpu` runs the
 same code on the CPU (for its test: tiny models, a few steps).
 
@@ -30,7 +30,8 @@ from spach.bench import create_model, measure_throughput, resolve_models
 from spach.engine.build import optimizer_kernel_kwargs
 from spach.io import atomic_write
 from spach.models import count_macs
-from spach.timing import check_device, device_peak, machine_info, sync
+from spach.accelerators import peak_flops
+from spach.timing import check_device, machine_info, sync
 
 MS_S = ["spach_ms_s_patch4_224_conv", "spach_ms_s_patch4_224_attn", "spach_ms_s_patch4_224_mlp",
         "spach_ms_s_patch4_224_hybrid"]
@@ -40,7 +41,7 @@ def peak_of(device: torch.device, dtype: str = "bf16") -> float | None:
     """The device's dense peak FLOP/s in `dtype` (None on CPU or for an unknown GPU)."""
     if device.type != "cuda":
         return None
-    return device_peak(torch.cuda.get_device_name(device), dtype)
+    return peak_flops(torch.cuda.get_device_name(device), dtype)
 
 
 def train_throughput(name: str, steps: int, batch: int, img_size: int, device: torch.device,
