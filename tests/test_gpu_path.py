@@ -335,7 +335,7 @@ def test_bench_rows_on_a_gpu_carry_peak_and_mfu(monkeypatch):
     got = bench.cuda_mfu(494.5e12, "bf16")
     assert got["peak_tflops"] == 989.0 and got["mfu"] == pytest.approx(0.5) and got["peak_precision"] == "bf16"
     row = dict(model="m", params=1e6, gmacs=1.0, precision="bf16", mode="infer", batch=256, threads=None,
-               images_per_s=1000.0, spread=0.01, achieved_gflops=2000.0, matmul_gflops=700e3, fraction=0.003,
+               images_per_s=1000.0, spread=0.01, achieved_gflops=2000.0, limit_gflops=700e3, fraction=0.003,
                **got)
     table = bench.format_table({"rows": [row], "summary": []})
     assert "| MFU |" in table and "50.0%" in table and "989" in table
