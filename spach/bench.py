@@ -49,7 +49,7 @@ from spach.timing import (DEVICES, DTYPES, GEMM_SHAPES, check_choice, check_devi
 
 __all__ = ["DTYPES", "MODES", "DEVICES", "BF16_IMPLS", "GROUPS", "PROTOCOLS", "matmul_rate", "machine_limit",
            "num_threads", "measure_throughput", "zoo_names", "resolve_models", "create_model", "benchmark",
-           "summarize", "format_table", "write_json"]
+           "summarize", "format_table", "write_json", "machine_info"]
 
 MODES = ("infer", "train")
 # bf16 inference: "autocast" keeps fp32 weights and casts inside torch.autocast;
