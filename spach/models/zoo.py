@@ -8,6 +8,7 @@ from __future__ import annotations
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
+from spach.models.release_zoo import RELEASE_URL
 from spach.models.spach import Spach, SpachMS, checkpoint_filter_fn
 
 
@@ -54,19 +55,25 @@ ZOO: dict[str, dict] = {
     "spach_ms_s_plus_patch4_224_hybrid": _ms(128, 4, 3.0, _S_HYBRID, stem_type="conv4"),
 }
 
-# Released ImageNet-1k weights of the original (file name, top-1). Load them with
-# spach.load_checkpoint(model, path) or timm's pretrained_cfg_overlay=dict(file=path).
-ORIGINAL_WEIGHTS: dict[str, tuple[str, float]] = {
+# The original release (v1.0 of microsoft/SPACH): file name and ImageNet-1k top-1 (SPEC §8).
+# Hybrid-MS-XS has a published top-1 but no released file (file None: no URL).
+ORIGINAL_WEIGHTS: dict[str, tuple[str | None, float]] = {
     "spach_ms_xxs_patch4_224_conv": ("spach_ms_conv_xxs.pth", 73.1),
-    "spach_ms_xxs_patch4_224_attn": ("spach_ms_attn_xxs.pth", 65.4),
+    "spach_ms_xxs_patch4_224_attn": ("spach_ms_trans_xxs.pth", 65.4),
     "spach_ms_xxs_patch4_224_mlp": ("spach_ms_mlp_xxs.pth", 74.5),
     "spach_ms_s_patch4_224_conv": ("spach_ms_conv_s.pth", 81.6),
-    "spach_ms_s_patch4_224_attn": ("spach_ms_attn_s.pth", 82.9),
+    "spach_ms_s_patch4_224_attn": ("spach_ms_trans_s.pth", 82.9),
     "spach_ms_s_patch4_224_mlp": ("spach_ms_mlp_s.pth", 82.1),
-    "spach_ms_xs_patch4_224_hybrid": ("spach_ms_hybrid_xs.pth", 82.4),
+    "spach_ms_xs_patch4_224_hybrid": (None, 82.4),
     "spach_ms_s_patch4_224_hybrid": ("spach_ms_hybrid_s.pth", 83.7),
     "spach_ms_s_plus_patch4_224_hybrid": ("spach_ms_hybrid_s+.pth", 83.9),
 }
+
+
+def release_url(name: str) -> str:
+    """The download URL of a zoo name's original weights ('' where none were released)."""
+    file = ORIGINAL_WEIGHTS.get(name, (None, 0.0))[0]
+    return RELEASE_URL + file if file else ""
 
 
 def family(name: str) -> str:
@@ -82,15 +89,21 @@ def layout(name: str) -> str:
 def _cfg(name: str) -> dict:
     entry = ZOO[name]
     multi_stage = entry["cls"] is SpachMS
-    weights = ORIGINAL_WEIGHTS.get(name)
+    file, top1 = ORIGINAL_WEIGHTS.get(name, (None, None))
+    if file:
+        notes = (f"original release weights: {file} (ImageNet-1k top-1 {top1})",)
+    elif top1 is not None:
+        notes = (f"ImageNet-1k top-1 {top1} published; no weights were released",)
+    else:
+        notes = ()
     return dict(
-        url="", num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7) if multi_stage else (14, 14),
+        url=release_url(name), num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7) if multi_stage else (14, 14),
         crop_pct=0.875, interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
         fixed_input_size="mlp" in str(entry["net_arch"]),
         first_conv="stem.proj.0" if entry.get("stem_type") == "conv4" else "stem.proj",
         classifier="head", license="mit", paper_ids="arXiv:2108.13002",
         origin_url="https://github.com/microsoft/SPACH",
-        notes=(f"original release weights: {weights[0]} (ImageNet-1k top-1 {weights[1]})",) if weights else (),
+        notes=notes,
     )
 
 
