@@ -7,11 +7,16 @@
 
 The data goes to a temporary file in the same directory, is flushed and fsync'ed,
 renamed over ``path`` (``os.replace`` is atomic) and the directory is fsync'ed.
+For outputs that must never replace anything (exports; files or whole folders)::
+
+    with atomic_new_path(path) as tmp:     # FileExistsError if path exists
+        write_somehow(tmp)                 # appears at path only when the block succeeds
 """
 from __future__ import annotations
 
 import errno
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -87,3 +92,36 @@ def atomic_savefig(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
     with atomic_write(path) as f:
         fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight")
     return Path(path)
+
+
+@contextmanager
+def atomic_new_path(path: str | os.PathLike, directory: bool = False):
+    """Yield a temporary path (a file's, or an empty folder with ``directory=True``) beside ``path``.
+
+    When the block ends without error the result appears at ``path`` in one step, and it
+    never replaces anything: ``FileExistsError`` if ``path`` exists (checked before and
+    when publishing). On error the temporary file or folder is removed.
+    """
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        raise FileExistsError(f"{path} already exists: choose another output path or remove it first")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    target = tmp if directory else tmp / path.name
+    try:
+        yield target
+        files = [f for f in tmp.rglob("*") if f.is_file()] if directory else [target]
+        for f in files:
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.chmod(f, 0o666 & ~_umask())
+        if directory:
+            os.chmod(tmp, 0o777 & ~_umask())
+            if path.exists():  # os.rename would replace an empty folder
+                raise FileExistsError(f"{path} already exists: choose another output path or remove it first")
+            os.rename(tmp, path)
+        else:
+            os.link(target, path)  # fails (FileExistsError) rather than replace a file made meanwhile
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # after a file is published: its temporary folder
+    fsync_dir(path.parent)

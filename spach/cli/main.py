@@ -24,6 +24,7 @@ COMMANDS = {
     "bench": "spach.cli.bench",
     "train": "spach.cli.train",
     "eval": "spach.cli.eval",
+    "export": "spach.cli.export",
     "battle": "spach.cli.battle",
     "report": "spach.cli.report",
     "analyze": "spach.cli.analyze",
