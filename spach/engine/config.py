@@ -45,7 +45,11 @@ class TrainConfig:
     model_kwargs: dict = _opt({}, "extra keyword arguments for create_model (e.g. hidden_dim=16)")
     img_size: Optional[int] = _opt(None, "input size (default: the model's pretrained_cfg input size)")
     num_classes: Optional[int] = _opt(None, "number of classes (default: from the data; a mismatch is an error)")
-    init_checkpoint: Optional[str] = _opt(None, "initialise weights from this file (spach.load_checkpoint)")
+    init_checkpoint: Optional[str] = _opt(None, "initialise weights from this file (spach.load_checkpoint); with "
+                                                "another class count the trunk loads and a new classifier starts")
+    pretrained: bool = _opt(False, "start from the model's pretrained_cfg weights (timm's path: downloads its URL)")
+    pretrained_file: Optional[str] = _opt(None, "with --pretrained: take the weights from this file or URL instead "
+                                                "(an original release file, a state dict, .safetensors)")
     max_train_samples: Optional[int] = _opt(None, "use a deterministic class-balanced slice of the train split")
     max_val_samples: Optional[int] = _opt(None, "use a deterministic class-balanced slice of the val split")
 
@@ -187,6 +191,10 @@ class TrainConfig:
                                  f"({self.epochs}); for a short run pass e.g. --warmup-epochs 1 --cooldown-epochs 0")
         if self.mixup_active and self.batch_size % 2:
             bad("batch_size", "must be even when mixup/cutmix is on (they pair samples)")
+        if self.pretrained and self.init_checkpoint:
+            bad("pretrained", "--pretrained and --init-checkpoint both set the initial weights: pass only one")
+        if self.pretrained_file is not None and not self.pretrained:
+            bad("pretrained_file", "needs --pretrained (or use --init-checkpoint FILE)")
         if self.resume is not None and not self.resume:
             bad("resume", "must be 'auto', a path, or None")
         return self

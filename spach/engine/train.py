@@ -52,7 +52,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from spach.engine import checkpoint as ckpt
 from spach.engine import distributed as D
-from spach.engine.build import build_model, check_model_input, optimizer_kernel_kwargs
+from spach.engine.build import build_model, check_model_input, optimizer_kernel_kwargs, pretrained_note
 from spach.engine.config import TrainConfig
 from spach.engine.device import autocast, cuda_math, peak_memory_mb, reset_peak_memory
 from spach.engine.evaluate import evaluate
@@ -205,13 +205,20 @@ def _datasets(cfg: TrainConfig):
 
 
 def _model(cfg: TrainConfig, env: D.DistEnv, img_size: int, num_classes: int, init: bool):
-    """(model on the device, its EMA or None), checked against the input size."""
-    model = build_model(cfg.model, num_classes=num_classes, img_size=img_size,
-                        model_kwargs=cfg.model_kwargs, drop_path=cfg.drop_path)
+    """(model on the device, its EMA or None), checked against the input size. `init`: a new run, which
+    starts from the pretrained or init_checkpoint weights if asked (each says in one line what it loaded)."""
+    say = print if env.is_main else (lambda *a, **k: None)
+    model = build_model(cfg.model, num_classes=num_classes, img_size=img_size, model_kwargs=cfg.model_kwargs,
+                        drop_path=cfg.drop_path, pretrained=cfg.pretrained and init,
+                        pretrained_file=cfg.pretrained_file)
     check_model_input(model, img_size, num_classes)
+    if cfg.pretrained and init:
+        say(pretrained_note(cfg.model, num_classes, cfg.pretrained_file))
     if cfg.init_checkpoint and init:
-        from spach import load_checkpoint
-        load_checkpoint(model, cfg.init_checkpoint)
+        from spach.models import load_for_finetuning
+        note = load_for_finetuning(model, cfg.init_checkpoint)
+        if note:
+            say(note)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     model.to(env.device)

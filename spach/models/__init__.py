@@ -4,8 +4,8 @@ from __future__ import annotations
 import timm
 import torch.nn as nn
 
-from spach.models.checkpoint import (load_checkpoint, read_state_file, save_safetensors,  # noqa: F401
-                                     state_checksum, with_checksum)
+from spach.models.checkpoint import (load_checkpoint, load_for_finetuning, read_state_file,  # noqa: F401
+                                     save_safetensors, state_checksum, with_checksum)
 from spach.models.complexity import count_macs, count_params  # noqa: F401
 from spach.models.layers import MIXERS, canonical_mixer  # noqa: F401
 from spach.models.spach import Spach, SpachMS, SpachNet, checkpoint_filter_fn  # noqa: F401

@@ -206,6 +206,33 @@ def _kind(t: torch.Tensor) -> str:
     return "float" if t.is_floating_point() else "complex" if t.is_complex() else "integer"
 
 
+def load_for_finetuning(model: nn.Module, source, key: str | None = None) -> str | None:
+    """Load ``source`` into ``model`` to fine-tune it: with another class count, the trunk loads and
+    the model's new classifier is kept (as timm does for ``pretrained=True`` and a new ``num_classes``).
+
+    Returns the one line that says so (None when the whole checkpoint loaded). Everything else
+    must fit as in :func:`load_checkpoint`.
+    """
+    where = str(source) if isinstance(source, (str, os.PathLike)) else "the given state dict"
+    obj = read_state_file(source) if isinstance(source, (str, os.PathLike)) else source
+    state_dict = extract_state_dict(obj, key, where)
+    if isinstance(model, SpachNet):
+        state_dict = checkpoint_filter_fn(state_dict, model)
+    classifier = getattr(model, "pretrained_cfg", {}).get("classifier") or "head"
+    names = classifier if isinstance(classifier, (list, tuple)) else (classifier,)
+    own = model.state_dict()
+    replaced = [k for n in names for k in (f"{n}.weight", f"{n}.bias")
+                if k in state_dict and k in own and state_dict[k].shape != own[k].shape]
+    if not replaced:
+        load_checkpoint(model, state_dict, strict=True)
+        return None
+    old_classes = state_dict[replaced[0]].shape[0]
+    # the model's freshly initialised classifier stands in for the checkpoint's, so the rest loads strictly
+    load_checkpoint(model, {**state_dict, **{k: own[k] for k in replaced}}, strict=True)
+    return (f"{where}: loaded the trunk; its {old_classes}-class classifier ({', '.join(replaced)}) does not fit "
+            f"the model's {getattr(model, 'num_classes', '?')} classes, so a new classifier starts from scratch")
+
+
 def _head(items: list[str], n: int = 8) -> list[str]:
     return items[:n] + ([f"... ({len(items) - n} more)"] if len(items) > n else [])
 
