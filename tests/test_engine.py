@@ -251,11 +251,24 @@ def test_bad_input_gives_a_clear_error_before_training(tmp_path, capsys, over, e
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
-def test_init_checkpoint_with_another_class_count_is_a_clear_error(tmp_path):
+def test_init_checkpoint_with_another_class_count_keeps_the_trunk_and_says_so(tmp_path, capsys):
     other = spach.create_model(TINY["model"], num_classes=7, img_size=32, **TINY["model_kwargs"])
     torch.save({"model": other.state_dict()}, tmp_path / "seven.pth")
-    with pytest.raises(ValueError, match="head"):
-        train(tiny(tmp_path, epochs=1, init_checkpoint=str(tmp_path / "seven.pth")))
+    train(tiny(tmp_path, **{**PLAIN, "epochs": 1, "lr": 1e-12, "min_lr": 0.0,
+                            "init_checkpoint": str(tmp_path / "seven.pth")}))
+    assert "its 7-class classifier (head.weight, head.bias) does not fit the model's 10 classes, so a new " \
+           "classifier starts from scratch" in capsys.readouterr().out
+    from safetensors.torch import load_file
+    trained = load_file(str(tmp_path / "run" / "model.safetensors"))
+    assert trained["head.weight"].shape == (10, other.head.weight.shape[1])
+    assert all(torch.allclose(trained[k], v, atol=1e-6) for k, v in other.state_dict().items()
+               if not k.startswith("head."))  # lr 1e-12: the trunk is still the checkpoint's
+    # a trunk that does not fit is still a clear error
+    wider = spach.create_model(TINY["model"], num_classes=10, img_size=32,
+                               **{**TINY["model_kwargs"], "hidden_dim": 16})
+    torch.save({"model": wider.state_dict()}, tmp_path / "wider.pth")
+    with pytest.raises(ValueError, match="shape mismatch"):
+        train(tiny(tmp_path, epochs=1, output=str(tmp_path / "run2"), init_checkpoint=str(tmp_path / "wider.pth")))
 
 
 def test_unreadable_training_image_is_skipped_and_counted(tmp_path):

@@ -129,7 +129,7 @@ def test_load_for_finetuning_keeps_the_trunk_and_starts_a_new_classifier(tmp_pat
 RUN = ["--model", "spach_ms_xxs_patch4_224_conv", "--data", "mnist5k", "--img-size", "64", "--epochs", "1",
        "--warmup-epochs", "0", "--cooldown-epochs", "0", "--batch-size", "16", "--max-train-samples", "16",
        "--max-val-samples", "20", "--threads", "1", "--workers", "0", "--no-tensorboard", "--no-model-ema",
-       "--no-augment", "--mixup", "0", "--cutmix", "0", "--no-repeated-aug", "--lr", "1e-12",
+       "--no-augment", "--mixup", "0", "--cutmix", "0", "--no-repeated-aug", "--lr", "1e-12", "--min-lr", "0",
        "--model-kwargs", "hidden_dim=16", "num_heads=2", "net_arch=[[[pass, 1]], [[pass, 1]], [[pass, 2]], [[pass, 1]]]"]
 
 
