@@ -1,11 +1,11 @@
 """Export and compile cost per format, and onnxruntime vs PyTorch inference speed on CPU.
 
-    python benchmarks/export_speed.py --threads 2 --json benchmarks/results-export.json
-    python benchmarks/export_speed.py --part ort --models spach_ms_xxs_patch4_224_conv --batch 4
+    python benchmarks/export_speed.py --threads 2 1 --json benchmarks/results-export.json
+    python benchmarks/export_speed.py --part ort --models spach_ms_xxs_patch4_224_conv --batch 4 --threads 2
 
 Part ``export`` (MS-S models): for each format of ``spach.export`` the wall and CPU time of
 the export and the size of what it writes; ``torch.compile`` (inductor, fullgraph) time to the
-first inference result (minus one eager pass) and to the first training step.
+first inference result (minus one eager pass) and, with ``--compile-train``, to the first training step.
 Part ``ort``: images/s of the same ONNX file under onnxruntime and of the PyTorch model
 (eval, ``torch.inference_mode``, the CPU fast paths on), with the same thread count, measured
 in alternation, pass by pass, so that load from other processes hits both alike; the ratio
@@ -42,12 +42,19 @@ def _timed(fn) -> tuple[float, float, object]:
     return time.perf_counter() - wall, time.process_time() - cpu, out
 
 
-def export_costs(name: str, tmp: Path) -> list[dict]:
-    """Wall/CPU seconds and output size of each export format, then torch.compile's first-call cost."""
+def _model(name: str) -> torch.nn.Module:
+    """The model at its default size, seeded; the head (zero-initialised by timm) made random so logits carry signal."""
     import spach
 
     torch.manual_seed(0)
     model = spach.create_model(name).eval()
+    torch.nn.init.normal_(model.head.weight, std=0.02)
+    return model
+
+
+def export_costs(name: str, tmp: Path, compile_train: bool = False) -> list[dict]:
+    """Wall/CPU seconds and output size of each export format, then torch.compile's first-call cost."""
+    model = _model(name)
     rows = []
     for fmt in FORMATS:
         path = tmp / f"{name}.{fmt}"
@@ -64,24 +71,34 @@ def export_costs(name: str, tmp: Path) -> list[dict]:
     rows.append(dict(model=name, what="compile eval (inductor, fullgraph, 1st call - eager pass)",
                      wall_s=wall - eager_wall, cpu_s=cpu - eager_cpu))
     print(rows[-1], flush=True)
-    model.train()
-    wall, cpu, _ = _timed(lambda: compiled(x).logsumexp(1).mean().backward())
-    rows.append(dict(model=name, what="compile train (inductor, fullgraph, 1st fwd+bwd)", wall_s=wall, cpu_s=cpu))
-    print(rows[-1], flush=True)
+    if compile_train:
+        model.train()
+        wall, cpu, _ = _timed(lambda: compiled(x).logsumexp(1).mean().backward())
+        rows.append(dict(model=name, what="compile train (inductor, fullgraph, 1st fwd+bwd)", wall_s=wall,
+                         cpu_s=cpu))
+        print(rows[-1], flush=True)
     torch._dynamo.reset()
     return rows
 
 
-def ort_vs_torch(name: str, tmp: Path, batch: int, threads: int, rounds: int) -> dict:
+def ort_vs_torch(name: str, tmp: Path, batch: int, thread_counts: list[int], rounds: int) -> list[dict]:
+    """ONNX export of ``name`` (the export part's file if there is one), then at each thread count:
+    onnxruntime vs PyTorch images/s."""
+    model = _model(name)
+    path = tmp / f"{name}.onnx"
+    if not path.exists():
+        export_model(model, "onnx", path)
+    rows = []
+    for threads in thread_counts:
+        with num_threads(threads):
+            rows.append(_ort_vs_torch(model, name, path, batch, threads, rounds))
+    return rows
+
+
+def _ort_vs_torch(model, name: str, path: Path, batch: int, threads: int, rounds: int) -> dict:
     """Alternating timed passes of onnxruntime and PyTorch on the same batch; medians and ratio."""
     import onnxruntime as ort
 
-    import spach
-
-    torch.manual_seed(0)
-    model = spach.create_model(name).eval()
-    torch.nn.init.normal_(model.head.weight, std=0.02)  # timm zero-inits the head: give the logits signal
-    path = export_model(model, "onnx", tmp / f"{name}-ort.onnx")
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     # no busy-waiting after a run: spinning threads would steal the cores from the PyTorch pass that follows
@@ -116,18 +133,20 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="+", default=MS_S)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, nargs="+", default=[2],
+                   help="thread counts: exports and compiles use the first, the ort part each in turn")
+    p.add_argument("--compile-train", action="store_true", help="also time the first compiled training step")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     result = {"machine": machine_info(), "threads": args.threads, "export": [], "ort": []}
-    with num_threads(args.threads), tempfile.TemporaryDirectory() as tmp:
+    with num_threads(args.threads[0]), tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             if "export" in args.part:
-                result["export"] += export_costs(name, Path(tmp))
+                result["export"] += export_costs(name, Path(tmp), args.compile_train)
             if "ort" in args.part:
-                result["ort"].append(ort_vs_torch(name, Path(tmp), args.batch, args.threads, args.rounds))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+                result["ort"] += ort_vs_torch(name, Path(tmp), args.batch, args.threads, args.rounds)
+            if args.json:  # after each model: a cut-short run keeps what it measured
+                Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 
 def add_parser(subparsers) -> None:
-    from spach.engine.config import _key_value
+    from spach.engine.config import parse_key_value
     from spach.export import FORMATS
 
     p = subparsers.add_parser(
@@ -28,7 +28,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--format", required=True, choices=FORMATS, help="output format")
     p.add_argument("--output", required=True, metavar="PATH", help="output file (a folder for hf); must not exist")
     p.add_argument("--img-size", type=int, help="input size (default: the checkpoint's run, else the model's)")
-    p.add_argument("--model-kwargs", nargs="+", metavar="KEY=VALUE", type=_key_value,
+    p.add_argument("--model-kwargs", nargs="+", metavar="KEY=VALUE", type=parse_key_value,
                    help="model constructor overrides (default: the run's for training checkpoints)")
     p.add_argument("--ema", action="store_true", help="export the EMA weights of a training checkpoint")
     p.add_argument("--check", action="store_true",
