@@ -25,8 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from spach.bench import machine_info, num_threads  # noqa: E402
 from spach.export import FORMATS, example_input, export_model  # noqa: E402
+from spach.runtime import num_threads  # noqa: E402
+from spach.timing import machine_info  # noqa: E402
 
 MS_S = ["spach_ms_s_patch4_224_conv", "spach_ms_s_patch4_224_attn", "spach_ms_s_patch4_224_mlp",
         "spach_ms_s_patch4_224_hybrid"]
