@@ -15,7 +15,7 @@ def add_parser(subparsers) -> None:
 
     p = subparsers.add_parser(
         "train", help="train a model (paper recipe; single process or torchrun)",
-        description="Train a model with the paper's recipe (SPEC §6). Every option can also be set in a "
+        description="Train a model with the paper's recipe (docs/design.md §5). Every option can also be set in a "
                     "YAML file (--config, keys = option names with underscores); flags override it. "
                     "The resolved config is saved as OUTPUT/config.yaml.")
     p.add_argument("--config", metavar="YAML", help="YAML file of options")

@@ -27,7 +27,7 @@ def train_transform(
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
     uint8: bool = False,
 ):
-    """Random-resized crop, flip, RandAugment, normalise, random erasing (DeiT / SPEC §6).
+    """Random-resized crop, flip, RandAugment, normalise, random erasing (DeiT; docs/design.md §5).
 
     `uint8=True` stops after the crop, flip and RandAugment with a uint8 C×H×W tensor: 4× less
     data through the loader's processes and to the GPU; `DeviceLoader` normalises and erases.

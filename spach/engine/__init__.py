@@ -1,4 +1,4 @@
-"""Training and evaluation engine: the paper's recipe (SPEC §6), from one CPU to many nodes.
+"""Training and evaluation engine: the paper's recipe (docs/design.md §5), from one CPU to many nodes.
 
     from spach.engine import TrainConfig, train, evaluate
 

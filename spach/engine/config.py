@@ -5,7 +5,7 @@
     cfg = TrainConfig.from_yaml("recipe.yaml")     # any field; unknown keys -> ValueError
     cfg.to_dict()                                  # plain data (stored in checkpoints, config.yaml)
 
-Defaults are the paper's recipe (SPEC §6). Errors name the bad field:
+Defaults are the paper's recipe (docs/design.md §5). Errors name the bad field:
 `ValueError("TrainConfig.batch_size: must be >= 1 (got 0)")`.
 The `spach train` flags are generated from the fields below (`--batch-size` for
 `batch_size`, `--no-model-ema` for `model_ema=False`, ...), see `add_arguments`.

@@ -1,4 +1,4 @@
-"""Train a model with the paper's recipe (SPEC §6) — one CPU, one GPU, or many GPUs and nodes.
+"""Train a model with the paper's recipe (docs/design.md §5) — one CPU, one GPU, or many GPUs and nodes.
 
 Single process (CPU or one GPU):
 

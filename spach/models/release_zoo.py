@@ -26,7 +26,7 @@ def _shift(embed_dim, n_div, depths, mlp_ratio, drop_path_rate):
                 drop_path_rate=drop_path_rate, n_div=n_div)
 
 
-# name -> (class + constructor keywords). SPEC §7-8; all at 224x224.
+# name -> (class + constructor keywords), as in the original release; all at 224x224.
 RELEASE_ZOO: dict[str, dict] = {
     "smlpnet_tiny": _smlp(80, [2, 8, 14, 2], 0.0),
     "smlpnet_small": _smlp(96, [2, 10, 24, 2], 0.2),
