@@ -17,7 +17,7 @@ from spach.models.registry import (  # noqa: F401
 )
 from spach.models import mixers  # noqa: F401,E402  (registers pool, shift, smlp, gfilter, window)
 from spach.models.spach import Spach, SpachMS, SpachNet, checkpoint_filter_fn  # noqa: F401
-from spach.models.zoo import ORIGINAL_WEIGHTS, ZOO, family, layout  # noqa: F401  (registers in timm)
+from spach.models.zoo import ALL_MODELS, NEWCOMERS, ORIGINAL_WEIGHTS, ZOO, family, layout  # noqa: F401  (in timm)
 from spach.models.ops import SparseMLP, partial_shift  # noqa: F401
 from spach.models.shiftvit import ShiftViT  # noqa: F401
 from spach.models.smlpnet import SMLPNet, sMLPNet  # noqa: F401
@@ -30,9 +30,10 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def list_models() -> list[str]:
-    """The zoo's names, in the paper's order (single-stage, multi-stage, hybrids)."""
-    return list(ZOO)
+def list_models(newcomers: bool = False) -> list[str]:
+    """The zoo's names, in the paper's order (single-stage, multi-stage, hybrids); with ``newcomers=True``
+    also the arena's post-paper mixers (``spach_ms_*_{pool,shift,smlp,gfilter,window}``)."""
+    return list(ALL_MODELS if newcomers else ZOO)
 
 
 def list_release_models() -> list[str]:

@@ -188,3 +188,64 @@ def _register_builtins() -> None:
 
 
 _register_builtins()
+
+
+# --------------------------------------------------------------------------- plugins
+
+def resolve_plugins(entries, base_dir) -> list[dict[str, str]]:
+    """Study-file ``plugins:`` entries -> ``{"file": absolute path}`` (an entry ending in ``.py``,
+    relative to ``base_dir``) or ``{"module": dotted name, "path": base_dir}``; clear errors for bad entries."""
+    from pathlib import Path
+
+    if not isinstance(entries, list) or not all(isinstance(e, str) and e.strip() for e in entries):
+        raise ValueError(f"plugins must be a list of module names or .py paths, got {entries!r}")
+    base = Path(base_dir).resolve()
+    out = []
+    for entry in entries:
+        if entry.endswith(".py") or "/" in entry:
+            path = (base / entry).resolve()
+            if not path.is_file():
+                raise ValueError(f"plugins: no file {entry!r} (looked for {path}; paths are relative to the "
+                                 "study file)")
+            out.append({"file": str(path)})
+        elif re.match(r"^[A-Za-z_][\w.]*$", entry):
+            out.append({"module": entry, "path": str(base)})
+        else:
+            raise ValueError(f"plugins: {entry!r} is neither a module name (my_mixers, pkg.mixers) nor a .py path")
+    return out
+
+
+def import_plugins(resolved: list[dict[str, str]]) -> None:
+    """Import resolved plugin entries (see :func:`resolve_plugins`) once per process. This RUNS their code:
+    they register their mixers with :func:`register_mixer` as they are imported."""
+    import hashlib
+    import importlib
+    import importlib.util
+    import sys
+
+    for entry in resolved:
+        try:
+            if "file" in entry:
+                path = entry["file"]
+                name = f"spach_plugin_{hashlib.sha256(path.encode()).hexdigest()[:8]}_{re.sub(r'[^0-9A-Za-z_]', '_', path.rsplit('/', 1)[-1][:-3])}"
+                if name in sys.modules:
+                    continue
+                spec = importlib.util.spec_from_file_location(name, path)
+                if spec is None or spec.loader is None:
+                    raise ImportError(f"cannot load {path} as a Python module")
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[name] = module
+                try:
+                    spec.loader.exec_module(module)
+                except BaseException:
+                    del sys.modules[name]
+                    raise
+            else:
+                if entry["path"] not in sys.path:
+                    sys.path.append(entry["path"])
+                importlib.import_module(entry["module"])
+        except ValueError:
+            raise
+        except Exception as e:  # noqa: BLE001 — the user's code: report what it raised
+            what = entry.get("file") or entry.get("module")
+            raise ValueError(f"plugins: importing {what} failed: {type(e).__name__}: {e}") from None

@@ -66,10 +66,14 @@ NEWCOMER_WIDTHS: dict[str, dict[str, tuple[int, int]]] = {
     "window": {"xxs": (48, 2), "xs": (72, 3), "s": (96, 3)},      # attention's 4C^2 per block: narrower
 }
 _CONV_SIZES = {"xxs": (2.0, (2, 2, 6, 2)), "xs": (2.0, (3, 4, 12, 3)), "s": (3.0, (3, 4, 12, 3))}
-for _mixer, _widths in NEWCOMER_WIDTHS.items():
-    for _size, (_dim, _heads) in _widths.items():
-        ZOO[f"spach_ms_{_size}_patch4_224_{_mixer}"] = _ms(
-            _dim, _heads, _CONV_SIZES[_size][0], _ms_family(_mixer, _CONV_SIZES[_size][1]))
+# name -> class + keywords, like ZOO (which stays the paper's 21 models)
+NEWCOMERS: dict[str, dict] = {
+    f"spach_ms_{size}_patch4_224_{mixer}": _ms(dim, heads, _CONV_SIZES[size][0],
+                                               _ms_family(mixer, _CONV_SIZES[size][1]))
+    for mixer, widths in NEWCOMER_WIDTHS.items() for size, (dim, heads) in widths.items()
+}
+# every registered name: the paper's zoo, then the newcomers
+ALL_MODELS: dict[str, dict] = {**ZOO, **NEWCOMERS}
 
 # Released ImageNet-1k weights of the original (file name, top-1). Load them with
 # spach.load_checkpoint(model, path) or timm's pretrained_cfg_overlay=dict(file=path).
@@ -93,7 +97,7 @@ def family(name: str) -> str:
 
 def layout(name: str) -> str:
     """``ms`` (multi-stage) or ``ss`` (single-stage) for a zoo name."""
-    return "ms" if ZOO[name]["cls"] is SpachMS else "ss"
+    return "ms" if ALL_MODELS[name]["cls"] is SpachMS else "ss"
 
 
 def fixed_input_size(net_arch) -> bool:
@@ -103,7 +107,7 @@ def fixed_input_size(net_arch) -> bool:
 
 
 def _cfg(name: str) -> dict:
-    entry = ZOO[name]
+    entry = ALL_MODELS[name]
     multi_stage = entry["cls"] is SpachMS
     weights = ORIGINAL_WEIGHTS.get(name)
     return dict(
@@ -117,11 +121,11 @@ def _cfg(name: str) -> dict:
     )
 
 
-default_cfgs = generate_default_cfgs({name: _cfg(name) for name in ZOO})
+default_cfgs = generate_default_cfgs({name: _cfg(name) for name in ALL_MODELS})
 
 
 def _create(name: str, pretrained: bool = False, **kwargs):
-    entry = dict(ZOO[name])
+    entry = dict(ALL_MODELS[name])
     cls = entry.pop("cls")
     multi_stage = cls is SpachMS
     kwargs = {**entry, **kwargs}
@@ -143,5 +147,5 @@ def _make_entrypoint(name: str):
     return register_model(entrypoint)
 
 
-for _name in ZOO:
+for _name in ALL_MODELS:
     globals()[_name] = _make_entrypoint(_name)
