@@ -593,8 +593,6 @@ def resolve_architecture(family: str, layout: str, size: str, cpe: bool, shared:
     for key in ("hidden_dim", "num_heads", "channel_ratio", "token_ratio", "patch_size"):
         if key in d:
             kwargs[key] = _per_family(d[key], family, f"{w}.{key}")
-    if d.get("mixer_kwargs"):
-        kwargs["mixer_kwargs"] = d["mixer_kwargs"]
     mixer = None if family == "hybrid" else family
     if layout == "ss":
         if not _is_int(depth) or depth < 1:
@@ -617,6 +615,13 @@ def resolve_architecture(family: str, layout: str, size: str, cpe: bool, shared:
                                   for n, a in zip(depth, attn)]
         else:
             kwargs["net_arch"] = [[["conv", depth[0]]]] + [[[mixer, n]] for n in depth[1:]]
+    options = d.get("mixer_kwargs") or {}
+    if not isinstance(options, dict):
+        raise ValueError(f"{w}.mixer_kwargs must map mixer names to their options, e.g. {{window: {{window_size: 4}}}}")
+    used = {m for stage in (kwargs["net_arch"] if layout == "ms" else [kwargs["net_arch"]]) for m, _ in stage}
+    options = {m: o for m, o in options.items() if canonical_mixer(m) in used}  # only the mixers this cell uses
+    if options:
+        kwargs["mixer_kwargs"] = options
     # the explicit size replaces the zoo's widths and depths; the xxs name only picks the class
     # (the paper's families keep their own name, so their run keys are as before)
     base = _zoo_name(family if family in ("conv", "attn", "mlp") else "conv", layout, "xxs")
