@@ -6,7 +6,7 @@ import torch.nn as nn
 
 from spach.models.checkpoint import (load_checkpoint, read_state_file, save_safetensors,  # noqa: F401
                                      state_checksum, with_checksum)
-from spach.models.complexity import count_macs, count_params  # noqa: F401
+from spach.models.complexity import count_macs, count_macs_on, count_params  # noqa: F401
 from spach.models.registry import (  # noqa: F401
     MixerInfo,
     canonical_mixer,
