@@ -23,7 +23,8 @@ def countable_ops(model: nn.Module):
 
     (Fused kernels — CPU flash attention, oneDNN linear+GELU — are invisible to it.)
     """
-    attention = [m for m in model.modules() if isinstance(m, Attention)]
+    # Attention and every other mixer with the same switch (e.g. window attention)
+    attention = [m for m in model.modules() if isinstance(m, Attention) or isinstance(getattr(m, "fused_attn", None), bool)]
     saved = [m.fused_attn for m in attention], kernels.fused_kernels_enabled()
     for m in attention:
         m.fused_attn = False

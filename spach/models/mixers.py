@@ -117,6 +117,18 @@ def shifted_window_mask(height: int, width: int, window_size: int, shift: int, d
     return torch.zeros(same.shape, device=device).masked_fill(~same, float("-inf"))
 
 
+@register_notrace_function  # torch.fx: a leaf, so the kernel is chosen when the graph runs
+def biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,
+                     dropout_p: float, fused: bool) -> torch.Tensor:
+    """``softmax(q k^T * scale + bias) v`` on ``(B, heads, N, head_dim)``; fused kernel or plain maths."""
+    if use_sdpa(q, fused):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
+    attn = ((q * scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1)
+    if dropout_p > 0.0:
+        attn = F.dropout(attn, dropout_p)
+    return attn @ v
+
+
 def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
     """(B, H, W, C) -> (B * num_windows, window_size², C), windows in row-major order."""
     B, H, W, C = x.shape
@@ -211,12 +223,8 @@ class WindowAttention(nn.Module):
         B, H, W, C = x.shape
         q, k, v = self.windowed_qkv(x)
         bias = self.attention_bias(B, H, W, x.device).to(q.dtype)
-        p = self.attn_drop.p if self.training else 0.0
-        if use_sdpa(q, self.fused_attn):
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p, scale=self.scale)
-        else:
-            attn = ((q * self.scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1)
-            out = self.attn_drop(attn) @ v
+        out = biased_attention(q, k, v, bias, self.scale, self.attn_drop.p if self.training else 0.0,
+                               self.fused_attn)
         out = out.transpose(1, 2).reshape(-1, self.window_size * self.window_size, C)
         x = window_merge(out, self.window_size, B, H, W)
         if self.shift_size > 0:
