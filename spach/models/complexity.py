@@ -24,7 +24,8 @@ def countable_ops(model: nn.Module):
     (Fused kernels — CPU flash attention, oneDNN linear+GELU — are invisible to it.)
     """
     # Attention and every other mixer with the same switch (e.g. window attention)
-    attention = [m for m in model.modules() if isinstance(m, Attention) or isinstance(getattr(m, "fused_attn", None), bool)]
+    attention = [m for m in model.modules()
+                 if isinstance(m, Attention) or isinstance(getattr(m, "fused_attn", None), bool)]
     saved = [m.fused_attn for m in attention], kernels.fused_kernels_enabled()
     for m in attention:
         m.fused_attn = False
@@ -50,7 +51,8 @@ def count_macs(model: nn.Module, img_size=224, in_chans: int = 3, batch_size: in
 
 def count_macs_on(module: nn.Module, x: torch.Tensor) -> int:
     """Multiply-accumulates of ``module(x)`` (matmuls and convolutions; FFTs, pooling and elementwise
-    operations count 0), in eval mode with the countable (plain) kernels — e.g. one block on ``(1, H, W, C)`` tokens."""
+    operations count 0), in eval mode with the countable (plain) kernels — e.g. one block on
+    ``(1, H, W, C)`` tokens."""
     was_training = module.training
     module.eval()
     try:

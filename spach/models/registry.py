@@ -98,9 +98,8 @@ def register_mixer(name: str, *, fixed_input_size: bool = False, paper: str | No
         raise ValueError(f"register_mixer({name!r}): a mixer name is a lower-case identifier "
                          "([a-z][a-z0-9_]*, it becomes part of model and run names), e.g. 'my_mixer'")
     if name in MIXER_ALIASES or name in RESERVED:
-        raise ValueError(f"register_mixer({name!r}): {name!r} is reserved "
-                         f"({'an alias of ' + repr(MIXER_ALIASES[name]) if name in MIXER_ALIASES else 'a battle family'})"
-                         "; pick another name")
+        what = f"an alias of {MIXER_ALIASES[name]!r}" if name in MIXER_ALIASES else "a battle family"
+        raise ValueError(f"register_mixer({name!r}): {name!r} is reserved ({what}); pick another name")
 
     def decorate(cls):
         if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
@@ -227,7 +226,8 @@ def import_plugins(resolved: list[dict[str, str]]) -> None:
         try:
             if "file" in entry:
                 path = entry["file"]
-                name = f"spach_plugin_{hashlib.sha256(path.encode()).hexdigest()[:8]}_{re.sub(r'[^0-9A-Za-z_]', '_', path.rsplit('/', 1)[-1][:-3])}"
+                stem = re.sub(r"[^0-9A-Za-z_]", "_", path.rsplit("/", 1)[-1][:-3])
+                name = f"spach_plugin_{hashlib.sha256(path.encode()).hexdigest()[:8]}_{stem}"
                 if name in sys.modules:
                     continue
                 spec = importlib.util.spec_from_file_location(name, path)

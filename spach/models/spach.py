@@ -2,7 +2,8 @@
 
 One skeleton; the spatial mixer of each block is data: any name of the mixer
 registry (:mod:`spach.models.registry` — ``conv``, ``attn``, ``mlp``, the
-newcomers of :mod:`spach.models.mixers`, or your own). A model is described by ``net_arch``: for a single-stage network a list
+newcomers of :mod:`spach.models.mixers`, or your own). A model is described
+by ``net_arch``: for a single-stage network a list
 of ``(mixer, depth)``; for a multi-stage network one such list per stage::
 
     Spach(hidden_dim=192, num_heads=6, net_arch=[("attn", 12)])
@@ -52,7 +53,8 @@ def check_input_size(x: torch.Tensor, img_size: tuple[int, int], stride: int, fi
     H, W = x.shape[-2], x.shape[-1]
     if fixed and (H != img_size[0] or W != img_size[1]):
         raise ValueError(
-            f"this model has fixed-size mixers (weights shaped by the token grid) built for {img_size[0]}x{img_size[1]} input "
+            f"this model has fixed-size mixers (weights shaped by the token grid) built for "
+            f"{img_size[0]}x{img_size[1]} input "
             f"and got {H}x{W}; build it with img_size=({H}, {W}) to use that size")
     if H % stride or W % stride:
         raise ValueError(f"input size {H}x{W} is not divisible by the network's total stride {stride}")
