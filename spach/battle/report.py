@@ -28,14 +28,21 @@ from spach.battle import db
 from spach.io import atomic_savefig, atomic_write
 from spach.battle.findings import Group, Stat, evaluate_findings, macs_of, pareto_front, speed_of
 
-# the paper's families first, then the release's sMLPNet/ShiftViT, then the registry's other mixers
-FAMILY_ORDER = {"conv": 0, "attn": 1, "mlp": 2, "hybrid": 3, "smlp-net": 4, "shift-vit": 5, "pool": 6, "shift": 7,
-                "smlp": 8, "gfilter": 9, "window": 10}
 SIZE_ORDER = {"xxs": 0, "xs": 1, "s": 2, "s_plus": 3}
 FAMILY_COLOR = {"conv": "tab:blue", "attn": "tab:red", "mlp": "tab:green", "hybrid": "tab:purple",
                 "smlp-net": "tab:olive", "shift-vit": "tab:orange", "pool": "gold", "shift": "tab:brown",
                 "smlp": "yellowgreen", "gfilter": "tab:cyan", "window": "tab:pink"}
 _PLUGIN_COLORS = ("black", "navy", "lime", "teal", "maroon", "gray")
+
+
+def family_rank(family: str) -> int:
+    """Table order: the paper's families, the release's sMLPNet/ShiftViT, then the registry's other mixers
+    (newcomers, then plugins)."""
+    from spach.models.registry import mixer_names
+
+    order = ["conv", "attn", "mlp", "hybrid", "smlp-net", "shift-vit"]
+    order += [m for m in mixer_names() if m not in order]
+    return order.index(family) if family in order else len(order)
 
 
 def family_color(family: str) -> str:
@@ -90,7 +97,7 @@ def aggregate(runs: list[dict]) -> list[Group]:
             top1=Stat.of([r["final_top1"] for r in rs]), best_top1=Stat.of([r["best_top1"] for r in rs]),
             train_loss=Stat.of([r["final_train_loss"] for r in rs]),
             val_loss=Stat.of([r["final_val_loss"] for r in rs]), gap=Stat.of(gaps), runs=rs))
-    groups.sort(key=lambda g: (FAMILY_ORDER.get(g.family, 9), g.layout != "ss", SIZE_ORDER.get(g.size, 5),
+    groups.sort(key=lambda g: (family_rank(g.family), g.layout != "ss", SIZE_ORDER.get(g.size, 5),
                                g.params or 0, not g.cpe, g.shared, g.name))
     return groups
 
@@ -163,7 +170,7 @@ def figure_tradeoff(groups: list[Group], x_of: str, xlabel: str, path: Path, fro
     for g in points:
         if g.baseline:
             lines[(g.family, g.layout)].append(g)
-    for (family, layout), gs in sorted(lines.items(), key=lambda kv: (FAMILY_ORDER.get(kv[0][0], 9), kv[0][1])):
+    for (family, layout), gs in sorted(lines.items(), key=lambda kv: (family_rank(kv[0][0]), kv[0][1])):
         gs.sort(key=xval)
         ax.errorbar([xval(g) for g in gs], [g.top1.mean for g in gs], yerr=[g.top1.std or 0 for g in gs],
                     color=family_color(family), linestyle="-" if layout == "ms" else "--",
