@@ -155,12 +155,11 @@ class SpachNet(nn.Module):
             raise ValueError(f"img_size={img_size} is not divisible by the network's total stride {self.stride}")
         for i in shared_stages:
             kinds = sorted(set(stage_mixers[i]))
-            if len(kinds) > 1:
-                raise ValueError(f"shared_spatial_func=True: weight sharing needs one mixer per shared stage; "
-                                 f"stage {i + 1} mixes {'+'.join(kinds)}")
-            if kinds[0] in cpe_mixers:
-                raise ValueError(f"shared_spatial_func=True: stage {i + 1} is {kinds[0]}, which has no spatial "
-                                 "module to share (its mixer is the block's depthwise conv)")
+            if len(kinds) > 1 or kinds[0] in cpe_mixers:
+                why = ("weight sharing needs one mixer per shared stage" if len(kinds) > 1 else
+                       f"{kinds[0]} has no spatial module to share: its mixer is the block's depthwise conv")
+                raise ValueError(f"shared_spatial_func=True needs every shared stage to use one non-conv mixer; "
+                                 f"stage {i + 1} uses {'+'.join(kinds)} ({why})")
         if drop_path_rates is None:
             drop_path_rates = [drop_path_rate] * len(all_mixers)
 
