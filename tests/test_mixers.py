@@ -3,13 +3,12 @@ their fixed-size errors, the attention protocol, TorchScript / fx / export, and 
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 from timm.layers import set_scriptable
 from timm.models._features_fx import create_feature_extractor
 
 import spach  # noqa: F401  (registers the zoo and the mixers)
 from spach.models import ALL_MODELS, NEWCOMERS, SpachMS, count_params, get_mixer
-from spach.models.mixers import GlobalFilter, Pooling, Shift, WindowAttention
+from spach.models.mixers import GlobalFilter, Pooling, Shift, WindowAttention, window_merge
 from spach.models.ops import SparseMLP
 
 NEWCOMER_MIXERS = ["pool", "shift", "smlp", "gfilter", "window"]
@@ -179,7 +178,6 @@ def test_window_attention_probs_protocol():
         # the probabilities are the forward's: probs @ v, merged and rolled back, gives the output
         _, _, v = m.windowed_qkv(x)
         y = (probs.reshape(8, 2, 16, 16) @ v).transpose(1, 2).reshape(8, 16, 8)
-        from spach.models.mixers import window_merge
         y = m.proj(torch.roll(window_merge(y, 4, 2, 8, 8), (2, 2), (1, 2)))
         torch.testing.assert_close(y, m(x), rtol=1e-5, atol=1e-5)
 

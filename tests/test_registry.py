@@ -3,6 +3,7 @@ import copy
 import textwrap
 
 import pytest
+import yaml
 import torch
 import torch.nn as nn
 
@@ -10,8 +11,7 @@ import spach
 from spach.battle import load_study, run_study
 from spach.battle.spec import parse_study
 from spach.cli.main import main as cli
-from spach.models import SpachMS, registry
-from spach.models import layers
+from spach.models import SpachMS, layers, registry
 
 
 def ms(mixer, **kw):
@@ -139,7 +139,7 @@ def plugin_study(tmp_path):
     (tmp_path / "plugins" / "rowmix.py").write_text(PLUGIN)
     study = copy.deepcopy(STUDY)
     study["plugins"] = ["plugins/rowmix.py"]
-    (tmp_path / "study.yaml").write_text(__import__("yaml").safe_dump(study))
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
     yield tmp_path / "study.yaml"
     if "rowmix" in registry.mixer_names():
         registry.unregister_mixer("rowmix")
