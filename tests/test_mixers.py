@@ -180,6 +180,10 @@ def test_window_attention_probs_protocol():
         y = (probs.reshape(8, 2, 16, 16) @ v).transpose(1, 2).reshape(8, 16, 8)
         y = m.proj(torch.roll(window_merge(y, 4, 2, 8, 8), (2, 2), (1, 2)))
         torch.testing.assert_close(y, m(x), rtol=1e-5, atol=1e-5)
+        # spach analyze attn-distance reads it: per head, within a 4x4 window (at most 3·sqrt(2) apart)
+        from spach.analysis.attention import mean_distance
+        d = mean_distance(probs, pos_q, pos_k)
+        assert d.shape == (2,) and bool((d > 0).all()) and bool((d < 3 * 2 ** 0.5).all())
 
 
 # ---------------------------------------------------------------- fixed sizes and refusals
