@@ -29,8 +29,8 @@ A study is a YAML mapping (see docs/battle.md for the full reference)::
     analysis: [erf, cka, corruption, fourier, attn-distance]   # after training; or {erf: {images: 32}, ...}
 
 Architecture rules live in the models, once: every grid cell is validated by
-building its model on the meta device (no memory, no compute) and running it on
-an empty input; a cell the model refuses is *skipped*, with the model's own error
+building its model on the meta device (no memory, no compute; each mixer probed on
+an empty token grid); a cell the model refuses is *skipped*, with the model's own error
 as the recorded reason (it appears in the database and the report) — e.g. CPE
 removed from a conv model, weight sharing of a mixer without weights, windows
 that do not tile the grid. The same refusal for an `extra` entry, which the user

@@ -20,7 +20,6 @@ from spach.models.kernels import Linear, token_matmul, use_fused_mlp, use_sdpa, 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 
 
-
 def __getattr__(name: str):
     # MIXERS, MIXER_ALIASES and canonical_mixer are read from the mixer registry (spach.models.registry),
     # which itself builds on this module: resolved on access, so plugin mixers are included
