@@ -15,7 +15,10 @@ from spach.models import (  # noqa: F401
     count_params,
     create_model,
     list_models,
+    get_mixer,
     load_checkpoint,
+    mixer_names,
+    register_mixer,
     save_safetensors,
 )
 

@@ -55,3 +55,34 @@ def test_cpe_sharing_and_generalisation():
     assert findings[2].verdict == "holds" and "0.50% of params" in findings[2].lines[0]
     assert findings[3].verdict == "holds"  # sharing shrinks the MLP's gap
     assert findings[4].verdict == "holds"  # attn: lower train loss; conv: smaller gap
+
+
+def test_newcomers_are_placed_on_each_side_of_the_findings():
+    conv = group("conv", "ms", (95, 95.2), train_loss=(0.10, 0.11), val_loss=(0.20, 0.21))
+    attn = group("attn", "ms", (96, 96.2), train_loss=(0.05, 0.06), val_loss=(0.25, 0.26))
+    mlp = group("mlp", "ms", (94, 94.2), train_loss=(0.05, 0.05), val_loss=(0.45, 0.46))
+    pool = group("pool", "ms", (97, 97.1), train_loss=(0.10, 0.11), val_loss=(0.30, 0.31))
+    smlp = group("smlp", "ms", (95, 95.1), train_loss=(0.05, 0.05), val_loss=(0.15, 0.16))
+    finding = evaluate_findings([conv, attn, mlp, pool, smlp])[5]
+    assert finding.number == 6
+    text = "\n".join(finding.lines)
+    # pool is weight-free: it is compared with attention (and wins decisively here); smlp is not
+    assert "pool ms tiny — a weight-free mixer plus CPE matches attention: top-1 pool - attn: +0.950" in text
+    assert "smlp ms tiny — a weight-free" not in text
+    # the axial MLP overfits less than the full token MLP: gap 0.105 vs 0.405
+    assert "smlp ms tiny — the axial MLP overfits less than the full token MLP: gap mlp - smlp: +0.300" in text
+    assert "pool ms tiny — conv generalises best (its gap is smaller): gap pool - conv: +0.100" in text
+    assert all(line.endswith(("holds", "does not hold", "inconclusive")) for line in finding.lines)
+    assert verdicts([conv, attn, mlp])[6] == "not covered by this study"
+
+
+def test_pareto_fronts_against_macs_and_throughput():
+    from spach.battle.findings import macs_of, pareto_front, speed_of
+
+    a = group("conv", "ms", (90, 90), macs=1e6)        # cheapest
+    b = group("attn", "ms", (95, 95), macs=2e6)        # more accurate, costlier: on the front
+    c = group("mlp", "ms", (93, 93), macs=3e6)         # dominated by b
+    d = group("pool", "ms", (95, 95), macs=2e6, size="x")  # ties b on both: both stay
+    assert pareto_front([a, b, c, d], macs_of) == {a.name, b.name, d.name}
+    a.images_per_s, b.images_per_s, c.images_per_s, d.images_per_s = (Stat.of([v]) for v in (100, 50, 200, 10))
+    assert pareto_front([a, b, c, d], speed_of, lower_is_better=False) == {b.name, c.name}

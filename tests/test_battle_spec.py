@@ -85,7 +85,7 @@ def test_meaningless_combinations_are_skipped_with_reasons():
 def test_zoo_sizes_and_extra_entries():
     study = parse_study(spec(grid={"family": ["hybrid", "attn"], "layout": ["ms"], "size": ["xxs", "xs"]},
                              extra=["spach_ms_s_plus_patch4_224_hybrid",
-                                    {"name": "mine", "layout": "ms", "hidden_dim": 8, "num_heads": 1,
+                                    {"name": "mine", "layout": "ms", "hidden_dim": 8, "num_heads": 1, "patch_size": 1,
                                      "net_arch": [[["pass", 1]], [["attn", 1]], [["mlp", 1]], [["attn", 1]]],
                                      "seeds": [3]}]))
     models = {r.name: r.model for r in study.runs}
@@ -125,7 +125,8 @@ def test_zoo_sizes_and_extra_entries():
     ({"sizes__xs": {"ss": {"hidden_dim": 1}}}, "is a zoo size"),
     ({"data": None}, "missing required key 'data'"),
     ({"extra": [{"model": "spach_ms_xxs_patch4_224_conv", "cpe": False}]}, "CPE cannot be removed"),
-    ({"extra": [{"model": "spach_ms_xs_patch4_224_hybrid", "shared": True}]}, "weight sharing needs one"),
+    ({"extra": [{"model": "spach_ms_xs_patch4_224_hybrid", "shared": True}]},
+     "stage 2 uses conv (conv has no spatial module to share"),
     ({"extra": [{"name": "x", "layout": "ms", "net_arch": [[["attn", 1]], [["attn", 1]], [["attn", 1]],
                                                             [["attn", 1]]]}]}, "stage 1 of a multi-stage"),
     ({"extra": [{"name": "x", "layout": "ss", "net_arch": [["transformer", 2]]}]}, "unknown mixer"),

@@ -343,8 +343,9 @@ def test_preemption_requeues_and_past_max_attempts_the_run_fails_with_the_reason
 def test_a_failing_run_is_recorded_with_its_message_and_the_study_goes_on(tmp_path):
     # a study written for the local launcher, switched on the command line; one job at a time
     spec = study(seeds=(0,), launcher={"kind": "local", "max_jobs": 1})
-    # 8 channels cannot be split into 3 heads: the library refuses to build the model inside the job
-    spec["extra"] = [{"name": "broken", "layout": "ms", "hidden_dim": 8, "num_heads": 3,
+    # the model builds (the study accepts it), but the study's input is not divisible by its total stride
+    # 32: the model refuses the data inside the job
+    spec["extra"] = [{"name": "broken", "layout": "ms", "hidden_dim": 8, "num_heads": 1, "patch_size": 4,
                       "net_arch": [[["conv", 1]], [["attn", 1]], [["attn", 1]], [["attn", 1]]]}]
     path = write_study(tmp_path / "s.yaml", spec)
     out = tmp_path / "out"

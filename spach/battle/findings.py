@@ -5,7 +5,10 @@ ablation) over its seeds. Two groups differ **decisively** when both have at
 least two seeds and the difference of their means exceeds the combined seed
 spread, sqrt(std_a² + std_b²); otherwise the comparison is *inconclusive*. A
 finding gets a verdict only from decisive comparisons; one the grid cannot
-address is "not covered by this study".
+address is "not covered by this study". Mixers after the paper (the arena's
+newcomers and plugins) are placed on each side of the paper's findings with
+the same rule (finding 6); :func:`pareto_front` ranks families by top-1
+against MACs and against throughput.
 
 The generalisation gap of a run is `final val loss - final train loss` (the
 train loss is measured under the study's augmentation, identical for every run
@@ -267,8 +270,91 @@ def _abl(g: Group) -> str:
     return ("" if g.cpe else " no-CPE") + (" shared" if g.shared else "")
 
 
+# --------------------------------------------------------------------------- the newcomers
+
+PAPER_FAMILIES = ("conv", "attn", "mlp", "hybrid")
+AXIAL_MLPS = ("smlp",)   # token MLPs restricted to one axis at a time (sMLPNet)
+
+
+def weight_free(family: str) -> bool | None:
+    """Does the registered mixer ``family`` have no weights (pool, shift)? None if it is not registered here
+    (a plugin the reporting process has not imported)."""
+    import torch
+
+    from spach.models.registry import get_mixer
+
+    try:
+        info = get_mixer(family)
+        with torch.device("meta"):
+            module = info.build(16, dict(num_heads=1, grid_size=(8, 8), token_ratio=0.5, qkv_bias=True, qk_scale=None,
+                                         attn_drop=0.0, drop=0.0, block_index=0, stage_index=1, stage_depth=1,
+                                         shared=False))
+    except Exception:  # noqa: BLE001 — unknown here, or not buildable at this probe size
+        return None
+    return module is not None and not any(True for _ in module.parameters())
+
+
+def _newcomer_lines(new: Group, groups: list[Group]) -> list[tuple[str, Comparison]]:
+    """(finding, comparison, side) of one newcomer against the paper families of its layout and size."""
+    peer = {f: _one(groups, family=f, layout=new.layout, size=new.size, cpe=True, shared=False)
+            for f in ("conv", "attn", "mlp")}
+    out = []
+    attn, conv, mlp = peer["attn"], peer["conv"], peer["mlp"]
+    if attn is not None and weight_free(new.family):
+        out.append(("a weight-free mixer plus CPE matches attention",
+                    compare(new.top1, attn.top1, f"top-1 {new.family} - attn", " pt")))
+    if mlp is not None and new.family in AXIAL_MLPS and new.gap is not None and mlp.gap is not None:
+        out.append(("the axial MLP overfits less than the full token MLP",
+                    compare(mlp.gap, new.gap, f"gap mlp - {new.family}")))
+    if conv is not None and new.gap is not None and conv.gap is not None:
+        out.append(("conv generalises best (its gap is smaller)",
+                    compare(new.gap, conv.gap, f"gap {new.family} - conv")))
+    if attn is not None and new.train_loss is not None and attn.train_loss is not None:
+        out.append(("attention has the most capacity (lower train loss)",
+                    compare(new.train_loss, attn.train_loss, f"train loss {new.family} - attn")))
+    return [(claim, c) for claim, c in out if c is not None]
+
+
+def newcomers_vs_findings(groups: list[Group]) -> Finding:
+    lines, outcomes = [], []
+    for new in _by(groups, cpe=True, shared=False):
+        if new.family in PAPER_FAMILIES or new.top1 is None:
+            continue
+        for claim, c in _newcomer_lines(new, groups):
+            outcomes.append(c.outcome)
+            lines.append(f"{new.family} {new.layout} {new.size} — {claim}: {c.text} => {c.outcome}")
+    return Finding(6, "The newcomers (mixers after the paper) fall on the paper's side of its findings: a "
+                      "weight-free mixer plus CPE matches attention, the axial MLP overfits less than the full "
+                      "token MLP, conv still generalises best and attention still has the most capacity.",
+                   _verdict(outcomes), lines)
+
+
+# --------------------------------------------------------------------------- the ranking
+
+def pareto_front(groups: list[Group], cost: Callable[[Group], float | None], lower_is_better: bool = True) -> set[str]:
+    """Names of the groups no other group beats on both mean top-1 and ``cost`` (ties on both keep both)."""
+    pts = [(g.name, g.top1.mean, cost(g)) for g in groups if g.top1 is not None and cost(g) is not None]
+    sign = 1.0 if lower_is_better else -1.0
+    front = set()
+    for name, acc, c in pts:
+        dominated = any(a >= acc and sign * x <= sign * c and (a > acc or sign * x < sign * c)
+                        for other, a, x in pts if other != name)
+        if not dominated:
+            front.add(name)
+    return front
+
+
+def macs_of(g: Group) -> float | None:
+    return g.macs
+
+
+def speed_of(g: Group) -> float | None:
+    return g.images_per_s.mean if g.images_per_s is not None else None
+
+
 FINDINGS: list[Callable[[list[Group]], Finding]] = [
-    multistage_beats_singlestage, local_modelling, mlp_overfitting, conv_vs_attention, hybrids_win]
+    multistage_beats_singlestage, local_modelling, mlp_overfitting, conv_vs_attention, hybrids_win,
+    newcomers_vs_findings]
 
 
 def evaluate_findings(groups: list[Group]) -> list[Finding]:

@@ -1,9 +1,12 @@
 """The study report: `report.md` and PNG figures in the output directory, from the database alone.
 
 - Table (like the paper's Table 3): one row per family × layout × size ×
-  ablation with params, MACs, inference images/s and top-1 as mean ± std over seeds.
-- Figures: top-1 vs params and top-1 vs throughput, one line per family and
-  layout (the paper's Figure 3); validation top-1 vs training loss during
+  ablation with params, MACs, inference images/s and top-1 as mean ± std over seeds,
+  and its place on the Pareto fronts of top-1 against MACs and against throughput;
+  a ranking of the architectures by top-1.
+- Figures: top-1 vs params, vs MACs and vs throughput, one line per family and
+  layout (the paper's Figure 3), the Pareto fronts drawn on the MACs and throughput
+  figures; validation top-1 vs training loss during
   training (the overfitting analysis); the training curves of every run.
 - Analysis (when the study asks for it): ERF maps, CKA, corruption and Fourier robustness, attention
   distance (see `spach.analysis.section`); the findings cite these measurements.
@@ -23,12 +26,30 @@ from typing import Any
 
 from spach.battle import db
 from spach.io import atomic_savefig, atomic_write
-from spach.battle.findings import Group, Stat, evaluate_findings
+from spach.battle.findings import Group, Stat, evaluate_findings, macs_of, pareto_front, speed_of
 
-FAMILY_ORDER = {"conv": 0, "attn": 1, "mlp": 2, "hybrid": 3, "smlp-net": 4, "shift-vit": 5}
 SIZE_ORDER = {"xxs": 0, "xs": 1, "s": 2, "s_plus": 3}
 FAMILY_COLOR = {"conv": "tab:blue", "attn": "tab:red", "mlp": "tab:green", "hybrid": "tab:purple",
-                "smlp-net": "tab:olive", "shift-vit": "tab:orange"}
+                "smlp-net": "tab:olive", "shift-vit": "tab:orange", "pool": "gold", "shift": "tab:brown",
+                "smlp": "yellowgreen", "gfilter": "tab:cyan", "window": "tab:pink"}
+_PLUGIN_COLORS = ("black", "navy", "lime", "teal", "maroon", "gray")
+
+
+def family_rank(family: str) -> int:
+    """Table order: the paper's families, the release's sMLPNet/ShiftViT, then the registry's other mixers
+    (newcomers, then plugins)."""
+    from spach.models.registry import mixer_names
+
+    order = ["conv", "attn", "mlp", "hybrid", "smlp-net", "shift-vit"]
+    order += [m for m in mixer_names() if m not in order]
+    return order.index(family) if family in order else len(order)
+
+
+def family_color(family: str) -> str:
+    """A fixed colour per family; plugin families get one of a spare palette (stable per name)."""
+    if family in FAMILY_COLOR:
+        return FAMILY_COLOR[family]
+    return _PLUGIN_COLORS[sum(map(ord, family)) % len(_PLUGIN_COLORS)]
 
 
 # --------------------------------------------------------------------------- atomic files
@@ -76,7 +97,7 @@ def aggregate(runs: list[dict]) -> list[Group]:
             top1=Stat.of([r["final_top1"] for r in rs]), best_top1=Stat.of([r["best_top1"] for r in rs]),
             train_loss=Stat.of([r["final_train_loss"] for r in rs]),
             val_loss=Stat.of([r["final_val_loss"] for r in rs]), gap=Stat.of(gaps), runs=rs))
-    groups.sort(key=lambda g: (FAMILY_ORDER.get(g.family, 9), g.layout != "ss", SIZE_ORDER.get(g.size, 5),
+    groups.sort(key=lambda g: (family_rank(g.family), g.layout != "ss", SIZE_ORDER.get(g.size, 5),
                                g.params or 0, not g.cpe, g.shared, g.name))
     return groups
 
@@ -94,15 +115,31 @@ def _stat(s: Stat | None, fmt: str = ".2f") -> str:
 
 
 def table(groups: list[Group]) -> str:
+    """The results table; ``Pareto`` marks the groups on the front of top-1 vs MACs and vs images/s."""
+    fronts = {"MACs": pareto_front(groups, macs_of), "speed": pareto_front(groups, speed_of, lower_is_better=False)}
     head = ("| family | layout | size | CPE | shared | seeds | params (M) | MMACs | images/s | top-1 (%) "
-            "| best top-1 (%) | train loss | val loss |")
+            "| best top-1 (%) | train loss | val loss | Pareto |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for g in groups:
+        pareto = ", ".join(k for k, names in fronts.items() if g.name in names) or "—"
         lines.append(
             f"| {g.family} | {g.layout.upper()} | {g.size} | {'on' if g.cpe else 'off'} | "
             f"{'yes' if g.shared else 'no'} | {len(g.seeds)} | {_fmt(g.params and g.params / 1e6, '.3f')} | "
             f"{_fmt(g.macs and g.macs / 1e6, '.1f')} | {_fmt(g.images_per_s and g.images_per_s.mean, '.0f')} | "
-            f"{_stat(g.top1)} | {_stat(g.best_top1)} | {_stat(g.train_loss, '.3f')} | {_stat(g.val_loss, '.3f')} |")
+            f"{_stat(g.top1)} | {_stat(g.best_top1)} | {_stat(g.train_loss, '.3f')} | {_stat(g.val_loss, '.3f')} | "
+            f"{pareto} |")
+    return "\n".join(lines)
+
+
+def ranking(groups: list[Group]) -> str:
+    """The architectures ranked by mean top-1, with the fronts they are on (markdown list)."""
+    ranked = sorted((g for g in groups if g.top1 is not None), key=lambda g: -g.top1.mean)
+    fronts = {"MACs": pareto_front(groups, macs_of), "speed": pareto_front(groups, speed_of, lower_is_better=False)}
+    lines = []
+    for i, g in enumerate(ranked, 1):
+        on = [k for k, names in fronts.items() if g.name in names]
+        lines.append(f"{i}. `{g.name}` — top-1 {_stat(g.top1)}%, {_fmt(g.macs and g.macs / 1e6, '.1f')} MMACs, "
+                     f"{_fmt(speed_of(g), '.0f')} images/s" + (f"; Pareto-optimal for {' and '.join(on)}" if on else ""))
     return "\n".join(lines)
 
 
@@ -115,8 +152,10 @@ def _plt():
     return plt
 
 
-def figure_tradeoff(groups: list[Group], x_of: str, xlabel: str, path: Path) -> Path | None:
-    """Top-1 vs a cost, one line per family+layout (baselines), ablations as separate hollow markers."""
+def figure_tradeoff(groups: list[Group], x_of: str, xlabel: str, path: Path, front: set[str] | None = None,
+                    ) -> Path | None:
+    """Top-1 vs a cost, one line per family+layout (baselines), ablations as separate hollow markers;
+    ``front`` (group names): the Pareto front, drawn as a black step line through circled points."""
     points = [g for g in groups if g.top1 is not None and getattr(g, x_of) is not None]
     if not points:
         return None
@@ -125,23 +164,29 @@ def figure_tradeoff(groups: list[Group], x_of: str, xlabel: str, path: Path) -> 
 
     def xval(g: Group) -> float:
         v = getattr(g, x_of)
-        return (v.mean if isinstance(v, Stat) else v) / (1e6 if x_of == "params" else 1.0)
+        return (v.mean if isinstance(v, Stat) else v) / (1e6 if x_of in ("params", "macs") else 1.0)
 
     lines: dict[tuple[str, str], list[Group]] = defaultdict(list)
     for g in points:
         if g.baseline:
             lines[(g.family, g.layout)].append(g)
-    for (family, layout), gs in sorted(lines.items(), key=lambda kv: (FAMILY_ORDER.get(kv[0][0], 9), kv[0][1])):
+    for (family, layout), gs in sorted(lines.items(), key=lambda kv: (family_rank(kv[0][0]), kv[0][1])):
         gs.sort(key=xval)
         ax.errorbar([xval(g) for g in gs], [g.top1.mean for g in gs], yerr=[g.top1.std or 0 for g in gs],
-                    color=FAMILY_COLOR.get(family, "gray"), linestyle="-" if layout == "ms" else "--",
+                    color=family_color(family), linestyle="-" if layout == "ms" else "--",
                     marker="o" if layout == "ms" else "s", capsize=3, label=f"{family}-{layout.upper()}")
         for g in gs:
             ax.annotate(g.size, (xval(g), g.top1.mean), textcoords="offset points", xytext=(4, 4), fontsize=7)
     for g in points:
         if not g.baseline:
-            ax.errorbar([xval(g)], [g.top1.mean], yerr=[g.top1.std or 0], color=FAMILY_COLOR.get(g.family, "gray"),
+            ax.errorbar([xval(g)], [g.top1.mean], yerr=[g.top1.std or 0], color=family_color(g.family),
                         marker="^", mfc="none", linestyle="none", capsize=3, label=g.name)
+    on_front = sorted((g for g in points if front and g.name in front), key=xval)
+    if on_front:
+        ax.plot([xval(g) for g in on_front], [g.top1.mean for g in on_front], color="black", linewidth=1,
+                drawstyle="steps-post" if x_of != "images_per_s" else "steps-pre", alpha=0.6, zorder=1)
+        ax.scatter([xval(g) for g in on_front], [g.top1.mean for g in on_front], s=160, facecolors="none",
+                   edgecolors="black", linewidths=1.2, zorder=3, label="Pareto front")
     xs = [xval(g) for g in points]
     if min(xs) > 0 and max(xs) / min(xs) > 20:
         ax.set_xscale("log")
@@ -169,7 +214,7 @@ def figure_overfitting(groups: list[Group], path: Path) -> Path | None:
             continue
         pts = [(sum(p[0] for p in v) / len(v), sum(p[1] for p in v) / len(v)) for _, v in sorted(per_epoch.items())]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".",
-                color=FAMILY_COLOR.get(g.family, "gray"), linestyle="-" if g.layout == "ms" else "--",
+                color=family_color(g.family), linestyle="-" if g.layout == "ms" else "--",
                 alpha=1.0 if g.baseline else 0.5, label=g.name)
         drawn += 1
     if not drawn:
@@ -240,8 +285,11 @@ def write_report(out_dir: str | Path, to: str | Path | None = None) -> Path:
     (fig_dir / "curves").mkdir(parents=True, exist_ok=True)
     figures = {
         "top-1 vs params": figure_tradeoff(groups, "params", "params (M)", fig_dir / "top1_vs_params.png"),
-        "top-1 vs throughput": figure_tradeoff(groups, "images_per_s", "inference images/s",
-                                               fig_dir / "top1_vs_throughput.png"),
+        "top-1 vs MACs (Pareto front circled)": figure_tradeoff(
+            groups, "macs", "MMACs per image", fig_dir / "top1_vs_macs.png", front=pareto_front(groups, macs_of)),
+        "top-1 vs throughput (Pareto front circled)": figure_tradeoff(
+            groups, "images_per_s", "inference images/s", fig_dir / "top1_vs_throughput.png",
+            front=pareto_front(groups, speed_of, lower_is_better=False)),
         "validation top-1 vs training loss": figure_overfitting(groups, fig_dir / "overfitting.png"),
     }
     curves = [(r["name"], figure_run_curves(r, fig_dir / "curves" / f"{r['name']}.png")) for r in runs]
@@ -263,6 +311,9 @@ def write_report(out_dir: str | Path, to: str | Path | None = None) -> Path:
                   f"{', ' + str(m['threads']) + ' threads' if m.get('threads') else ''}. "
                   "Top-1 is the final epoch's validation accuracy, mean ± std over seeds.")
     md += ["", "## Results", "", table(groups) if groups else "No finished runs yet.", ""]
+    if groups:
+        md += ["Pareto: on the front of top-1 against MACs (no other architecture is at least as accurate for "
+               "fewer MACs) and/or against inference images/s.", "", "## Ranking", "", ranking(groups), ""]
     md += ["## Figures", ""]
     for title, path in figures.items():
         if path is not None:

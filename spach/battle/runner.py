@@ -155,7 +155,9 @@ def train_and_measure(config: dict[str, Any], output_dir: str | Path, threads: i
     """
     from spach.engine import TrainConfig, train
     from spach.engine.distributed import process_rank
+    from spach.models.registry import import_plugins
 
+    import_plugins(config.get("plugins") or [])  # the study's own mixers (a worker or Slurm job imports them anew)
     cfg_dict = dict(config["train"], output=str(output_dir), resume="auto", threads=threads)
     t0 = time.time()
     Path(output_dir).mkdir(parents=True, exist_ok=True)

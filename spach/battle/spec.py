@@ -7,8 +7,9 @@ A study is a YAML mapping (see docs/battle.md for the full reference)::
     img_size: 32
     recipe: {epochs: 6, batch_size: 64, lr: 2.0e-3, ...}   # any TrainConfig option
     measure: {batch_size: 64, dtype: fp32, threads: null}   # inference throughput
+    plugins: [my_mixers.py]              # modules registering your own mixers (imported: runs their code)
     grid:
-      family: [conv, attn, mlp]          # conv | attn | mlp | hybrid
+      family: [conv, attn, mlp]          # any registered mixer (`spach mixers`) | hybrid
       layout: [ss, ms]                   # single-stage | multi-stage
       size: [tiny]                       # xxs | xs | s (the zoo) or a name under `sizes:`
       cpe: [true]                        # ablation: the depthwise-conv branch
@@ -27,12 +28,15 @@ A study is a YAML mapping (see docs/battle.md for the full reference)::
     runs_dir: /shared/runs/cpu-mini      # where run directories go (default OUT/runs)
     analysis: [erf, cka, corruption, fourier, attn-distance]   # after training; or {erf: {images: 32}, ...}
 
-Grid combinations that are not meaningful are *skipped with a recorded reason*
-(they appear in the database and the report): a single-stage hybrid, a hybrid
-size that the zoo lacks, CPE removed from a conv or hybrid model (the conv
-family's spatial mixer IS the depthwise conv), weight sharing on a conv or
-hybrid model (it needs a single non-conv mixer per stage). The same
-combinations in an `extra` entry, which the user wrote by hand, are *rejected*.
+Architecture rules live in the models, once: every grid cell is validated by
+building its model on the meta device (no memory, no compute; each mixer probed on
+an empty token grid); a cell the model refuses is *skipped*, with the model's own error
+as the recorded reason (it appears in the database and the report) — e.g. CPE
+removed from a conv model, weight sharing of a mixer without weights, windows
+that do not tile the grid. The same refusal for an `extra` entry, which the user
+wrote by hand, *rejects* the study. The spec itself only knows what a family
+name means: a registered mixer (stage 1 conv in the multi-stage layout, as in
+the paper), or `hybrid` (multi-stage only; zoo sizes XS and S).
 Every run has a key: a hash of its resolved configuration (stable JSON), so a
 run is identified by what it computes, not by its name.
 
@@ -54,13 +58,13 @@ from typing import Any
 
 import yaml
 
-FAMILIES = ("conv", "attn", "mlp", "hybrid")
+from spach.models.registry import canonical_mixer, import_plugins, mixer_names, resolve_plugins
+
 LAYOUTS = ("ss", "ms")
 ZOO_SIZES = ("xxs", "xs", "s")
-MIXERS = ("conv", "pass", "attn", "mlp")
 
 TOP_KEYS = {"name", "description", "data", "img_size", "threads", "recipe", "measure", "grid", "sizes", "extra",
-            "launcher", "analysis", "runs_dir"}
+            "launcher", "analysis", "runs_dir", "plugins"}
 GRID_KEYS = {"family", "layout", "size", "cpe", "shared", "seed"}
 # throughput by the Swin protocol: eval mode, `warmup` untimed passes, then the mean of `repeats` timed ones
 MEASURE_DEFAULTS = {"batch_size": 64, "dtype": "fp32", "threads": None, "warmup": 50, "repeats": 30,
@@ -78,10 +82,22 @@ SLURM_DEFAULTS = {"partition": None, "account": None, "qos": None, "constraint":
 SLURM_OWNED_SBATCH = {"output", "error", "job-name", "signal", "open-mode", "comment", "wrap"}
 # keys of TrainConfig that the study sets itself, per run
 STUDY_OWNED = {"model", "model_kwargs", "data", "output", "seed", "img_size", "resume", "threads"}
-SS_SIZE_KEYS = {"hidden_dim", "num_heads", "channel_ratio", "token_ratio", "depth", "patch_size"}
-MS_SIZE_KEYS = {"hidden_dim", "num_heads", "channel_ratio", "token_ratio", "depths", "patch_size", "hybrid_attn"}
+SS_SIZE_KEYS = {"hidden_dim", "num_heads", "channel_ratio", "token_ratio", "depth", "patch_size", "mixer_kwargs"}
+MS_SIZE_KEYS = {"hidden_dim", "num_heads", "channel_ratio", "token_ratio", "depths", "patch_size", "hybrid_attn",
+                "mixer_kwargs"}
 EXTRA_KEYS = {"name", "model", "family", "layout", "net_arch", "hidden_dim", "num_heads", "channel_ratio",
-              "token_ratio", "patch_size", "stem_type", "cpe", "shared", "seeds", "model_kwargs"}
+              "token_ratio", "patch_size", "stem_type", "cpe", "shared", "seeds", "model_kwargs", "mixer_kwargs"}
+
+
+def families() -> tuple[str, ...]:
+    """The grid's families: every registered mixer (plugins included), then ``hybrid``."""
+    return (*mixer_names(), "hybrid")
+
+
+def __getattr__(name: str):
+    if name == "FAMILIES":  # read from the mixer registry on access
+        return families()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # names become directory and file names under OUT: one path component, no '.'/'..', no separators
@@ -156,10 +172,14 @@ class Run:
     model_kwargs: dict[str, Any]     # overrides passed to create_model
     train: dict[str, Any]            # TrainConfig fields except output / resume / threads
     measure: dict[str, Any]
+    plugins: tuple = ()              # resolved plugin modules (spach.models.registry.resolve_plugins)
 
     def resolved(self) -> dict[str, Any]:
         """What the run computes: the basis of its key (names are not part of it)."""
-        return {"model": self.model, "model_kwargs": self.model_kwargs, "train": self.train, "measure": self.measure}
+        out = {"model": self.model, "model_kwargs": self.model_kwargs, "train": self.train, "measure": self.measure}
+        if self.plugins:  # the code that defines its mixers (absent for plugin-free studies: their keys stay)
+            out["plugins"] = list(self.plugins)
+        return out
 
     @property
     def key(self) -> str:
@@ -177,6 +197,7 @@ class Study:
     launcher: dict[str, Any]
     threads: int | None = None     # torch threads per run (None: the machine's share)
     runs_dir: str | None = None    # where the run directories go; relative to the output directory (None: "runs")
+    plugins: list[dict] = field(default_factory=list)              # resolved `plugins:` entries
     runs: list[Run] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)   # (name, reason)
     source: dict[str, Any] = field(default_factory=dict)          # the raw mapping, for the record
@@ -196,7 +217,7 @@ def load_study(path_or_preset: str | Path | dict, max_runs: int = MAX_RUNS) -> S
     `max_runs`: refuse a study that declares more runs (a typo such as 100,000 seeds); raise it on purpose.
     """
     if isinstance(path_or_preset, dict):
-        return parse_study(path_or_preset, where="study", max_runs=max_runs)
+        return parse_study(path_or_preset, where="study", max_runs=max_runs)  # plugins: relative to the cwd
     text_path = str(path_or_preset)
     path = Path(text_path)
     if path.is_file():
@@ -216,10 +237,13 @@ def load_study(path_or_preset: str | Path | dict, max_runs: int = MAX_RUNS) -> S
         raise ValueError(f"{where}: nested too deeply to be a study") from None
     if not isinstance(raw, dict):
         _fail(where, "a study must be a YAML mapping")
-    return parse_study(raw, where=where, max_runs=max_runs)
+    return parse_study(raw, where=where, max_runs=max_runs, base_dir=path.parent if path.is_file() else None)
 
 
-def parse_study(raw: dict, where: str = "study", max_runs: int = MAX_RUNS) -> Study:
+def parse_study(raw: dict, where: str = "study", max_runs: int = MAX_RUNS,
+                base_dir: str | Path | None = None) -> Study:
+    """Validate and expand a study mapping. ``plugins:`` are imported first, relative to ``base_dir``
+    (the study file's folder; default the working directory) — this runs their code."""
     _check_expansion(raw, where)  # first: everything below may expand aliases
     unknown = set(raw) - TOP_KEYS
     if unknown:
@@ -244,9 +268,16 @@ def parse_study(raw: dict, where: str = "study", max_runs: int = MAX_RUNS) -> St
     runs_dir = raw.get("runs_dir")
     if runs_dir is not None and (not isinstance(runs_dir, str) or not runs_dir.strip()):
         _fail(where, f"runs_dir must be a directory path (string), got {runs_dir!r}")
+    plugins = []
+    if raw.get("plugins") is not None:
+        try:
+            plugins = resolve_plugins(raw["plugins"], base_dir or Path.cwd())
+            import_plugins(plugins)
+        except ValueError as e:
+            _fail(where, str(e))
     study = Study(name=name, description=str(raw.get("description", "")).strip(), data=str(raw["data"]),
                   img_size=img_size, recipe=recipe, measure=measure, launcher=launcher, threads=threads,
-                  runs_dir=runs_dir, source=raw)
+                  runs_dir=runs_dir, source=raw, plugins=plugins)
     sizes = _check_sizes(raw.get("sizes") or {}, where)
     if raw.get("grid") is not None:
         _expand_grid(study, raw["grid"], sizes, where)
@@ -459,15 +490,16 @@ def _expand_grid(study: Study, grid: Any, sizes: dict, where: str) -> None:
     for key in ("family", "layout", "size"):
         if key not in grid:
             _fail(where, f"grid.{key} is required")
-    families = _axis(grid, "family", [], where)
+    grid_families = _axis(grid, "family", [], where)
     layouts = _axis(grid, "layout", [], where)
     size_names = _axis(grid, "size", [], where)
     cpes = _axis(grid, "cpe", [True], where)
     shareds = _axis(grid, "shared", [False], where)
     seeds = _check_seeds(_axis(grid, "seed", [0], where), where)
-    for f in families:
-        if f not in FAMILIES:
-            _fail(where, f"grid.family: unknown family {f!r}; choose from {list(FAMILIES)}")
+    for f in grid_families:
+        if f not in families():
+            _fail(where, f"grid.family: unknown family {f!r}; choose from {list(families())} (a registered "
+                         "mixer — add your own with `plugins:` — or hybrid)")
     for lay in layouts:
         if lay not in LAYOUTS:
             _fail(where, f"grid.layout: unknown layout {lay!r}; choose from {list(LAYOUTS)} (single-/multi-stage)")
@@ -478,7 +510,7 @@ def _expand_grid(study: Study, grid: Any, sizes: dict, where: str) -> None:
     for key, values in (("cpe", cpes), ("shared", shareds)):
         if not all(isinstance(v, bool) for v in values):
             _fail(where, f"grid.{key} must be a list of true/false, got {values}")
-    for family in families:
+    for family in grid_families:
         for layout in layouts:
             for size in size_names:
                 for cpe in cpes:
@@ -486,6 +518,9 @@ def _expand_grid(study: Study, grid: Any, sizes: dict, where: str) -> None:
                         group = _group_name(family, layout, size, cpe, shared)
                         try:
                             model, kwargs = resolve_architecture(family, layout, size, cpe, shared, sizes)
+                            refusal = model_refusal(model, dict(kwargs, img_size=study.img_size))
+                            if refusal:
+                                raise _Skip(refusal)
                         except _Skip as skip:
                             study.skipped.append((group, str(skip)))
                             continue
@@ -520,7 +555,7 @@ def _zoo_name(family: str, layout: str, size: str) -> str:
 def _per_family(value: Any, family: str, what: str) -> Any:
     """Size fields may be one value or a mapping family -> value (the paper widens conv/MLP vs attention)."""
     if isinstance(value, dict):
-        unknown = set(value) - set(FAMILIES)
+        unknown = set(value) - set(families())
         if unknown:
             raise ValueError(f"{what}: unknown family key(s) {sorted(unknown)}")
         if family not in value:
@@ -529,25 +564,12 @@ def _per_family(value: Any, family: str, what: str) -> Any:
     return value
 
 
-def _ablation_check(family: str, cpe: bool, shared: bool) -> str | None:
-    """Why an ablation does not apply to a family, or None."""
-    if not cpe and family == "conv":
-        return "the conv family's spatial mixer IS the depthwise conv: CPE cannot be removed"
-    if not cpe and family == "hybrid":
-        return "a hybrid's conv blocks have the depthwise conv as their only spatial mixer: CPE cannot be removed"
-    if shared and family == "conv":
-        return "weight sharing applies to attention/MLP mixers; the conv family has no spatial module to share"
-    if shared and family == "hybrid":
-        return "weight sharing needs one non-conv mixer type per stage; hybrid stages mix conv and attention"
-    return None
-
-
 def resolve_architecture(family: str, layout: str, size: str, cpe: bool, shared: bool,
                          sizes: dict) -> tuple[str, dict]:
-    """(zoo model name, create_model overrides) for one grid cell; raises _Skip if not meaningful."""
-    why = _ablation_check(family, cpe, shared)
-    if why:
-        raise _Skip(why)
+    """(zoo model name, create_model overrides) for one grid cell; raises _Skip where the family has no
+    model of that layout and size. Whether the model accepts the cell is :func:`model_refusal`'s question."""
+    from spach.models import ALL_MODELS
+
     if family == "hybrid" and layout == "ss":
         raise _Skip("hybrids are defined in the multi-stage layout only (conv early, attention late)")
     kwargs: dict[str, Any] = {}
@@ -558,6 +580,9 @@ def resolve_architecture(family: str, layout: str, size: str, cpe: bool, shared:
     if size in ZOO_SIZES:
         if family == "hybrid" and size == "xxs":
             raise _Skip("the zoo has no XXS hybrid (hybrids exist at XS and S)")
+        if _zoo_name(family, layout, size) not in ALL_MODELS:
+            raise _Skip(f"the zoo has no {_zoo_name(family, layout, size)} (define the size under `sizes:` "
+                        "to build this family at it)")
         return _zoo_name(family, layout, size), kwargs
     d = sizes[size].get(layout)
     if d is None:
@@ -568,7 +593,7 @@ def resolve_architecture(family: str, layout: str, size: str, cpe: bool, shared:
     for key in ("hidden_dim", "num_heads", "channel_ratio", "token_ratio", "patch_size"):
         if key in d:
             kwargs[key] = _per_family(d[key], family, f"{w}.{key}")
-    mixer = {"conv": "conv", "attn": "attn", "mlp": "mlp"}.get(family)
+    mixer = None if family == "hybrid" else family
     if layout == "ss":
         if not _is_int(depth) or depth < 1:
             raise ValueError(f"{w}.depth must be a positive integer, got {depth!r}")
@@ -590,9 +615,34 @@ def resolve_architecture(family: str, layout: str, size: str, cpe: bool, shared:
                                   for n, a in zip(depth, attn)]
         else:
             kwargs["net_arch"] = [[["conv", depth[0]]]] + [[[mixer, n]] for n in depth[1:]]
+    options = d.get("mixer_kwargs") or {}
+    if not isinstance(options, dict):
+        raise ValueError(f"{w}.mixer_kwargs must map mixer names to their options, e.g. {{window: {{window_size: 4}}}}")
+    used = {m for stage in (kwargs["net_arch"] if layout == "ms" else [kwargs["net_arch"]]) for m, _ in stage}
+    options = {m: o for m, o in options.items() if canonical_mixer(m) in used}  # only the mixers this cell uses
+    if options:
+        kwargs["mixer_kwargs"] = options
     # the explicit size replaces the zoo's widths and depths; the xxs name only picks the class
-    base = _zoo_name("conv" if family == "hybrid" else family, layout, "xxs")
+    # (the paper's families keep their own name, so their run keys are as before)
+    base = _zoo_name(family if family in ("conv", "attn", "mlp") else "conv", layout, "xxs")
     return base, kwargs
+
+
+def model_refusal(model: str, model_kwargs: dict) -> str | None:
+    """Why the model refuses this configuration — its own error, from building it on the meta device (no
+    memory, no compute; each mixer kind is probed once on an empty grid-sized input) — or None if it accepts it."""
+    import torch
+
+    from spach.engine.build import build_model
+
+    try:
+        with torch.device("meta"):
+            build_model(model, num_classes=10, model_kwargs=model_kwargs)
+    except NotImplementedError:
+        return None  # an operator without a meta kernel: the run itself will tell
+    except Exception as e:  # noqa: BLE001 — any refusal of the model is the reason
+        return str(e) or type(e).__name__
+    return None
 
 
 # --------------------------------------------------------------------------- runs
@@ -604,7 +654,7 @@ def _make_run(study: Study, group: str, family: str, layout: str, size: str, cpe
                  img_size=study.img_size, seed=seed)
     return Run(name=f"{group}-s{seed}", group=group, family=family, layout=layout, size=size, cpe=cpe,
                shared=shared, seed=seed, model=model, model_kwargs=model_kwargs, train=train,
-               measure=dict(study.measure))
+               measure=dict(study.measure), plugins=tuple(study.plugins))
 
 
 def _check_net_arch(arch: Any, layout: str, where: str) -> list:
@@ -616,11 +666,13 @@ def _check_net_arch(arch: Any, layout: str, where: str) -> list:
             if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
                 _fail(w, f"expected a [mixer, depth] pair, got {pair!r}")
             mixer, depth = pair
-            if mixer not in MIXERS:
-                _fail(w, f"unknown mixer {mixer!r}; choose from {list(MIXERS)}")
+            try:
+                mixer = canonical_mixer(mixer)
+            except ValueError as e:
+                _fail(w, str(e))
             if not _is_int(depth) or depth < 1:
                 _fail(w, f"depth must be a positive integer, got {depth!r}")
-            out.append(["conv" if mixer == "pass" else mixer, depth])
+            out.append([mixer, depth])
         return out
 
     if layout == "ss":
@@ -656,7 +708,7 @@ def _expand_extra(study: Study, entry: Any, where: str) -> list[Run]:
     kwargs = dict(entry.get("model_kwargs") or {})
     if not isinstance(kwargs, dict):
         _fail(where, "model_kwargs must be a mapping")
-    for key in ("hidden_dim", "num_heads", "channel_ratio", "token_ratio", "patch_size", "stem_type"):
+    for key in ("hidden_dim", "num_heads", "channel_ratio", "token_ratio", "patch_size", "stem_type", "mixer_kwargs"):
         if key in entry:
             kwargs[key] = entry[key]
     if "net_arch" in entry:
@@ -687,15 +739,15 @@ def _expand_extra(study: Study, entry: Any, where: str) -> list[Run]:
         name = check_name(entry.get("name") or model, "name", where)
     else:
         _fail(where, "an extra entry needs a zoo `model` name or a custom `net_arch`")
-    if family not in FAMILIES:
-        _fail(where, f"unknown family {family!r}; choose from {list(FAMILIES)}")
-    why = _ablation_check(family, cpe, shared)
-    if why:
-        _fail(where, why)
+    if family not in families():
+        _fail(where, f"unknown family {family!r}; choose from {list(families())}")
     if not cpe:
         kwargs["cpe"] = False
     if shared:
         kwargs["shared_spatial_func"] = True
+    refusal = model_refusal(model, dict(kwargs, img_size=study.img_size))
+    if refusal:
+        _fail(where, f"the model refuses this entry: {refusal}")
     group = name + ("" if cpe else "-nocpe") + ("-shared" if shared else "")
     return [_make_run(study, group, family, layout, size, cpe, shared, seed, model, kwargs) for seed in seeds]
 
@@ -735,5 +787,5 @@ def summary(study: Study) -> str:
 
 
 __all__ = ["Run", "Study", "load_study", "parse_study", "check_runnable_here", "check_name", "list_presets",
-           "stable_json", "summary", "check_analysis", "with_launcher",
-           "resolve_architecture", "FAMILIES", "LAYOUTS", "ZOO_SIZES"]
+           "stable_json", "summary", "check_analysis", "with_launcher", "resolve_architecture", "model_refusal",
+           "families", "LAYOUTS", "ZOO_SIZES"]

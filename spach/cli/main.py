@@ -21,6 +21,7 @@ from spach.runtime import tune_cpu_allocator
 # sub-command name -> module in spach.cli
 COMMANDS = {
     "models": "spach.cli.models",
+    "mixers": "spach.cli.mixers",
     "bench": "spach.cli.bench",
     "train": "spach.cli.train",
     "eval": "spach.cli.eval",

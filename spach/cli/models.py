@@ -1,5 +1,5 @@
-"""`spach models`: the zoo and the release's sMLPNet/ShiftViT (family, layout, params, GMACs, top-1, released
-weights file), counted on the meta device."""
+"""`spach models`: the zoo, the arena's newcomers and the release's sMLPNet/ShiftViT (family, layout, params,
+GMACs, top-1, released weights file), counted on the meta device."""
 from __future__ import annotations
 
 import json
@@ -16,11 +16,11 @@ def add_parser(subparsers) -> None:
 
 
 def zoo_table(img_size: int = 224, name_filter: str = "") -> list[dict]:
-    from spach.models import (ORIGINAL_WEIGHTS, RELEASE_WEIGHTS, RELEASE_ZOO, ZOO, count_macs, count_params,
+    from spach.models import (ALL_MODELS, ORIGINAL_WEIGHTS, RELEASE_WEIGHTS, RELEASE_ZOO, count_macs, count_params,
                               create_model, family, layout, release_family)
 
-    # the SPACH zoo, then sMLPNet and ShiftViT (multi-stage networks of their own families)
-    entries = [(n, family(n), layout(n), *ORIGINAL_WEIGHTS.get(n, (None, None))) for n in ZOO]
+    # the SPACH zoo and the arena's newcomers, then sMLPNet and ShiftViT (multi-stage networks of their own families)
+    entries = [(n, family(n), layout(n), *ORIGINAL_WEIGHTS.get(n, (None, None))) for n in ALL_MODELS]
     entries += [(n, release_family(n), "ms", *RELEASE_WEIGHTS.get(n, (None, None))) for n in RELEASE_ZOO]
     rows = []
     for name, fam, lay, file, top1 in entries:

@@ -23,7 +23,9 @@ def countable_ops(model: nn.Module):
 
     (Fused kernels — CPU flash attention, oneDNN linear+GELU — are invisible to it.)
     """
-    attention = [m for m in model.modules() if isinstance(m, Attention)]
+    # Attention and every other mixer with the same switch (e.g. window attention)
+    attention = [m for m in model.modules()
+                 if isinstance(m, Attention) or isinstance(getattr(m, "fused_attn", None), bool)]
     saved = [m.fused_attn for m in attention], kernels.fused_kernels_enabled()
     for m in attention:
         m.fused_attn = False
@@ -44,11 +46,18 @@ def count_macs(model: nn.Module, img_size=224, in_chans: int = 3, batch_size: in
     h, w = to_2tuple(img_size)
     p = next(model.parameters())
     x = torch.zeros(batch_size, in_chans, h, w, device=p.device, dtype=p.dtype)
-    was_training = model.training
-    model.eval()
+    return count_macs_on(model, x) // batch_size
+
+
+def count_macs_on(module: nn.Module, x: torch.Tensor) -> int:
+    """Multiply-accumulates of ``module(x)`` (matmuls and convolutions; FFTs, pooling and elementwise
+    operations count 0), in eval mode with the countable (plain) kernels — e.g. one block on
+    ``(1, H, W, C)`` tokens."""
+    was_training = module.training
+    module.eval()
     try:
-        with torch.no_grad(), countable_ops(model), FlopCounterMode(display=False) as counter:
-            model(x)
+        with torch.no_grad(), countable_ops(module), FlopCounterMode(display=False) as counter:
+            module(x)
     finally:
-        model.train(was_training)
-    return counter.get_total_flops() // 2 // batch_size
+        module.train(was_training)
+    return counter.get_total_flops() // 2

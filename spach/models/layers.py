@@ -19,16 +19,15 @@ from spach.models.kernels import Linear, token_matmul, use_fused_mlp, use_sdpa, 
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 
-MIXERS = ("conv", "attn", "mlp")
-MIXER_ALIASES = {"pass": "conv"}  # the original release calls the conv family's mixer "pass"
 
-
-def canonical_mixer(name: str) -> str:
-    """Map a mixer name (``conv``/``pass``, ``attn``, ``mlp``) to its canonical spelling."""
-    key = MIXER_ALIASES.get(name, name)
-    if key not in MIXERS:
-        raise ValueError(f"unknown mixer {name!r}: expected one of {', '.join(MIXERS)} (or 'pass' for conv)")
-    return key
+def __getattr__(name: str):
+    # MIXERS, MIXER_ALIASES and canonical_mixer are read from the mixer registry (spach.models.registry),
+    # which itself builds on this module: resolved on access, so plugin mixers are included
+    if name in ("MIXERS", "MIXER_ALIASES", "canonical_mixer"):
+        from spach.models import registry
+        return {"MIXERS": registry.mixer_names, "MIXER_ALIASES": lambda: dict(registry.MIXER_ALIASES),
+                "canonical_mixer": lambda: registry.canonical_mixer}[name]()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def nhwc_to_nchw(x: torch.Tensor) -> torch.Tensor:
@@ -252,7 +251,9 @@ class MixingBlock(nn.Module):
         y   = x + DropPath(gamma * Spatial(LN1(x))) + CPE(x)    # no Spatial term for conv
         out = y + DropPath(ChannelMLP(LN2(y)))
 
-    For the conv family the depthwise conv (``cpe``) *is* the spatial mixer.
+    For the conv family the depthwise conv (``cpe``) *is* the spatial mixer
+    (``token_mixer=None``); any other registered mixer (:mod:`spach.models.registry`)
+    maps ``(B, H, W, C)`` to ``(B, H, W, C)``.
     ``token_mixer`` may be a module shared with other blocks (weight sharing).
     Where :mod:`spach.models.kernels` allows it (CPU inference), the channel MLP
     and its residual sum run through fused kernels (same numbers).
@@ -263,7 +264,8 @@ class MixingBlock(nn.Module):
                  drop: float = 0.0, drop_path: float = 0.0):
         super().__init__()
         self.mixer = mixer
-        if mixer == "conv":
+        if token_mixer is None:
+            # the conv family: the depthwise conv is the mixer (registry: cpe_is_mixer);
             # with cpe=False a conv block keeps only its channel MLP (as in the original release)
             self.norm1 = None
             self.token_mixer = None

@@ -18,7 +18,8 @@ def _channel_dim(ndim: int, channel_dim: int) -> int:
 
 @register_notrace_function  # torch.fx (timm's feature extraction): one node, shapes read when the graph runs
 def partial_shift(x: torch.Tensor, n_div: int = 12, channel_dim: int = 1) -> torch.Tensor:
-    """ShiftViT's shift: four groups of ``C // n_div`` channels move one pixel, the rest stay.
+    """ShiftViT's shift (Wang et al., *When Shift Operation Meets Vision Transformer*, AAAI 2022,
+    arXiv 2201.10801): four groups of ``C // n_div`` channels move one pixel, the rest stay.
 
     With ``g = C // n_div``: channels ``[0, g)`` move left (``out[.., w] = x[.., w + 1]``),
     ``[g, 2g)`` right, ``[2g, 3g)`` up (``out[h] = x[h + 1]``), ``[3g, 4g)`` down; the pixel
@@ -62,8 +63,23 @@ def sparse_mix(x: torch.Tensor, w_h: torch.Tensor, b_h: torch.Tensor, w_w: torch
     return torch.cat([x, x_h.view(B, H, W, C), x_w.view(B, H, W, C)], dim=-1)
 
 
+@register_notrace_function  # torch.fx: checked when the graph runs, not while tracing
+def check_grid(x: torch.Tensor, grid_size: tuple[int, int], what: str) -> torch.Tensor:
+    """Refuse channels-last tokens ``(B, H, W, C)`` whose grid differs from the one ``what``'s weights were
+    built for; returns ``x`` (so the check stays a graph node under torch.fx)."""
+    if x.shape[1] != grid_size[0] or x.shape[2] != grid_size[1]:
+        raise ValueError(
+            f"the {what} was built for a {grid_size[0]}x{grid_size[1]} token grid and got "
+            f"{x.shape[1]}x{x.shape[2]}: its weights depend on the grid, so feed the input size the model was "
+            f"built for (or rebuild it with that img_size)")
+    return x
+
+
 class SparseMLP(nn.Module):
-    """sMLP's sparse token mixing (without its BN + GELU), on channels-last tokens.
+    """sMLPNet's sparse token mixing (without its BN + GELU), on channels-last tokens.
+
+    Paper: Tang et al., *Sparse MLP for Image Recognition: Is Self-Attention Really
+    Necessary?*, AAAI 2022 (arXiv 2109.05422). The ``smlp`` mixer of the registry.
 
     ``(B, H, W, C) -> (B, H, W, C)``::
 

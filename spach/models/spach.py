@@ -1,7 +1,9 @@
 """SPACH networks: single-stage (``Spach``) and multi-stage (``SpachMS``).
 
-One skeleton; the spatial mixer of each block (``conv``, ``attn``, ``mlp``) is
-data. A model is described by ``net_arch``: for a single-stage network a list
+One skeleton; the spatial mixer of each block is data: any name of the mixer
+registry (:mod:`spach.models.registry` — ``conv``, ``attn``, ``mlp``, the
+newcomers of :mod:`spach.models.mixers`, or your own). A model is described
+by ``net_arch``: for a single-stage network a list
 of ``(mixer, depth)``; for a multi-stage network one such list per stage::
 
     Spach(hidden_dim=192, num_heads=6, net_arch=[("attn", 12)])
@@ -24,15 +26,8 @@ from timm.layers import register_notrace_function, to_2tuple
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
-from spach.models.layers import (
-    Attention,
-    ConvStem,
-    Downsample,
-    LayerNorm,
-    MixingBlock,
-    TokenMlp,
-    canonical_mixer,
-)
+from spach.models.layers import ConvStem, Downsample, LayerNorm, MixingBlock
+from spach.models.registry import canonical_mixer, check_mixer_output, get_mixer
 
 Arch = Sequence[tuple[str, int]]
 
@@ -58,7 +53,8 @@ def check_input_size(x: torch.Tensor, img_size: tuple[int, int], stride: int, fi
     H, W = x.shape[-2], x.shape[-1]
     if fixed and (H != img_size[0] or W != img_size[1]):
         raise ValueError(
-            f"this model has token-mixing MLPs built for {img_size[0]}x{img_size[1]} input "
+            f"this model has fixed-size mixers (weights shaped by the token grid) built for "
+            f"{img_size[0]}x{img_size[1]} input "
             f"and got {H}x{W}; build it with img_size=({H}, {W}) to use that size")
     if H % stride or W % stride:
         raise ValueError(f"input size {H}x{W} is not divisible by the network's total stride {stride}")
@@ -66,31 +62,48 @@ def check_input_size(x: torch.Tensor, img_size: tuple[int, int], stride: int, fi
 
 
 class SpachStage(nn.Module):
-    """Optional downsampling, then the stage's blocks (whose token mixer may be one shared module)."""
+    """Optional downsampling, then the stage's blocks (whose token mixer may be one shared module).
+
+    Each block's mixer comes from the registry, built as ``cls(dim, **context)`` with the
+    context the stage knows (heads, token grid, dropout, the block's index, ...) plus
+    ``mixer_kwargs[name]``, the options given for that mixer.
+    """
 
     def __init__(self, dim: int, mixers: list[str], grid_size: tuple[int, int], num_heads: int,
                  in_dim: int | None = None, shared: bool = False, token_ratio: float = 0.5,
                  channel_ratio: float = 2.0, cpe: bool = True, scaled: bool = True, init_values: float = 1e-4,
                  qkv_bias: bool = True, qk_scale: float | None = None, drop: float = 0.0,
-                 attn_drop: float = 0.0, drop_path: Sequence[float] = ()):
+                 attn_drop: float = 0.0, drop_path: Sequence[float] = (), stage_index: int = 0,
+                 mixer_kwargs: dict | None = None):
         super().__init__()
         self.downsample = Downsample(in_dim, dim) if in_dim is not None else nn.Identity()
         self.grad_checkpointing = False
+        context = dict(num_heads=num_heads, grid_size=tuple(grid_size), token_ratio=token_ratio, qkv_bias=qkv_bias,
+                       qk_scale=qk_scale, attn_drop=attn_drop, drop=drop, stage_index=stage_index,
+                       stage_depth=len(mixers), shared=shared)
 
-        def make_mixer(kind: str) -> nn.Module | None:
-            if kind == "attn":
-                return Attention(dim, num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale,
-                                 attn_drop=attn_drop, proj_drop=drop)
-            if kind == "mlp":
-                return TokenMlp(grid_size, token_ratio=token_ratio, drop=drop)
-            return None  # conv: the block's depthwise conv is the mixer
+        def make_mixer(kind: str, block_index: int) -> nn.Module | None:
+            info = get_mixer(kind)
+            try:
+                return info.build(dim, dict(context, block_index=block_index), (mixer_kwargs or {}).get(kind))
+            except TypeError as e:  # a constructor that wants a key the skeleton does not know
+                raise ValueError(f"mixer {kind!r} cannot be built from the block context "
+                                 f"{sorted(context) + ['block_index']}: {e}") from None
 
-        shared_mixer = make_mixer(mixers[0]) if shared else None
+        shared_mixer = make_mixer(mixers[0], 0) if shared else None
+        if shared and shared_mixer is not None and not any(True for _ in shared_mixer.parameters()):
+            raise ValueError(f"shared_spatial_func=True: stage {stage_index + 1}'s mixer {mixers[0]!r} has no "
+                             "weights, so there is nothing to share")
         self.blocks = nn.Sequential(*[
-            MixingBlock(dim, kind, shared_mixer if shared else make_mixer(kind), channel_ratio=channel_ratio,
+            MixingBlock(dim, kind, shared_mixer if shared else make_mixer(kind, i), channel_ratio=channel_ratio,
                         cpe=cpe, scaled=scaled, init_values=init_values, drop=drop, drop_path=drop_path[i])
             for i, kind in enumerate(mixers)
         ])
+        checked = set()
+        for block in self.blocks:  # one probe per mixer kind: the output must have the input's shape
+            if block.token_mixer is not None and block.mixer not in checked:
+                checked.add(block.mixer)
+                check_mixer_output(block.mixer, block.token_mixer, dim, tuple(grid_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
@@ -116,7 +129,7 @@ class SpachNet(nn.Module):
                  scaled: bool = True, init_values: float = 1e-4, token_ratio: float = 0.5,
                  channel_ratio: float = 2.0, qkv_bias: bool = True, qk_scale: float | None = None,
                  drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                 drop_path_rates: Sequence[float] | None = None):
+                 drop_path_rates: Sequence[float] | None = None, mixer_kwargs: dict | None = None):
         super().__init__()
         if global_pool not in ("avg", ""):
             raise ValueError(f"global_pool must be 'avg' or '' (unpooled), got {global_pool!r}")
@@ -125,21 +138,28 @@ class SpachNet(nn.Module):
         self.img_size = tuple(int(s) for s in to_2tuple(img_size))
         self.patch_size = patch_size
         self.stride = patch_size * 2 ** (len(stage_mixers) - 1)
-        self.fixed_input_size = any("mlp" in m for m in stage_mixers)
         all_mixers = [k for m in stage_mixers for k in m]
-        if not cpe and set(all_mixers) == {"conv"}:
+        if mixer_kwargs is not None:
+            if not isinstance(mixer_kwargs, dict) or not all(isinstance(v, dict) for v in mixer_kwargs.values()):
+                raise ValueError(f"mixer_kwargs maps mixer names to option mappings, e.g. "
+                                 f"{{'window': {{'window_size': 4}}}}; got {mixer_kwargs!r}")
+            mixer_kwargs = {canonical_mixer(k): v for k, v in mixer_kwargs.items()}
+        self.fixed_input_size = any(get_mixer(k).fixed_input_size for k in all_mixers)
+        cpe_mixers = {k for k in all_mixers if get_mixer(k).cpe_is_mixer}
+        if not cpe and set(all_mixers) <= cpe_mixers:
             raise ValueError("cpe=False on a conv-only network: the depthwise conv is the conv family's "
-                             "spatial mixer, removing it leaves no spatial mixing at all")
+                             "spatial mixer, so CPE cannot be removed (it would leave no spatial mixing at all)")
         if "attn" in all_mixers and hidden_dim % num_heads:
             raise ValueError(f"num_heads={num_heads} does not divide hidden_dim={hidden_dim}")
         if self.fixed_input_size and any(s % self.stride for s in self.img_size):
             raise ValueError(f"img_size={img_size} is not divisible by the network's total stride {self.stride}")
         for i in shared_stages:
             kinds = sorted(set(stage_mixers[i]))
-            if kinds not in (["attn"], ["mlp"]):
-                raise ValueError(
-                    f"shared_spatial_func=True needs every shared stage to use one non-conv mixer; "
-                    f"stage {i + 1} uses {'+'.join(kinds)}")
+            if len(kinds) > 1 or kinds[0] in cpe_mixers:
+                why = ("weight sharing needs one mixer per shared stage" if len(kinds) > 1 else
+                       f"{kinds[0]} has no spatial module to share: its mixer is the block's depthwise conv")
+                raise ValueError(f"shared_spatial_func=True needs every shared stage to use one non-conv mixer; "
+                                 f"stage {i + 1} uses {'+'.join(kinds)} ({why})")
         if drop_path_rates is None:
             drop_path_rates = [drop_path_rate] * len(all_mixers)
 
@@ -157,7 +177,7 @@ class SpachNet(nn.Module):
                 dim, mixers, grid, num_heads, in_dim=in_dim, shared=i in shared_stages,
                 token_ratio=token_ratio, channel_ratio=channel_ratio, cpe=cpe, scaled=scaled,
                 init_values=init_values, qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop_rate,
-                attn_drop=attn_drop_rate, drop_path=dpr[:len(mixers)]))
+                attn_drop=attn_drop_rate, drop_path=dpr[:len(mixers)], stage_index=i, mixer_kwargs=mixer_kwargs))
             dpr = dpr[len(mixers):]
             # feature points: the end of each stage (multi-stage) or of each block (single-stage)
             ends = [len(mixers) - 1] if len(stage_mixers) > 1 else range(len(mixers))
@@ -303,7 +323,7 @@ class Spach(SpachNet):
                  cpe: bool = True, shared_spatial_func: bool = False, scaled: bool = True,
                  init_values: float = 1e-4, qkv_bias: bool = True, qk_scale: float | None = None,
                  drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                 global_pool: str = "avg"):
+                 global_pool: str = "avg", mixer_kwargs: dict | None = None):
         if net_arch is None:
             raise ValueError("Spach needs net_arch, a list of (mixer, depth), e.g. [('attn', 12)]")
         mixers = parse_stage_arch(net_arch, "net_arch")
@@ -312,7 +332,8 @@ class Spach(SpachNet):
             num_classes=num_classes, global_pool=global_pool, stem_type=stem_type, cpe=cpe,
             shared_stages=(0,) if shared_spatial_func else (), scaled=scaled, init_values=init_values,
             token_ratio=token_ratio, channel_ratio=channel_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale,
-            drop_rate=drop_rate, attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate)
+            drop_rate=drop_rate, attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate,
+            mixer_kwargs=mixer_kwargs)
 
 
 class SpachMS(SpachNet):
@@ -329,7 +350,7 @@ class SpachMS(SpachNet):
                  cpe: bool = True, shared_spatial_func: bool = False, scaled: bool = True,
                  init_values: float = 1e-4, qkv_bias: bool = True, qk_scale: float | None = None,
                  drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                 global_pool: str = "avg"):
+                 global_pool: str = "avg", mixer_kwargs: dict | None = None):
         if net_arch is None or isinstance(net_arch, str) or not isinstance(net_arch, Sequence) or not net_arch:
             raise ValueError("SpachMS needs net_arch, one list of (mixer, depth) per stage, "
                              "e.g. [[('conv', 2)], [('attn', 2)], [('attn', 6)], [('attn', 2)]]")
@@ -342,7 +363,7 @@ class SpachMS(SpachNet):
             shared_stages=tuple(range(1, len(stage_mixers))) if shared_spatial_func else (),
             scaled=scaled, init_values=init_values, token_ratio=token_ratio, channel_ratio=channel_ratio,
             qkv_bias=qkv_bias, qk_scale=qk_scale, drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
-            drop_path_rates=dpr)
+            drop_path_rates=dpr, mixer_kwargs=mixer_kwargs)
 
 
 # ---------------------------------------------------------------------- original checkpoints

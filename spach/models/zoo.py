@@ -8,6 +8,7 @@ from __future__ import annotations
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
+from spach.models.registry import get_mixer
 from spach.models.release_zoo import RELEASE_URL
 from spach.models.spach import Spach, SpachMS, checkpoint_filter_fn
 
@@ -55,7 +56,27 @@ ZOO: dict[str, dict] = {
     "spach_ms_s_plus_patch4_224_hybrid": _ms(128, 4, 3.0, _S_HYBRID, stem_type="conv4"),
 }
 
-# The original release (v1.0 of microsoft/SPACH): file name and ImageNet-1k top-1 (SPEC §8).
+# The arena's newcomers (spach.models.mixers) in the multi-stage layout of the paper (stage 1 conv), with the
+# conv models' depths and channel ratios; widths chosen so that each has the conv model's parameters
+# within ±15% (docs/mixers.md lists params and MACs). (hidden_dim, num_heads) per size:
+NEWCOMER_WIDTHS: dict[str, dict[str, tuple[int, int]]] = {
+    "pool": {"xxs": (64, 2), "xs": (96, 3), "s": (128, 4)},       # no weights: the conv model's widths
+    "shift": {"xxs": (64, 2), "xs": (96, 3), "s": (128, 4)},      # no weights: the conv model's widths
+    "smlp": {"xxs": (48, 2), "xs": (72, 3), "s": (104, 4)},       # + a 3C -> C fuse per block: narrower
+    "gfilter": {"xxs": (64, 2), "xs": (96, 3), "s": (128, 4)},    # + an H x (W/2+1) x C complex filter
+    "window": {"xxs": (48, 2), "xs": (72, 3), "s": (96, 3)},      # attention's 4C^2 per block: narrower
+}
+_CONV_SIZES = {"xxs": (2.0, (2, 2, 6, 2)), "xs": (2.0, (3, 4, 12, 3)), "s": (3.0, (3, 4, 12, 3))}
+# name -> class + keywords, like ZOO (which stays the paper's 21 models)
+NEWCOMERS: dict[str, dict] = {
+    f"spach_ms_{size}_patch4_224_{mixer}": _ms(dim, heads, _CONV_SIZES[size][0],
+                                               _ms_family(mixer, _CONV_SIZES[size][1]))
+    for mixer, widths in NEWCOMER_WIDTHS.items() for size, (dim, heads) in widths.items()
+}
+# every registered name: the paper's zoo, then the newcomers
+ALL_MODELS: dict[str, dict] = {**ZOO, **NEWCOMERS}
+
+# The original release (v1.0 of microsoft/SPACH): file name and ImageNet-1k top-1.
 # Hybrid-MS-XS has a published top-1 but no released file (file None: no URL).
 ORIGINAL_WEIGHTS: dict[str, tuple[str | None, float]] = {
     "spach_ms_xxs_patch4_224_conv": ("spach_ms_conv_xxs.pth", 73.1),
@@ -77,17 +98,23 @@ def release_url(name: str) -> str:
 
 
 def family(name: str) -> str:
-    """``conv``, ``attn``, ``mlp`` or ``hybrid`` for a zoo name."""
+    """The mixer family of a zoo name (``conv``, ``attn``, ``mlp``, ``pool``, ..., or ``hybrid``)."""
     return name.rsplit("_", 1)[-1]
 
 
 def layout(name: str) -> str:
     """``ms`` (multi-stage) or ``ss`` (single-stage) for a zoo name."""
-    return "ms" if ZOO[name]["cls"] is SpachMS else "ss"
+    return "ms" if ALL_MODELS[name]["cls"] is SpachMS else "ss"
+
+
+def fixed_input_size(net_arch) -> bool:
+    """Does a ``net_arch`` (single- or multi-stage) use a mixer whose weights fix the input size?"""
+    stages = [net_arch] if isinstance(net_arch[0][0], str) else net_arch
+    return any(get_mixer(m).fixed_input_size for stage in stages for m, _ in stage)
 
 
 def _cfg(name: str) -> dict:
-    entry = ZOO[name]
+    entry = ALL_MODELS[name]
     multi_stage = entry["cls"] is SpachMS
     file, top1 = ORIGINAL_WEIGHTS.get(name, (None, None))
     if file:
@@ -99,7 +126,7 @@ def _cfg(name: str) -> dict:
     return dict(
         url=release_url(name), num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7) if multi_stage else (14, 14),
         crop_pct=0.875, interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
-        fixed_input_size="mlp" in str(entry["net_arch"]),
+        fixed_input_size=fixed_input_size(entry["net_arch"]),
         first_conv="stem.proj.0" if entry.get("stem_type") == "conv4" else "stem.proj",
         classifier="head", license="mit", paper_ids="arXiv:2108.13002",
         origin_url="https://github.com/microsoft/SPACH",
@@ -107,11 +134,11 @@ def _cfg(name: str) -> dict:
     )
 
 
-default_cfgs = generate_default_cfgs({name: _cfg(name) for name in ZOO})
+default_cfgs = generate_default_cfgs({name: _cfg(name) for name in ALL_MODELS})
 
 
 def _create(name: str, pretrained: bool = False, **kwargs):
-    entry = dict(ZOO[name])
+    entry = dict(ALL_MODELS[name])
     cls = entry.pop("cls")
     multi_stage = cls is SpachMS
     kwargs = {**entry, **kwargs}
@@ -127,10 +154,11 @@ def _make_entrypoint(name: str):
         return _create(name, pretrained=pretrained, **kwargs)
 
     entrypoint.__name__ = entrypoint.__qualname__ = name
-    entrypoint.__doc__ = f"SPACH {name} (A Battle of Network Structures, arXiv 2108.13002)."
+    entrypoint.__doc__ = f"SPACH {name} (A Battle of Network Structures, arXiv 2108.13002)." + (
+        f" Spatial mixer: {get_mixer(family(name)).paper}." if family(name) in NEWCOMER_WIDTHS else "")
     entrypoint.__module__ = __name__
     return register_model(entrypoint)
 
 
-for _name in ZOO:
+for _name in ALL_MODELS:
     globals()[_name] = _make_entrypoint(_name)
