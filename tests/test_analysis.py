@@ -276,7 +276,7 @@ def test_study_analysis_spec_errors():
 def test_study_runs_analyses_stores_them_and_reports(tmp_path):
     import sqlite3
 
-    from spach.analysis.study import analyze_study
+    from spach.battle.analysis_runs import analyze_study
     from spach.battle import load_study, run_study
 
     result = run_study(STUDY, tmp_path, quiet=True, threads=1)

@@ -48,3 +48,66 @@ def test_the_private_name_finder_finds_both_forms(tmp_path):
     src.write_text('"""x."""\nfrom spach.battle.progress import _hidden\nimport spach.engine.checkpoint as ck\n'
                    'ck._secret()\nfrom spach.engine import checkpoint\ncheckpoint.LAST\n')
     assert private_imports(src) == ["line 2: from spach.battle.progress import _hidden", "line 4: ck._secret"]
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MAX_FUNCTION_LINES = 80
+
+
+def test_engine_and_battle_functions_fit_on_one_screen():
+    long = []
+    for path in MODULES:
+        if path.parent.name not in ("engine", "battle"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, "functions over ~80 lines:\n" + "\n".join(long)
+
+
+def test_comments_point_to_documents_in_the_repository():
+    # the specification lives outside the repository; the code points to docs/design.md, the README, docs/battle.md
+    stale = [str(p.relative_to(PACKAGE.parent)) for p in MODULES if "SPEC §" in p.read_text()]
+    assert not stale, f"comments refer to SPEC, a file not in the repository: {stale}"
+
+
+LAYER_RANK = {"io": 0, "runtime": 0, "models": 1, "data": 2, "engine": 3, "analysis": 4, "bench": 4,
+              "timing": 4, "battle": 5, "cli": 6}
+
+
+def upward_imports(path: Path, name: str | None = None) -> list[str]:
+    """Imports in `path` (module `name`, by default its place under spach/) of a layer above its own."""
+    name = name or module_name(path)
+    parts = name.split(".")
+    if len(parts) < 2 or parts[1] not in LAYER_RANK:
+        return []
+    mine, offences = LAYER_RANK[parts[1]], []
+    for node in ast.walk(ast.parse(path.read_text())):
+        targets = []
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            targets = [node.module]
+        elif isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        for target in targets:
+            tparts = target.split(".")
+            if tparts[0] == "spach" and len(tparts) > 1 and LAYER_RANK.get(tparts[1], -1) > mine:
+                offences.append(f"{name} imports {target}")
+    return offences
+
+
+def test_lower_layers_never_import_higher_ones():
+    offences = [o for path in MODULES for o in upward_imports(path)]
+    assert not offences, "\n".join(offences)
+
+
+def test_the_layer_check_finds_an_upward_import(tmp_path):
+    src = tmp_path / "m.py"
+    src.write_text('"""x."""\nimport spach.models\nfrom spach.battle import db\nfrom spach.engine.train import fit\n')
+    assert upward_imports(src, "spach.engine.m") == ["spach.engine.m imports spach.battle"]
+    assert upward_imports(src, "spach.cli.m") == []

@@ -1,4 +1,4 @@
-"""Test the paper's findings (SPEC §1) against a study's results — with numbers, never by assumption.
+"""Test the paper's findings (docs/battle.md, "The report") against a study's results — with numbers, never by assumption.
 
 Results are aggregated per *group* (one architecture: family × layout × size ×
 ablation) over its seeds. Two groups differ **decisively** when both have at
@@ -370,7 +370,7 @@ def _pct(s: Stat | None) -> str:
 def analysis_evidence(groups: list[Group], summary: dict) -> dict[int, list[str]]:
     """Lines citing the Analysis section's measurements, per finding number (verdicts stay accuracy-based).
 
-    `summary` is `spach.analysis.section.summarize`'s: per group Stats (erf50 = the 50% ERF area in % per stage,
+    `summary` is `spach.battle.analysis_section.summarize`'s: per group Stats (erf50 = the 50% ERF area in % per stage,
     with erf_strides; mce, fourier_high, attn_dist) and the cross-group CKA of the final blocks.
     """
     per, cka = summary.get("groups", {}), summary.get("cka_final", {})

@@ -9,8 +9,8 @@
   figures; validation top-1 vs training loss during
   training (the overfitting analysis); the training curves of every run.
 - Analysis (when the study asks for it): ERF maps, CKA, corruption and Fourier robustness, attention
-  distance (see `spach.analysis.section`); the findings cite these measurements.
-- Findings: each claim of SPEC §1 tested on the data (see `spach.battle.findings`).
+  distance (see `spach.battle.analysis_section`); the findings cite these measurements.
+- Findings: each of the paper's claims (docs/battle.md, "The report") tested on the data (see `spach.battle.findings`).
 - Failed runs with their errors, and the skipped grid combinations with reasons.
 
 Every file is written to a temporary name and moved into place, so a reader
@@ -260,7 +260,7 @@ def figure_run_curves(run: dict, path: Path) -> Path | None:
 def analysis_part(source: Path, out_dir: Path, groups: list[Group], findings: list) -> tuple[list[str], dict]:
     """The Analysis section (spach.analysis; measurements read from SOURCE/battle.db, figures written under
     OUT_DIR) and, added to `findings`, the lines citing its measurements."""
-    from spach.analysis.section import analysis_section
+    from spach.battle.analysis_section import analysis_section
     from spach.battle.findings import analysis_evidence
 
     md, summary = analysis_section(source, groups, to=out_dir)
@@ -268,6 +268,47 @@ def analysis_part(source: Path, out_dir: Path, groups: list[Group], findings: li
     for f in findings:
         f.lines += evidence.get(f.number, [])
     return md, evidence
+
+
+def write_figures(groups: list[Group], runs: list[dict], fig_dir: Path) -> tuple[dict, list[tuple]]:
+    """Draw the report's figures into `fig_dir`: ({title: path or None}, [(run name, curves path or None)])."""
+    (fig_dir / "curves").mkdir(parents=True, exist_ok=True)
+    figures = {
+        "top-1 vs params": figure_tradeoff(groups, "params", "params (M)", fig_dir / "top1_vs_params.png"),
+        "top-1 vs MACs (Pareto front circled)": figure_tradeoff(
+            groups, "macs", "MMACs per image", fig_dir / "top1_vs_macs.png", front=pareto_front(groups, macs_of)),
+        "top-1 vs throughput (Pareto front circled)": figure_tradeoff(
+            groups, "images_per_s", "inference images/s", fig_dir / "top1_vs_throughput.png",
+            front=pareto_front(groups, speed_of, lower_is_better=False)),
+        "validation top-1 vs training loss": figure_overfitting(groups, fig_dir / "overfitting.png"),
+    }
+    curves = [(r["name"], figure_run_curves(r, fig_dir / "curves" / f"{r['name']}.png")) for r in runs]
+    return figures, curves
+
+
+def runs_sections(runs: list[dict], skipped: list, curves: list[tuple], out_dir: Path) -> list[str]:
+    """The report's closing sections: failed runs, skipped grid combinations, and the table of every run."""
+    md = []
+    failed = [r for r in runs if r["status"] == "failed"]
+    if failed:
+        md += ["## Failed runs", ""]
+        for r in failed:
+            first = (r["error"] or "").strip().splitlines()[0] if r["error"] else "unknown error"
+            md.append(f"- `{r['name']}` (key {r['key']}): {first}")
+        md.append("")
+    if skipped:
+        md += ["## Skipped grid combinations", ""]
+        md += [f"- `{name}`: {reason}" for name, reason in skipped]
+        md.append("")
+    md += ["## Runs", "", "| run | key | status | epochs | final top-1 (%) | best top-1 (%) | train time (s) "
+           "| curves |", "|---|---|---|---|---|---|---|---|"]
+    for name, path in curves:
+        r = next(r for r in runs if r["name"] == name)
+        link = f"[png]({path.relative_to(out_dir).as_posix()})" if path else "—"
+        md.append(f"| {name} | {r['key']} | {r['status']} | {len(r['epochs'])} | {_fmt(r['final_top1'], '.2f')} | "
+                  f"{_fmt(r['best_top1'], '.2f')} | {_fmt(r['train_time_s'], '.0f')} | {link} |")
+    md.append("")
+    return md
 
 
 def write_report(out_dir: str | Path, to: str | Path | None = None) -> Path:
@@ -281,18 +322,7 @@ def write_report(out_dir: str | Path, to: str | Path | None = None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = data["runs"]
     groups = aggregate(runs)
-    fig_dir = out_dir / "figures"
-    (fig_dir / "curves").mkdir(parents=True, exist_ok=True)
-    figures = {
-        "top-1 vs params": figure_tradeoff(groups, "params", "params (M)", fig_dir / "top1_vs_params.png"),
-        "top-1 vs MACs (Pareto front circled)": figure_tradeoff(
-            groups, "macs", "MMACs per image", fig_dir / "top1_vs_macs.png", front=pareto_front(groups, macs_of)),
-        "top-1 vs throughput (Pareto front circled)": figure_tradeoff(
-            groups, "images_per_s", "inference images/s", fig_dir / "top1_vs_throughput.png",
-            front=pareto_front(groups, speed_of, lower_is_better=False)),
-        "validation top-1 vs training loss": figure_overfitting(groups, fig_dir / "overfitting.png"),
-    }
-    curves = [(r["name"], figure_run_curves(r, fig_dir / "curves" / f"{r['name']}.png")) for r in runs]
+    figures, curves = write_figures(groups, runs, out_dir / "figures")
     findings = evaluate_findings(groups)
     analysis_md, _ = analysis_part(source, out_dir, groups, findings)
 
@@ -320,7 +350,7 @@ def write_report(out_dir: str | Path, to: str | Path | None = None) -> Path:
             md.append(f"![{title}]({path.relative_to(out_dir).as_posix()})")
             md.append("")
     md += analysis_md
-    md += ["## Findings (SPEC §1, tested on this study's data)", "",
+    md += ["## Findings (the paper's claims, tested on this study's data)", "",
            "A comparison is *decisive* when both sides have ≥ 2 seeds and the difference of means exceeds the "
            "combined seed spread sqrt(std_a² + std_b²); verdicts come only from decisive comparisons. They are "
            "about this study's data, recipe and sizes, not about ImageNet.", ""]
@@ -329,25 +359,7 @@ def write_report(out_dir: str | Path, to: str | Path | None = None) -> Path:
         for line in f.lines:
             md.append(f"   - {line}")
         md.append("")
-    failed = [r for r in runs if r["status"] == "failed"]
-    if failed:
-        md += ["## Failed runs", ""]
-        for r in failed:
-            first = (r["error"] or "").strip().splitlines()[0] if r["error"] else "unknown error"
-            md.append(f"- `{r['name']}` (key {r['key']}): {first}")
-        md.append("")
-    if data["skipped"]:
-        md += ["## Skipped grid combinations", ""]
-        md += [f"- `{name}`: {reason}" for name, reason in data["skipped"]]
-        md.append("")
-    md += ["## Runs", "", "| run | key | status | epochs | final top-1 (%) | best top-1 (%) | train time (s) "
-           "| curves |", "|---|---|---|---|---|---|---|---|"]
-    for name, path in curves:
-        r = next(r for r in runs if r["name"] == name)
-        link = f"[png]({path.relative_to(out_dir).as_posix()})" if path else "—"
-        md.append(f"| {name} | {r['key']} | {r['status']} | {len(r['epochs'])} | {_fmt(r['final_top1'], '.2f')} | "
-                  f"{_fmt(r['best_top1'], '.2f')} | {_fmt(r['train_time_s'], '.0f')} | {link} |")
-    md.append("")
+    md += runs_sections(runs, data["skipped"], curves, out_dir)
     report = out_dir / "report.md"
     _atomic_write_text(report, "\n".join(md))
     return report

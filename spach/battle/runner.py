@@ -18,7 +18,7 @@ in the database, and executes the runs that are not done:
 
 `--workers` defaults to what the cores allow at the study's threads per run
 (`default_workers`). Then the study's `analysis:` measurements run on the finished runs
-(`spach.analysis.study`), and the report is written at the end.
+(`spach.battle.analysis_runs`), and the report is written at the end.
 """
 from __future__ import annotations
 
@@ -344,6 +344,45 @@ def default_workers(study: Study, threads: int | None = None) -> int:
     return max(1, (threads or available_threads()) // study.threads)
 
 
+def queue_study(out_dir: Path, study: Study, retry_failed: bool) -> tuple[list[dict], list[str]]:
+    """Register the study's runs in OUT/battle.db and requeue interrupted (and, if asked, failed) ones.
+
+    Returns (the runs' rows, names of the interrupted runs); refuses while a run still executes elsewhere.
+    """
+    conn = db.connect(out_dir, create=True)
+    db.register_study(conn, study, lambda r: run_dir(out_dir, r, study.runs_dir))
+    interrupted, alive = db.reset_interrupted(conn)
+    if alive:
+        conn.close()
+        raise RuntimeError("run(s) still executing in another process (a worker of an earlier, killed "
+                           f"`spach battle`?): {', '.join(f'{n} (pid {p})' for n, p in alive)}; "
+                           "wait for them to finish or stop them, then run again")
+    keys = [r.key for r in study.runs]
+    if retry_failed:
+        db.requeue_failed(conn, keys)
+    rows = db.runs(conn, keys)
+    conn.close()
+    return rows, interrupted
+
+
+def finish_study(out_dir: Path, study: Study, progress: Progress, threads: int, report: bool) -> dict[str, Any]:
+    """After the runs: the status counts, the study's analyses (if asked) and the report."""
+    conn = db.connect(out_dir)
+    final = db.runs(conn, [r.key for r in study.runs])
+    conn.close()
+    result = {s: sum(r["status"] == s for r in final) for s in ("done", "failed", "queued", "running")}
+    result["launcher"] = study.launcher["kind"]
+    result["skipped"] = len(study.skipped)
+    if study.analysis:  # measurements after training (spach.analysis), on the finished runs
+        from spach.battle.analysis_runs import analyze_study
+        result["analyses"] = analyze_study(out_dir, study.analysis, say=progress.message, threads=threads)
+    if report:
+        from spach.battle.report import write_report
+        result["report"] = str(write_report(out_dir))
+        progress.message(f"report: {result['report']}")
+    return result
+
+
 def run_study(spec: Study | str | Path | dict, out_dir: str | Path, workers: int | None = None,
               retry_failed: bool = False,
               threads: int | None = None, quiet: bool = False,
@@ -368,19 +407,8 @@ def run_study(spec: Study | str | Path | dict, out_dir: str | Path, workers: int
     check_runnable_here(study)
     check_writable_dir(out_dir, "--out")
     with StudyLock(out_dir):
-        conn = db.connect(out_dir, create=True)
-        db.register_study(conn, study, lambda r: run_dir(out_dir, r, study.runs_dir))
-        interrupted, alive = db.reset_interrupted(conn)
-        if alive:
-            conn.close()
-            raise RuntimeError("run(s) still executing in another process (a worker of an earlier, killed "
-                               f"`spach battle`?): {', '.join(f'{n} (pid {p})' for n, p in alive)}; "
-                               "wait for them to finish or stop them, then run again")
         keys = [r.key for r in study.runs]
-        if retry_failed:
-            db.requeue_failed(conn, keys)
-        rows = db.runs(conn, keys)
-        conn.close()
+        rows, interrupted = queue_study(out_dir, study, retry_failed)
         pending = [r for r in rows if r["status"] == "queued"]
         counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "failed")}
         # threads per run: --threads split between the workers, else the study's setting, else the machine's share
@@ -408,20 +436,7 @@ def run_study(spec: Study | str | Path | dict, out_dir: str | Path, workers: int
             _run_in_subprocesses(out_dir, pending, workers, per_run if study.launcher["kind"] == "local" else None,
                                  study.launcher, progress)
         measure_speeds(out_dir, keys, per_run, progress)
-        conn = db.connect(out_dir)
-        final = db.runs(conn, keys)
-        conn.close()
-        result = {s: sum(r["status"] == s for r in final) for s in ("done", "failed", "queued", "running")}
-        result["launcher"] = study.launcher["kind"]
-        result["skipped"] = len(study.skipped)
-        if study.analysis:  # measurements after training (spach.analysis), on the finished runs
-            from spach.analysis.study import analyze_study
-            result["analyses"] = analyze_study(out_dir, study.analysis, say=progress.message,
-                                               threads=threads or per_run)
-        if report:
-            from spach.battle.report import write_report
-            result["report"] = str(write_report(out_dir))
-            progress.message(f"report: {result['report']}")
+        result = finish_study(out_dir, study, progress, threads=threads or per_run, report=report)
         progress.message(f"study {study.name}: {result['done']} done, {result['failed']} failed, "
                          + (f"{result['running']} running, " if result["running"] else "")
                          + f"{result['skipped']} skipped combination(s), {progress.t0 and _elapsed(progress.t0)}")

@@ -71,7 +71,7 @@ def _run_specs(directory: str) -> list[dict]:
     """A training run directory, or a `spach battle` output (the first seed of each architecture)."""
     if not (Path(directory) / "battle.db").is_file():
         return [dict(run_dir=directory)]
-    from spach.analysis.study import representatives
+    from spach.battle.analysis_runs import representatives
     from spach.battle import db
 
     conn = db.connect(directory)

@@ -31,7 +31,7 @@ def _ms_family(mixer, depths):
 _XS_HYBRID = [[("conv", 3)], [("conv", 4)], [("conv", 2), ("attn", 10)], [("conv", 1), ("attn", 2)]]
 _S_HYBRID = [[("conv", 3)], [("conv", 2), ("attn", 2)], [("conv", 2), ("attn", 10)], [("conv", 1), ("attn", 2)]]
 
-# name -> (class + constructor keywords). SPEC §4; all at img_size 224, token_ratio 0.5, stem conv1.
+# name -> (class + constructor keywords), the zoo of the README ("Models"); all at img_size 224, token_ratio 0.5, stem conv1.
 ZOO: dict[str, dict] = {
     "spach_xxs_patch16_224_conv": _ss(384, 12, 2.0, "conv", 12),
     "spach_xxs_patch16_224_attn": _ss(192, 6, 2.0, "attn", 12),
