@@ -227,19 +227,12 @@ def resolve_models(names: Iterable[str]) -> list[str]:
             continue
         if not timm.is_model(name):
             if known is None:
-                known = list(GROUPS) + sorted(set(_safe_zoo_names()) | set(timm.list_models()))
+                known = list(GROUPS) + sorted(set(zoo_names()) | set(timm.list_models()))
             close = difflib.get_close_matches(name, known, n=3)
             hint = f"; did you mean: {', '.join(close)}?" if close else ""
             raise ValueError(f"unknown model {name!r}{hint} (groups: {', '.join(GROUPS)})")
         out.append(name)
     return list(dict.fromkeys(out))  # keep order, drop repeats
-
-
-def _safe_zoo_names() -> list[str]:
-    try:
-        return zoo_names()
-    except Exception:  # the model library may be missing while it is written
-        return []
 
 
 def _is_spach(name: str) -> bool:

@@ -22,6 +22,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from spach.errors import SpachError
 from spach.io import atomic_new_path, atomic_write
 
 FORMATS = ("onnx", "pt2", "torchscript", "hf")
@@ -227,8 +228,8 @@ def _require_onnx() -> None:
 
     missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
     if missing:
-        raise RuntimeError(f"ONNX export needs {' and '.join(missing)}: pip install 'spach[export]' "
-                           f"(or pip install onnx onnxscript onnxruntime)")
+        raise SpachError(f"ONNX export needs {' and '.join(missing)}: pip install 'spach[export]' "
+                         f"(or pip install onnx onnxscript onnxruntime)")
 
 
 # ---- the model card --------------------------------------------------------------------------

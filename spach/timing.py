@@ -28,6 +28,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from spach.errors import SpachError
 from spach.runtime import num_threads
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -48,7 +49,7 @@ def check_device(device: str) -> torch.device:
     """The torch device for "cpu"/"cuda"; a clear error when CUDA is asked for and absent."""
     check_choice("device", device, DEVICES)
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but no CUDA GPU is available")
+        raise SpachError("device 'cuda' requested but no CUDA GPU is available")
     return torch.device(device)
 
 

@@ -187,3 +187,13 @@ def test_bench_gpu_logic_runs_on_cpu(tmp_path):
     assert [(r["model"], r["mode"]) for r in rows] == [("test_resnet", "infer"), ("test_resnet", "train")]
     assert all(r["images_per_s"] > 0 and r["mfu"] is None for r in rows)  # no device peak on a CPU
     assert rows[1]["steps"] == 2 and math.isfinite(rows[1]["final_loss"]) and rows[1]["compile"] == "eager"
+
+
+def test_model_name_resolution_fails_loudly_on_a_bug(monkeypatch):
+    # a bug behind the zoo's name list surfaces as itself, never as an unhelpful "unknown model"
+    def broken():
+        raise KeyError("a bug in the zoo table")
+
+    monkeypatch.setattr(bench, "zoo_names", broken)
+    with pytest.raises(KeyError, match="a bug in the zoo table"):
+        bench.resolve_models(["spach_ms_s_patch4_224_cnov"])

@@ -134,3 +134,41 @@ def test_train_into_a_read_only_directory_is_one_clear_line_and_exit_1(readonly_
     assert proc.returncode == 1, proc.stderr
     err = proc.stderr.strip().splitlines()
     assert "Traceback" not in proc.stderr and len(err) == 1 and "read-only" in err[0] and str(out) in err[0]
+
+
+def command_that_runs(monkeypatch, work):
+    """Register a sub-command `boom` whose body is `work()` (a module of its own, as the real commands are)."""
+    import types
+
+    from spach.cli import main as cli_main
+
+    module = types.ModuleType("spach_test_boom")
+
+    def add_parser(sub):
+        sub.add_parser("boom").set_defaults(func=lambda args: work())
+
+    module.add_parser = add_parser
+    monkeypatch.setitem(sys.modules, "spach_test_boom", module)
+    monkeypatch.setitem(cli_main.COMMANDS, "boom", "spach_test_boom")
+
+
+def test_a_runtime_error_from_torch_keeps_its_traceback(monkeypatch, capsys):
+    import torch
+
+    command_that_runs(monkeypatch, lambda: torch.zeros(2, 3) @ torch.zeros(2, 3))  # a shape bug inside torch
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):  # not caught: Python prints its traceback
+        cli(["boom"])
+    assert "spach boom: error" not in capsys.readouterr().err
+
+
+def test_a_spach_error_is_one_line(monkeypatch, capsys):
+    from spach.engine.checkpoint import CheckpointError
+    from spach.errors import SpachError
+
+    def fail():
+        raise CheckpointError("runs/x/last.pt is truncated\n(the previous checkpoint is kept)")
+
+    command_that_runs(monkeypatch, fail)
+    assert issubclass(CheckpointError, SpachError) and issubclass(SpachError, RuntimeError)
+    assert cli(["boom"]) == 1
+    assert one_line_error(capsys) == "spach boom: error: runs/x/last.pt is truncated (the previous checkpoint is kept)"

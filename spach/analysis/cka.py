@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 
 from spach.analysis.common import ImageSet, Subject, block_modules
+from spach.errors import SpachError
 
 
 def gram(features: torch.Tensor) -> torch.Tensor:
@@ -114,7 +115,7 @@ class BlockRecorder:
     def take(self) -> list[torch.Tensor]:
         out, self.outputs = self.outputs, []
         if len(out) != len(self.blocks):
-            raise RuntimeError(f"expected {len(self.blocks)} block outputs, recorded {len(out)}")
+            raise SpachError(f"expected {len(self.blocks)} block outputs, recorded {len(out)}")
         return out
 
 

@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+from spach.errors import SpachError
+
 DB_NAME = "battle.db"
 RUN_LOCK = "run.lock"
 _held: dict[str, int] = {}   # key -> fd of the run lock this process holds
@@ -120,8 +122,8 @@ def connect(out_dir: str | Path, create: bool = False) -> sqlite3.Connection:
         conn.execute("SELECT key, status, config FROM runs LIMIT 1").fetchall()
     except sqlite3.DatabaseError as e:
         conn.close()
-        raise RuntimeError(f"{path} is not a study database ({e}); it was left as it is: move it aside, or use "
-                           "another --out") from None
+        raise SpachError(f"{path} is not a study database ({e}); it was left as it is: move it aside, or use "
+                         "another --out") from None
     return conn
 
 
@@ -143,7 +145,7 @@ def connect_readonly(out_dir: str | Path) -> sqlite3.Connection:
             error = e
             if not isinstance(e, sqlite3.OperationalError):  # "file is not a database"
                 break
-    raise RuntimeError(f"{path} cannot be read as a study database ({error})")
+    raise SpachError(f"{path} cannot be read as a study database ({error})")
 
 
 def migrate(conn: sqlite3.Connection) -> list[str]:
@@ -312,7 +314,7 @@ def _take_run_lock(key: str, run_dir: Path) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise RuntimeError(f"{run_dir} is being trained by another process (its {RUN_LOCK} is held)") from None
+        raise SpachError(f"{run_dir} is being trained by another process (its {RUN_LOCK} is held)") from None
     except OSError:  # a file system without locks: owner_alive falls back to the PID
         os.close(fd)
         return

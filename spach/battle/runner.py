@@ -37,6 +37,7 @@ from typing import Any, Callable
 from spach.battle import db
 from spach.battle.progress import Progress
 from spach.battle.spec import Run, Study, check_runnable_here, load_study
+from spach.errors import SpachError
 from spach.io import check_writable_dir
 
 LOCK_NAME = "battle.lock"
@@ -59,8 +60,8 @@ class StudyLock:
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise RuntimeError(f"{self.path.parent} is in use by another `spach battle` (pid {holder}); "
-                               "wait for it to finish or stop it, or use another --out") from None
+            raise SpachError(f"{self.path.parent} is in use by another `spach battle` (pid {holder}); "
+                             "wait for it to finish or stop it, or use another --out") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self.fd = fd
@@ -354,9 +355,9 @@ def queue_study(out_dir: Path, study: Study, retry_failed: bool) -> tuple[list[d
     interrupted, alive = db.reset_interrupted(conn)
     if alive:
         conn.close()
-        raise RuntimeError("run(s) still executing in another process (a worker of an earlier, killed "
-                           f"`spach battle`?): {', '.join(f'{n} (pid {p})' for n, p in alive)}; "
-                           "wait for them to finish or stop them, then run again")
+        raise SpachError("run(s) still executing in another process (a worker of an earlier, killed "
+                         f"`spach battle`?): {', '.join(f'{n} (pid {p})' for n, p in alive)}; "
+                         "wait for them to finish or stop them, then run again")
     keys = [r.key for r in study.runs]
     if retry_failed:
         db.requeue_failed(conn, keys)

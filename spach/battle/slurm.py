@@ -38,6 +38,7 @@ import submitit
 
 from spach.battle import db
 from spach.battle.progress import Progress, format_duration
+from spach.errors import SpachError
 from spach.io import atomic_write
 
 JOB_FILE = "job.json"          # in the run directory: the job's current attempt (written at its start)
@@ -124,8 +125,8 @@ class JobInfo:
 
 def require_slurm() -> None:
     if shutil.which("sbatch") is None or shutil.which("squeue") is None:
-        raise RuntimeError("the slurm launcher needs Slurm's sbatch and squeue on PATH (run `spach battle` on a "
-                           "login node of the cluster; on one machine: `make slurm-up`)")
+        raise SpachError("the slurm launcher needs Slurm's sbatch and squeue on PATH (run `spach battle` on a "
+                         "login node of the cluster; on one machine: `make slurm-up`)")
 
 
 def slurm_jobs() -> dict[str, JobInfo] | None:

@@ -4,9 +4,10 @@ Each sub-command lives in its own module of this package and exposes
 `add_parser(subparsers)` (which sets `func` on its parser) — see `COMMANDS`.
 
 Errors: bad input (ValueError, a missing file) -> one line, exit 2; a failure of the
-work (RuntimeError such as a corrupt checkpoint or a NaN loss, an OS error such as a
-read-only directory, a broken database) -> one line, exit 1. Any other exception is a
-bug and keeps its traceback. `spach --debug ...` or SPACH_DEBUG=1 shows every traceback.
+work (a SpachError such as a corrupt checkpoint or a NaN loss, an OS error such as a
+read-only directory, a broken database) -> one line, exit 1. Any other exception — a
+RuntimeError raised inside torch included — is a bug or an unexpected failure and keeps
+its traceback. `spach --debug ...` or SPACH_DEBUG=1 shows every traceback.
 """
 from __future__ import annotations
 
@@ -16,7 +17,11 @@ import os
 import sqlite3
 import sys
 
+from spach.errors import SpachError
 from spach.runtime import tune_cpu_allocator
+
+# what the CLI shows as one line: the user's input or work went wrong in a way the message explains
+ONE_LINE_ERRORS = (SpachError, ValueError, FileNotFoundError, OSError, sqlite3.Error)
 
 # sub-command name -> module in spach.cli
 COMMANDS = {
@@ -52,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = args.debug or os.environ.get("SPACH_DEBUG", "") not in ("", "0")
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, RuntimeError, OSError, sqlite3.Error) as e:
+    except ONE_LINE_ERRORS as e:
         if debug:
             raise
         # library errors are written to be read by people: no traceback needed

@@ -3,7 +3,7 @@
     save_checkpoint(state, out_dir)            # -> out_dir/last.pt (old one kept as last.prev.pt)
     state, path = find_resumable(out_dir)      # newest loadable of last.pt, last.prev.pt (warns on a bad one and
                                                # renames it aside; CheckpointError if none can be read)
-    state = load_checkpoint_file(path)         # CheckpointError (a RuntimeError) if unreadable or corrupt
+    state = load_checkpoint_file(path)         # CheckpointError (a SpachError) if unreadable or corrupt
     moved = set_aside_results(out_dir)         # earlier results -> out_dir/earlier-<time>/ before a fresh start
 
 A write goes to a temporary file in the same directory, is flushed and fsync'ed, then
@@ -27,6 +27,7 @@ from typing import Optional
 
 import torch
 
+from spach.errors import SpachError
 from spach.io import fsync_dir
 
 LAST = "last.pt"
@@ -35,7 +36,7 @@ PREV = "last.prev.pt"
 RESULTS = ("metrics.jsonl", "model.safetensors", "model_ema.safetensors", "config.yaml", "tb")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(SpachError):
     """A checkpoint file is missing, truncated, corrupt or not a spach training checkpoint."""
 
 

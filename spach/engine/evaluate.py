@@ -19,6 +19,7 @@ from torch import nn
 from spach.data.loader import DeviceLoader, make_loader
 from spach.engine.device import autocast
 from spach.engine.distributed import ShardSampler, all_reduce_sum, world
+from spach.errors import SpachError
 
 
 def make_eval_loader(source: str, img_size: int, *, batch_size: int = 128, max_samples: Optional[int] = None,
@@ -79,7 +80,7 @@ def evaluate(model: nn.Module, loader_or_source: Iterable | str, *, img_size: Op
         totals = all_reduce_sum(totals)
     loss, top1, top5, n, skipped = totals.tolist()  # the one host sync of the evaluation
     if n == 0:
-        raise RuntimeError("evaluation saw no readable images")
+        raise SpachError("evaluation saw no readable images")
     return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "loss": loss / n, "n": int(n),
             "skipped": int(skipped)}
 

@@ -56,13 +56,14 @@ from spach.engine.build import build_model, check_model_input, optimizer_kernel_
 from spach.engine.config import TrainConfig
 from spach.engine.device import autocast, cuda_math, peak_memory_mb, reset_peak_memory
 from spach.engine.evaluate import evaluate
+from spach.errors import SpachError
 from spach.io import atomic_write
 from spach.models import count_params, save_safetensors
 from spach.rng import get_rng_state, set_rng_state
 from spach.runtime import num_threads
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(SpachError):
     """The training loss became NaN or infinite; the run stopped, its last good checkpoint (if any) is kept."""
 
 
@@ -369,7 +370,7 @@ def forward_backward(run: Run, batch, stats: dict, update: bool) -> None:
     stats["skipped"] += skipped
     if images is None:
         if env.distributed:
-            raise RuntimeError("a whole batch of unreadable images: cannot keep ranks in step")
+            raise SpachError("a whole batch of unreadable images: cannot keep ranks in step")
         return
     if run.mixup is not None:
         if len(images) % 2:  # a skipped image left an odd batch: mixup pairs samples
