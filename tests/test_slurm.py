@@ -37,7 +37,8 @@ def study(name: str = "tiny", seeds=(0, 1), launcher: dict | None = None, **reci
             "sizes": NANO, "launcher": dict(SLURM, **(launcher or {}))}
 
 
-# long enough to be interrupted after its first step checkpoint: 2 epochs of 63 steps, a checkpoint every 5
+# interrupted after its first step checkpoint (2 epochs of 62 steps, a checkpoint every 5), where the tests
+# that stop it hold its job (the `hold` fixture): it trains in ~2 s, so it could otherwise end before the signal
 SLOW = study("slow", seeds=(0,), epochs=2, max_train_samples=2000, checkpoint_every_steps=5)
 
 
@@ -133,6 +134,24 @@ def slow_reference(tmp_path_factory):
     return row, curves(out, row["key"])
 
 
+@pytest.fixture
+def hold(tmp_path, monkeypatch) -> Path:
+    """A file that holds the jobs submitted from now on after their first checkpoint while it exists
+    (tests/slurm_hold/sitecustomize.py): the run cannot finish before the test has stopped it."""
+    path = tmp_path / "hold"
+    path.touch()
+    monkeypatch.setenv("SPACH_TEST_HOLD", str(path))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "tests" / "slurm_hold"), str(ROOT),
+                                                      *filter(None, [os.environ.get("PYTHONPATH")])]))
+    return path
+
+
+def wait_held(hold: Path, job_id: str) -> None:
+    """Until the job has written its first checkpoint and waits on `hold`."""
+    reached = hold.parent / (hold.name + ".reached")
+    wait_for(lambda: reached.exists() and reached.read_text() == job_id, what=f"job {job_id} held at its checkpoint")
+
+
 # --------------------------------------------------------------------------- without a cluster
 
 def test_old_database_gains_the_job_columns(tmp_path):
@@ -200,6 +219,21 @@ def test_a_job_submitted_but_not_recorded_is_adopted_not_submitted_again(tmp_pat
     conn.close()
 
 
+def test_a_job_stops_at_once_on_sigterm_although_submitit_ignores_it():
+    # scancel / requeue send SIGTERM, SIGKILL only after KillWait: a job that ignored SIGTERM could finish
+    code = ("import os, signal, time, submitit\n"
+            "signal.signal(signal.SIGTERM, lambda *a: print('bypassed'))  # what submitit's job set-up does\n"
+            "from spach.battle.slurm import stop_on_sigterm\n"
+            "stop_on_sigterm()\n"
+            "os.kill(os.getpid(), signal.SIGTERM)\n"
+            "time.sleep(30)\n"
+            "print('still running')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT), SLURM_JOB_ID="55"))
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    assert "job 55 got SIGTERM" in proc.stderr and "still running" not in proc.stdout + proc.stderr
+
+
 def test_cancel_names_an_unknown_run(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -262,7 +296,8 @@ def test_a_killed_coordinator_reattaches_and_never_submits_twice(tmp_path, capsy
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_scancel_is_recorded_and_retry_failed_continues_from_the_checkpoint(tmp_path, slow_reference, capsys):
+def test_scancel_is_recorded_and_retry_failed_continues_from_the_checkpoint(tmp_path, slow_reference, capsys,
+                                                                              hold):
     path = write_study(tmp_path / "s.yaml", SLOW)
     out = tmp_path / "out"
     coordinator = Coordinator(str(path), "--out", str(out))
@@ -270,13 +305,17 @@ def test_scancel_is_recorded_and_retry_failed_continues_from_the_checkpoint(tmp_
     wait_for(lambda: submitted(out, 1), what="the job")
     (row,) = rows(out).values()
     run_dir = Path(row["output_dir"])
-    wait_for(lambda: (run_dir / "last.pt").exists(), what="the first step checkpoint")
+    wait_held(hold, row["job_id"])  # after the first step checkpoint
+    assert (run_dir / "last.pt").exists()
     capsys.readouterr()
     assert main(["battle", "cancel", str(out), row["name"]]) == 0  # scancel, by run name
     assert f"cancelled {row['name']} (job {row['job_id']})" in capsys.readouterr().out
     assert coordinator.result() == 1  # a run failed
     (failed,) = rows(out).values()
     assert failed["status"] == "failed" and "CANCELLED" in failed["error"] and "stderr tail" in failed["error"]
+    assert "got SIGTERM" in failed["error"]  # the job stopped at once, not after Slurm's KillWait
+    assert not (run_dir / "result.json").exists()
+    hold.unlink()
     result = run_study(load_study(SLOW), out, retry_failed=True, quiet=True, report=False)
     assert result["done"] == 1
     (done,) = rows(out).values()
@@ -289,7 +328,7 @@ def test_scancel_is_recorded_and_retry_failed_continues_from_the_checkpoint(tmp_
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_a_requeued_job_continues_from_its_checkpoint_and_ends_equal(tmp_path, slow_reference):
+def test_a_requeued_job_continues_from_its_checkpoint_and_ends_equal(tmp_path, slow_reference, hold):
     path = write_study(tmp_path / "s.yaml", SLOW)
     out = tmp_path / "out"
     coordinator = Coordinator(str(path), "--out", str(out))
@@ -297,10 +336,11 @@ def test_a_requeued_job_continues_from_its_checkpoint_and_ends_equal(tmp_path, s
     wait_for(lambda: submitted(out, 1), what="the job")
     (row,) = rows(out).values()
     run_dir = Path(row["output_dir"])
-    wait_for(lambda: (run_dir / "last.pt").exists(), what="the first step checkpoint")
+    wait_held(hold, row["job_id"])  # after the first step checkpoint
     subprocess.run(["scontrol", "requeue", row["job_id"]], check=True)
     # Slurm holds a requeued batch job for two minutes (reason BeginTime); let it start again at once
     wait_for(lambda: cluster_jobs(out).get(row["job_id"]) == "PENDING", what="the requeued job pending")
+    hold.unlink()  # the second attempt runs through
     subprocess.run(["scontrol", "update", f"JobId={row['job_id']}", "StartTime=now"], check=True)
     assert coordinator.result() == 0
     (done,) = rows(out).values()
@@ -314,7 +354,7 @@ def test_a_requeued_job_continues_from_its_checkpoint_and_ends_equal(tmp_path, s
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_preemption_requeues_and_past_max_attempts_the_run_fails_with_the_reason(tmp_path):
+def test_preemption_requeues_and_past_max_attempts_the_run_fails_with_the_reason(tmp_path, hold):
     spec = dict(SLOW, launcher=dict(SLURM, max_attempts=1))
     out = tmp_path / "out"
     coordinator = Coordinator(str(write_study(tmp_path / "s.yaml", spec)), "--out", str(out))
@@ -322,10 +362,11 @@ def test_preemption_requeues_and_past_max_attempts_the_run_fails_with_the_reason
     wait_for(lambda: submitted(out, 1), what="the job")
     (row,) = rows(out).values()
     run_dir = Path(row["output_dir"])
-    wait_for(lambda: (run_dir / "last.pt").exists(), what="the first step checkpoint")
+    wait_held(hold, row["job_id"])  # after the first step checkpoint
     # what Slurm sends before a pre-emption or the time limit: submitit checkpoints and requeues the job
     subprocess.run(["scancel", "--signal=USR2", row["job_id"]], check=True)
     wait_for(lambda: cluster_jobs(out).get(row["job_id"]) == "PENDING", what="the requeued job pending")
+    hold.unlink()
     subprocess.run(["scontrol", "update", f"JobId={row['job_id']}", "StartTime=now"], check=True)
     assert coordinator.result() == 1
     (failed,) = rows(out).values()

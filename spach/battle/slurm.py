@@ -15,7 +15,9 @@ What runs where:
 - pre-emption and time limits: Slurm signals the job (USR2, `signal_delay_s` before the end);
   submitit calls `RunJob.checkpoint`, which resubmits the same call, and requeues the job, which
   continues from the run's last checkpoint (the engine's `resume="auto"`). A job requeued by hand
-  (`scontrol requeue`) does the same. Each start is an attempt, counted in the database; the job
+  (`scontrol requeue`) does the same. SIGTERM (scancel, requeue, the end of the time limit) stops a
+  job at once (`stop_on_sigterm`): submitit ignores it, which would let a cancelled job train on and
+  even finish during Slurm's KillWait. Each start is an attempt, counted in the database; the job
   of a run past `max_attempts` attempts fails with the reason.
 - a coordinator killed or restarted re-attaches: runs in the database with a job id are followed,
   not submitted again; jobs found by their comment (the run directory) are adopted; results of
@@ -26,8 +28,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -68,6 +72,7 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any] | None:
     and (rank 0) write OUTPUT/result.json. Raises on failure (Slurm records the job FAILED)."""
     from spach.battle.runner import train_and_measure
 
+    stop_on_sigterm()
     if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
     rank = int(os.environ.get("RANK", "0"))
@@ -97,6 +102,22 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any] | None:
         write_json(out / RESULT_FILE, {"job_id": job_id, "status": "done", "metrics": metrics, "history": history,
                                        "world_size": int(os.environ.get("WORLD_SIZE", "1"))})
     return metrics
+
+
+def stop_on_sigterm() -> None:
+    """In a job: SIGTERM ends the process now (SystemExit, so atomic writes clean up), without a result.
+
+    Slurm sends SIGTERM on scancel, on requeue and at the time limit, then SIGKILL after KillWait.
+    submitit's own handler ignores SIGTERM, so without this a cancelled job trains on for KillWait
+    seconds and may write a result; the run's checkpoints make stopping at any point safe.
+    """
+    def handler(signum: int, frame: Any) -> None:
+        job_id = os.environ.get("SLURM_JOB_ID", "?")
+        print(f"spach: job {job_id} got SIGTERM (scancel, requeue or time limit): stopping now; "
+              "a new attempt continues from the run's last checkpoint", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def write_json(path: Path, obj: Any) -> None:
