@@ -19,6 +19,7 @@ import yaml
 from spach.battle import db, load_study, run_study
 from spach.cli.main import main
 from spach.battle.progress import Progress
+from spach.battle import slurm
 from spach.battle.slurm import JobInfo, cancel_runs, job_comment, make_executor, study_status, submit_run, sync_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -201,6 +202,23 @@ def test_a_job_that_vanished_without_a_result_is_failed_with_its_stderr(tmp_path
     assert sync_run(conn, row, {"4242": JobInfo("4242", "OUT_OF_MEMORY", "node1", "")}, None) == "failed"
     failed = db.get_run(conn, key)
     assert "4242 ended OUT_OF_MEMORY" in failed["error"] and "CUDA out of memory" in failed["error"]
+    conn.close()
+
+
+def test_a_job_seen_failed_for_a_moment_while_being_requeued_is_not_failed(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    spec = load_study(study(seeds=(0,)))
+    conn = db.connect(out, create=True)
+    db.register_study(conn, spec, lambda r: out / "runs" / r.name)
+    key = spec.runs[0].key
+    db.mark_submitted(conn, key, "4243")
+    row = db.get_run(conn, key)
+    # submitit requeues: the attempt ends FAILED, and Slurm shows the job PENDING again a moment later
+    monkeypatch.setattr(slurm, "slurm_jobs", lambda: {"4243": JobInfo("4243", "PENDING", "(BeginTime)", "")})
+    monkeypatch.setattr(slurm, "REQUEUE_SETTLE_S", 0.03)
+    assert sync_run(conn, row, {"4243": JobInfo("4243", "FAILED", "node1", "")}, None) == "running"
+    assert db.get_run(conn, key)["status"] == "running"
     conn.close()
 
 

@@ -50,6 +50,7 @@ RESULT_FILE = "result.json"    # in the run directory: the job's outcome (done +
 LOG_DIR = "slurm"              # in the run directory: submitit's pickles and the Slurm logs
 COMMENT_PREFIX = "spach:"      # the job's --comment: spach:<run directory>
 # job states in which a job may still produce its result (a requeued job goes back to PENDING)
+REQUEUE_SETTLE_S = 6.0  # how long a job's final state must last before its run is failed (see back_in_flight)
 IN_FLIGHT = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_FED",
              "REQUEUE_HOLD", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD"}
 
@@ -336,7 +337,7 @@ def sync_run(conn, row: dict[str, Any], jobs: dict[str, JobInfo] | None, progres
     if jobs is None:
         return "running"  # Slurm does not answer: decide nothing
     job = jobs.get(job_id)
-    if job is not None and job.state in IN_FLIGHT:
+    if job is not None and (job.state in IN_FLIGHT or back_in_flight(job_id)):
         return "running"
     state = f"ended {job.state}" if job else "is no longer known to Slurm"
     error = f"Slurm job {job_id} {state} without a result; stderr tail:\n{stderr_tail(row)}"
@@ -344,6 +345,23 @@ def sync_run(conn, row: dict[str, Any], jobs: dict[str, JobInfo] | None, progres
     if progress:
         progress.run_finished(row["name"], False, f"Slurm job {job_id} {state}; see {out / LOG_DIR}")
     return "failed"
+
+
+def back_in_flight(job_id: str, looks: int = 3) -> bool:
+    """Is a job that shows a final state queued or running again a moment later?
+
+    A job that submitit requeues (pre-emption, time limit) ends its attempt FAILED and is PENDING again
+    shortly after; one ``squeue`` snapshot can fall between the two. A run is failed only when its
+    job still shows a final state after ``REQUEUE_SETTLE_S`` seconds."""
+    for _ in range(looks):
+        time.sleep(REQUEUE_SETTLE_S / looks)
+        jobs = slurm_jobs()
+        if jobs is None:
+            return False
+        job = jobs.get(job_id)
+        if job is not None and job.state in IN_FLIGHT:
+            return True
+    return False
 
 
 # --------------------------------------------------------------------------- status and cancel
