@@ -26,7 +26,8 @@ from timm.layers import DropPath, to_2tuple
 from spach.models.kernels import use_fused_mlp
 from spach.models.layers import ChannelMlp, nchw_to_nhwc, nhwc_to_nchw
 from spach.models.ops import BatchNormNhwc, SparseMLP
-from spach.models.staged import StagedNet, StagedStage, check_global_pool, linear_drop_path_rates
+from spach.models.staged import (StagedNet, StagedStage, check_global_pool, linear_drop_path_rates,
+                                  original_layout_filter)
 
 
 class SmlpBlock(nn.Module):
@@ -164,15 +165,12 @@ def _block_positions(state_dict: dict) -> list[tuple[int, int]]:
     return positions
 
 
+@original_layout_filter(is_original_layout)
 def checkpoint_filter_fn(state_dict: dict, model: nn.Module | None = None) -> dict:
     """Map an original sMLPNet state dict (``{"model": sd}`` or ``sd``) to this layout.
 
     State dicts already in this layout pass through unchanged.
     """
-    if "model" in state_dict and isinstance(state_dict["model"], dict):
-        state_dict = state_dict["model"]
-    if not is_original_layout(state_dict):
-        return dict(state_dict)
     positions = _block_positions(state_dict)
     out = {}
     for key, value in state_dict.items():

@@ -28,7 +28,7 @@ from timm.models._manipulate import checkpoint_seq
 
 from spach.models.layers import ConvStem, Downsample, LayerNorm, MixingBlock
 from spach.models.registry import canonical_mixer, check_mixer_output, get_mixer
-from spach.models.staged import StagedNet, check_global_pool, check_input_size  # noqa: F401 (re-exported)
+from spach.models.staged import StagedNet, check_global_pool, original_layout_filter
 
 Arch = Sequence[tuple[str, int]]
 
@@ -327,16 +327,13 @@ def _map_block_key(rest: str) -> str:
     return rest  # norm1.*, norm2.*
 
 
+@original_layout_filter(is_original_layout)
 def checkpoint_filter_fn(state_dict: dict, model: nn.Module | None = None) -> dict:
     """Map a state dict of the original release (``{"model": sd}`` or ``sd``) to this layout.
 
     State dicts already in this layout pass through unchanged. Used by
     :func:`spach.load_checkpoint` and by ``timm.create_model(..., pretrained=True)``.
     """
-    if "model" in state_dict and isinstance(state_dict["model"], dict):
-        state_dict = state_dict["model"]
-    if not is_original_layout(state_dict):
-        return dict(state_dict)
     out = {}
     for key, value in state_dict.items():
         if key.startswith("norm1."):

@@ -1,6 +1,8 @@
 """timm's face for every channels-last network of the package (SPACH, sMLPNet, ShiftViT): one base class."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 from timm.models._features import feature_take_indices
@@ -130,6 +132,22 @@ class StagedNet(nn.Module):
         if prune_head:
             self.reset_classifier(0, "")
         return take_indices
+
+
+def original_layout_filter(is_original):
+    """Decorator making timm's ``pretrained_filter_fn(state_dict, model=None)`` from ``remap(state_dict)``.
+
+    The filter unwraps a release file's ``{"model": state_dict}``, hands state dicts for which
+    ``is_original(state_dict)`` holds to ``remap`` and passes any other through unchanged.
+    """
+    def wrap(remap):
+        @functools.wraps(remap)
+        def filter_fn(state_dict: dict, model: nn.Module | None = None) -> dict:
+            if "model" in state_dict and isinstance(state_dict["model"], dict):
+                state_dict = state_dict["model"]
+            return remap(state_dict) if is_original(state_dict) else dict(state_dict)
+        return filter_fn
+    return wrap
 
 
 def check_global_pool(global_pool: str) -> str:
