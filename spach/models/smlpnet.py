@@ -27,7 +27,7 @@ from spach.models.kernels import use_fused_mlp
 from spach.models.layers import ChannelMlp, nchw_to_nhwc, nhwc_to_nchw
 from spach.models.ops import BatchNormNhwc, SparseMLP
 from spach.models.staged import (StagedNet, StagedStage, check_global_pool, linear_drop_path_rates,
-                                  original_layout_filter)
+                                  original_layout_filter, stage_shapes)
 
 
 class SmlpBlock(nn.Module):
@@ -112,11 +112,7 @@ class SMLPNet(StagedNet):
         dpr = linear_drop_path_rates(drop_path_rate, depths)
         self.stem = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size, bias=False)
         stages, self.feature_info = [], []
-        width = dim
-        for i, depth in enumerate(depths):
-            in_dim = None
-            if i > 0:
-                in_dim, width, grid = width, width * 2, (grid[0] // 2, grid[1] // 2)
+        for i, (depth, (in_dim, width, grid)) in enumerate(zip(depths, stage_shapes(dim, grid, len(depths)))):
             stages.append(StagedStage(
                 Downsample(in_dim, width) if in_dim is not None else None,
                 [SmlpBlock(width, grid, alpha, drop_rate, dpr[i][j]) for j in range(depth)]))

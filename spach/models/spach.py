@@ -28,7 +28,8 @@ from timm.models._manipulate import checkpoint_seq
 
 from spach.models.layers import ConvStem, Downsample, LayerNorm, MixingBlock
 from spach.models.registry import canonical_mixer, check_mixer_output, get_mixer
-from spach.models.staged import StagedNet, check_global_pool, original_layout_filter
+from spach.models.staged import (StagedNet, check_global_pool, linear_drop_path_rates, original_layout_filter,
+                                 stage_shapes)
 
 Arch = Sequence[tuple[str, int]]
 
@@ -153,11 +154,8 @@ class SpachNet(StagedNet):
         stages, feature_info, self._feature_points = [], [], []
         dpr = list(drop_path_rates)
         grid = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
-        dim = hidden_dim
-        for i, mixers in enumerate(stage_mixers):
-            in_dim = None
-            if i > 0:
-                in_dim, dim, grid = dim, dim * 2, (grid[0] // 2, grid[1] // 2)
+        for i, (mixers, (in_dim, dim, grid)) in enumerate(
+                zip(stage_mixers, stage_shapes(hidden_dim, grid, len(stage_mixers)))):
             stages.append(SpachStage(
                 dim, mixers, grid, num_heads, in_dim=in_dim, shared=i in shared_stages,
                 token_ratio=token_ratio, channel_ratio=channel_ratio, cpe=cpe, scaled=scaled,
@@ -295,8 +293,7 @@ class SpachMS(SpachNet):
             raise ValueError("SpachMS needs net_arch, one list of (mixer, depth) per stage, "
                              "e.g. [[('conv', 2)], [('attn', 2)], [('attn', 6)], [('attn', 2)]]")
         stage_mixers = [parse_stage_arch(a, f"net_arch stage {i + 1}") for i, a in enumerate(net_arch)]
-        depth = sum(len(m) for m in stage_mixers)
-        dpr = [drop_path_rate * i / (depth - 1) for i in range(depth)] if depth > 1 else [0.0]
+        dpr = [r for rates in linear_drop_path_rates(drop_path_rate, [len(m) for m in stage_mixers]) for r in rates]
         super().__init__(
             stage_mixers, hidden_dim, num_heads, patch_size, img_size=img_size, in_chans=in_chans,
             num_classes=num_classes, global_pool=global_pool, stem_type=stem_type, cpe=cpe,

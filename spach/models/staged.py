@@ -156,6 +156,16 @@ def check_global_pool(global_pool: str) -> str:
     return global_pool
 
 
+def stage_shapes(dim: int, grid: tuple[int, int], num_stages: int):
+    """``(in_dim, dim, grid)`` of each stage: the first keeps ``dim`` and ``grid`` (``in_dim`` None, no
+    downsampling); each later one downsamples its predecessor's ``in_dim`` tokens 2x and doubles the width."""
+    in_dim = None
+    for i in range(num_stages):
+        if i > 0:
+            in_dim, dim, grid = dim, dim * 2, (grid[0] // 2, grid[1] // 2)
+        yield in_dim, dim, grid
+
+
 def linear_drop_path_rates(rate: float, depths) -> list[list[float]]:
     """Stochastic depth rising linearly from 0 to ``rate`` over all blocks, split per stage."""
     n = sum(depths)
