@@ -1,4 +1,4 @@
-"""Shared test set-up: the `slurm` marker's cluster check (skip without Slurm, fail with SPACH_REQUIRE_SLURM=1)."""
+"""Shared test set-up: the `slurm` marker's cluster check and the `one_thread` fixture."""
 from __future__ import annotations
 
 import fcntl
@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 _slurm_state: dict[str, str | None] = {}
@@ -56,3 +57,12 @@ def _slurm_cluster(request):
     if os.environ.get("SPACH_REQUIRE_SLURM") == "1":
         pytest.fail(f"SPACH_REQUIRE_SLURM=1 but the slurm tests cannot run: {reason}")
     pytest.skip(reason)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (the machine's cores are shared); the count is restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -31,13 +31,10 @@ def tiny(family, hidden_dim=16):
 
 
 @pytest.fixture(autouse=True)
-def fresh_dynamo():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def fresh_dynamo(one_thread):
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
-    torch.set_num_threads(threads)
 
 
 def grads(model):

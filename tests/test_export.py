@@ -8,6 +8,9 @@ import torch
 import spach  # noqa: F401  (registers the zoo)
 from spach.cli.main import main as cli
 from spach.export import check_export, export_hf, export_model, export_onnx, load_for_export, run_exported
+from helpers import randomised
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # one tiny model per family (one block per stage keeps the exports fast)
 FAMILY_ARCH = {
@@ -22,18 +25,7 @@ TINY = dict(hidden_dim=16, num_heads=2, img_size=64, num_classes=7)
 def tiny(family="attn", name=None, **kw):
     torch.manual_seed(0)
     name = name or f"spach_ms_xxs_patch4_224_{'conv' if family == 'hybrid' else family}"
-    model = timm.create_model(name, **{**TINY, "net_arch": FAMILY_ARCH[family], **kw})
-    for p in model.parameters():  # randomise every weight (timm zero-inits the head): logits carry signal
-        torch.nn.init.normal_(p, std=0.2)
-    return model.eval()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    return randomised(timm.create_model(name, **{**TINY, "net_arch": FAMILY_ARCH[family], **kw}))
 
 
 @pytest.mark.slow

@@ -7,6 +7,9 @@ from timm.models._features_fx import create_feature_extractor
 
 import spach  # noqa: F401  (registers the zoo)
 from spach.models import kernels
+from helpers import getter_and_fx_maps, randomised
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # one model per code path: conv, attention, token MLP, single-stage, hybrid with the conv4 stem
 NAMES = ["spach_ms_xxs_patch4_224_conv", "spach_ms_xxs_patch4_224_attn", "spach_ms_xxs_patch4_224_mlp",
@@ -16,10 +19,7 @@ TINY = dict(hidden_dim=16, num_heads=2, img_size=64)
 
 def tiny(name, **kw):
     torch.manual_seed(0)
-    model = timm.create_model(name, **{**TINY, **kw})
-    for p in model.parameters():  # randomise every weight so no branch is negligible
-        torch.nn.init.normal_(p, std=0.2)
-    return model.eval()
+    return randomised(timm.create_model(name, **{**TINY, **kw}))
 
 
 def plain(model, x):
@@ -29,14 +29,6 @@ def plain(model, x):
             return model(x)
     finally:
         kernels.set_fused_kernels(True)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -118,13 +110,7 @@ def test_fx_graph_runs_forward_and_backward(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_fx_feature_extraction_gives_the_getter_maps(name):
-    torch.manual_seed(0)
-    getter = timm.create_model(name, features_only=True, **TINY).eval()
-    torch.manual_seed(0)  # the same initial weights
-    fx = timm.create_model(name, features_only=True, feature_cls="fx", **TINY).eval()
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        maps, fx_maps = getter(x), fx(x)
+    maps, fx_maps, fx = getter_and_fx_maps(name, torch.randn(2, 3, 64, 64), **TINY)
     assert fx.output_fmt.name == "NHWC"  # timm's convention for models with NHWC outputs (as Swin)
     assert len(fx_maps) == len(maps) == 4
     for m, f in zip(maps, fx_maps):

@@ -11,17 +11,11 @@ from spach.models import ALL_MODELS, NEWCOMERS, SpachMS, count_params, get_mixer
 from spach.models.mixers import GlobalFilter, Pooling, Shift, WindowAttention, window_merge
 from spach.models.ops import SparseMLP
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 NEWCOMER_MIXERS = ["pool", "shift", "smlp", "gfilter", "window"]
 CONTEXT = dict(num_heads=2, grid_size=(8, 8), token_ratio=0.5, qkv_bias=True, qk_scale=None, attn_drop=0.0,
                drop=0.0, block_index=0, stage_index=1, stage_depth=2, shared=False)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def build(name, dim=24, **context):

@@ -8,6 +8,7 @@ import torch
 
 import spach
 from spach.models import ZOO, Spach, SpachMS, checkpoint_filter_fn, count_macs, count_params
+from helpers import assert_checkpointing_keeps_gradients
 
 DATA = Path(__file__).parent / "data"
 CASES = sorted((DATA / "cases").glob("*.pt"))
@@ -159,15 +160,7 @@ def test_timm_interface():
 
 def test_grad_checkpointing_gives_same_gradients():
     torch.manual_seed(0)
-    model = tiny_ms("attn")
-    x = torch.randn(2, 3, 32, 32)
-    model(x).pow(2).sum().backward()
-    ref = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    model.set_grad_checkpointing(True)
-    model(x).pow(2).sum().backward()
-    for g, r in zip((p.grad for p in model.parameters()), ref):
-        assert torch.allclose(g, r, atol=1e-6)
+    assert_checkpointing_keeps_gradients(tiny_ms("attn"), torch.randn(2, 3, 32, 32))
 
 
 def test_features_only_multi_stage_backbone():

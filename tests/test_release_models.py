@@ -13,6 +13,7 @@ import torch
 import spach
 from spach.models import RELEASE_WEIGHTS, RELEASE_ZOO, SMLPNet, ShiftViT, count_macs, count_params, sMLPNet
 from spach.models import shiftvit, smlpnet
+from helpers import assert_checkpointing_keeps_gradients, getter_and_fx_maps
 
 DATA = Path(__file__).parent / "data"
 CASES = sorted((DATA / "release_cases").glob("*.pt"))
@@ -204,15 +205,7 @@ def test_features_only_gives_four_maps(name, channels):
 @pytest.mark.parametrize("build", [tiny_smlp, tiny_shift])
 def test_grad_checkpointing_gives_same_gradients(build):
     torch.manual_seed(0)
-    model = build()
-    x = torch.randn(2, 3, 32, 32)
-    model(x).pow(2).sum().backward()
-    ref = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    model.set_grad_checkpointing(True)
-    model(x).pow(2).sum().backward()
-    for g, r in zip((p.grad for p in model.parameters()), ref):
-        assert torch.allclose(g, r, atol=1e-6)
+    assert_checkpointing_keeps_gradients(build(), torch.randn(2, 3, 32, 32))
 
 
 # ---------------------------------------------------------------- loading
@@ -368,14 +361,7 @@ def test_torchscript_fx_and_export_give_the_eager_logits(build):
 
 @pytest.mark.parametrize("name", ["smlpnet_tiny", "shiftvit_light_tiny"])
 def test_fx_feature_extraction_gives_the_getter_maps(name):
-    kw = dict(img_size=64, depths=[1, 1, 1, 1])
-    torch.manual_seed(0)
-    getter = timm.create_model(name, features_only=True, **kw).eval()
-    torch.manual_seed(0)  # the same initial weights
-    fx = timm.create_model(name, features_only=True, feature_cls="fx", **kw).eval()
-    x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        maps, fx_maps = getter(x), fx(x)
+    maps, fx_maps, _ = getter_and_fx_maps(name, torch.randn(1, 3, 64, 64), img_size=64, depths=[1, 1, 1, 1])
     assert len(fx_maps) == len(maps) == 4
     for m, f in zip(maps, fx_maps):
         torch.testing.assert_close(f.permute(0, 3, 1, 2), m, rtol=1e-5, atol=1e-5)

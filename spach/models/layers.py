@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, register_notrace_function, use_fused_attn
 
 from spach.models.kernels import Linear, token_matmul, use_fused_mlp, use_sdpa, use_token_matmul
+from spach.models.ops import check_grid
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 
@@ -171,17 +172,6 @@ class Attention(nn.Module):
         return probs, pos, pos
 
 
-@register_notrace_function  # torch.fx: checked when the graph runs, not while tracing
-def check_token_grid(x: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
-    """A token-mixing MLP's weights depend on the number of tokens: refuse any other grid; returns ``x``."""
-    if x.shape[1] != grid_size[0] or x.shape[2] != grid_size[1]:
-        raise ValueError(
-            f"the token-mixing MLP was built for a {grid_size[0]}x{grid_size[1]} token grid and got "
-            f"{x.shape[1]}x{x.shape[2]}: MLP models take only the input size they were built for "
-            f"(rebuild the model with img_size matching your input)")
-    return x
-
-
 class TokenMlp(nn.Module):
     """MLP along the token axis: Linear(N -> tN) -> GELU -> Dropout -> Linear(tN -> N) -> Dropout.
 
@@ -203,7 +193,7 @@ class TokenMlp(nn.Module):
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = check_token_grid(x, self.grid_size)
+        x = check_grid(x, self.grid_size, "token-mixing MLP")
         B, H, W, C = x.shape
         x = x.reshape(B, H * W, C)
         # (tN, N) @ (B, N, C) -> (B, tN, C); the bias in the product's dtype (bf16 under autocast)

@@ -27,7 +27,8 @@ from timm.layers import DropPath, to_2tuple, trunc_normal_
 from spach.models.kernels import use_fused_mlp
 from spach.models.layers import ChannelMlp, nchw_to_nhwc, nhwc_to_nchw
 from spach.models.ops import BatchNormNhwc, GroupNorm1Nhwc, partial_shift
-from spach.models.staged import StagedNet, StagedStage, check_global_pool, linear_drop_path_rates
+from spach.models.staged import (StagedNet, StagedStage, check_global_pool, linear_drop_path_rates,
+                                  original_layout_filter)
 
 NORM_LAYERS = {"GN1": GroupNorm1Nhwc, "BN": BatchNormNhwc}
 ACT_LAYERS = {"GELU": nn.GELU, "RELU": nn.ReLU}
@@ -154,6 +155,7 @@ def is_original_layout(state_dict: dict) -> bool:
     return any(k.startswith("patch_embed.") for k in state_dict)
 
 
+@original_layout_filter(is_original_layout)
 def checkpoint_filter_fn(state_dict: dict, model: nn.Module | None = None) -> dict:
     """Map an original ShiftViT state dict (``{"model": sd}`` or ``sd``) to this layout.
 
@@ -161,10 +163,6 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module | None = None) -> di
     the MLP's 1x1 conv weights ``(out, in, 1, 1)`` become Linear weights ``(out, in)``.
     State dicts already in this layout pass through unchanged.
     """
-    if "model" in state_dict and isinstance(state_dict["model"], dict):
-        state_dict = state_dict["model"]
-    if not is_original_layout(state_dict):
-        return dict(state_dict)
     out = {}
     for key, value in state_dict.items():
         if key.startswith("patch_embed."):

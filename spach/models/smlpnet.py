@@ -26,7 +26,8 @@ from timm.layers import DropPath, to_2tuple
 from spach.models.kernels import use_fused_mlp
 from spach.models.layers import ChannelMlp, nchw_to_nhwc, nhwc_to_nchw
 from spach.models.ops import BatchNormNhwc, SparseMLP
-from spach.models.staged import StagedNet, StagedStage, check_global_pool, linear_drop_path_rates
+from spach.models.staged import (StagedNet, StagedStage, check_global_pool, linear_drop_path_rates,
+                                  original_layout_filter, stage_shapes)
 
 
 class SmlpBlock(nn.Module):
@@ -111,11 +112,7 @@ class SMLPNet(StagedNet):
         dpr = linear_drop_path_rates(drop_path_rate, depths)
         self.stem = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size, bias=False)
         stages, self.feature_info = [], []
-        width = dim
-        for i, depth in enumerate(depths):
-            in_dim = None
-            if i > 0:
-                in_dim, width, grid = width, width * 2, (grid[0] // 2, grid[1] // 2)
+        for i, (depth, (in_dim, width, grid)) in enumerate(zip(depths, stage_shapes(dim, grid, len(depths)))):
             stages.append(StagedStage(
                 Downsample(in_dim, width) if in_dim is not None else None,
                 [SmlpBlock(width, grid, alpha, drop_rate, dpr[i][j]) for j in range(depth)]))
@@ -164,15 +161,12 @@ def _block_positions(state_dict: dict) -> list[tuple[int, int]]:
     return positions
 
 
+@original_layout_filter(is_original_layout)
 def checkpoint_filter_fn(state_dict: dict, model: nn.Module | None = None) -> dict:
     """Map an original sMLPNet state dict (``{"model": sd}`` or ``sd``) to this layout.
 
     State dicts already in this layout pass through unchanged.
     """
-    if "model" in state_dict and isinstance(state_dict["model"], dict):
-        state_dict = state_dict["model"]
-    if not is_original_layout(state_dict):
-        return dict(state_dict)
     positions = _block_positions(state_dict)
     out = {}
     for key, value in state_dict.items():

@@ -22,12 +22,14 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-from timm.layers import register_notrace_function, to_2tuple
+from timm.layers import to_2tuple
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
 from spach.models.layers import ConvStem, Downsample, LayerNorm, MixingBlock
 from spach.models.registry import canonical_mixer, check_mixer_output, get_mixer
+from spach.models.staged import (StagedNet, check_global_pool, linear_drop_path_rates, original_layout_filter,
+                                 stage_shapes)
 
 Arch = Sequence[tuple[str, int]]
 
@@ -45,20 +47,6 @@ def parse_stage_arch(arch, where: str) -> list[str]:
     if not mixers:
         raise ValueError(f"{where}: the stage has no blocks")
     return mixers
-
-
-@register_notrace_function  # torch.fx: checked when the graph runs, not while tracing
-def check_input_size(x: torch.Tensor, img_size: tuple[int, int], stride: int, fixed: bool) -> torch.Tensor:
-    """Refuse an input the network cannot take, naming the size it needs; returns ``x`` (a graph node)."""
-    H, W = x.shape[-2], x.shape[-1]
-    if fixed and (H != img_size[0] or W != img_size[1]):
-        raise ValueError(
-            f"this model has fixed-size mixers (weights shaped by the token grid) built for "
-            f"{img_size[0]}x{img_size[1]} input "
-            f"and got {H}x{W}; build it with img_size=({H}, {W}) to use that size")
-    if H % stride or W % stride:
-        raise ValueError(f"input size {H}x{W} is not divisible by the network's total stride {stride}")
-    return x
 
 
 class SpachStage(nn.Module):
@@ -112,7 +100,7 @@ class SpachStage(nn.Module):
         return self.blocks(x)
 
 
-class SpachNet(nn.Module):
+class SpachNet(StagedNet):
     """The common skeleton: stem -> LayerNorm -> stages -> LayerNorm -> mean over tokens -> Linear.
 
     ``stage_mixers[i]`` lists the mixer of every block of stage ``i``; stage
@@ -121,7 +109,7 @@ class SpachNet(nn.Module):
     Use :class:`Spach` or :class:`SpachMS`, which take the original keywords.
     """
 
-    output_fmt = "NHWC"
+    stem_pattern = r"^stem|^norm_pre"
 
     def __init__(self, stage_mixers: list[list[str]], hidden_dim: int, num_heads: int, patch_size: int,
                  img_size=224, in_chans: int = 3, num_classes: int = 1000, global_pool: str = "avg",
@@ -131,10 +119,8 @@ class SpachNet(nn.Module):
                  drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
                  drop_path_rates: Sequence[float] | None = None, mixer_kwargs: dict | None = None):
         super().__init__()
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or '' (unpooled), got {global_pool!r}")
         self.num_classes = num_classes
-        self.global_pool = global_pool
+        self.global_pool = check_global_pool(global_pool)
         self.img_size = tuple(int(s) for s in to_2tuple(img_size))
         self.patch_size = patch_size
         self.stride = patch_size * 2 ** (len(stage_mixers) - 1)
@@ -168,11 +154,8 @@ class SpachNet(nn.Module):
         stages, feature_info, self._feature_points = [], [], []
         dpr = list(drop_path_rates)
         grid = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
-        dim = hidden_dim
-        for i, mixers in enumerate(stage_mixers):
-            in_dim = None
-            if i > 0:
-                in_dim, dim, grid = dim, dim * 2, (grid[0] // 2, grid[1] // 2)
+        for i, (mixers, (in_dim, dim, grid)) in enumerate(
+                zip(stage_mixers, stage_shapes(hidden_dim, grid, len(stage_mixers)))):
             stages.append(SpachStage(
                 dim, mixers, grid, num_heads, in_dim=in_dim, shared=i in shared_stages,
                 token_ratio=token_ratio, channel_ratio=channel_ratio, cpe=cpe, scaled=scaled,
@@ -201,53 +184,9 @@ class SpachNet(nn.Module):
         # layer scales (1-D, so timm's optimizer factory skips them anyway)
         return {n for n, _ in self.named_parameters() if n.endswith(".gamma")}
 
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(
-            stem=r"^stem|^norm_pre",
-            blocks=r"^stages\.(\d+)" if coarse else [
-                (r"^stages\.(\d+)\.downsample", (0,)),
-                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
-                (r"^norm", (99999,)),
-            ],
-        )
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def check_input_size(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` if the network can take its size, else a ValueError naming the size it needs."""
-        return check_input_size(x, self.img_size, self.stride, self.fixed_input_size)
-
-    # ------------------------------------------------------------------ forward
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C_in, H, W) -> (B, H/s, W/s, C) after the final LayerNorm (``output_fmt = 'NHWC'``)."""
-        x = self.check_input_size(x)
-        x = self.norm_pre(self.stem(x))
-        x = self.stages(x)
-        return self.norm(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == "avg":
-            x = x.mean(dim=(1, 2))  # mean over tokens
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Stem and its LayerNorm: (B, C_in, H, W) -> (B, H/p, W/p, C)."""
+        return self.norm_pre(self.stem(x))
 
     def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
                               stop_early: bool = False, output_fmt: str = "NCHW",
@@ -262,8 +201,7 @@ class SpachNet(nn.Module):
         take_indices, max_index = feature_take_indices(len(self._feature_points), indices)
         take = {self._feature_points[i] for i in take_indices}
         last = self._feature_points[max_index]
-        x = self.check_input_size(x)
-        x = self.norm_pre(self.stem(x))
+        x = self.embed(self.check_input_size(x))
         intermediates = []
         for si, stage in enumerate(self.stages):
             x = stage.downsample(x)
@@ -355,8 +293,7 @@ class SpachMS(SpachNet):
             raise ValueError("SpachMS needs net_arch, one list of (mixer, depth) per stage, "
                              "e.g. [[('conv', 2)], [('attn', 2)], [('attn', 6)], [('attn', 2)]]")
         stage_mixers = [parse_stage_arch(a, f"net_arch stage {i + 1}") for i, a in enumerate(net_arch)]
-        depth = sum(len(m) for m in stage_mixers)
-        dpr = [drop_path_rate * i / (depth - 1) for i in range(depth)] if depth > 1 else [0.0]
+        dpr = [r for rates in linear_drop_path_rates(drop_path_rate, [len(m) for m in stage_mixers]) for r in rates]
         super().__init__(
             stage_mixers, hidden_dim, num_heads, patch_size, img_size=img_size, in_chans=in_chans,
             num_classes=num_classes, global_pool=global_pool, stem_type=stem_type, cpe=cpe,
@@ -387,16 +324,13 @@ def _map_block_key(rest: str) -> str:
     return rest  # norm1.*, norm2.*
 
 
+@original_layout_filter(is_original_layout)
 def checkpoint_filter_fn(state_dict: dict, model: nn.Module | None = None) -> dict:
     """Map a state dict of the original release (``{"model": sd}`` or ``sd``) to this layout.
 
     State dicts already in this layout pass through unchanged. Used by
     :func:`spach.load_checkpoint` and by ``timm.create_model(..., pretrained=True)``.
     """
-    if "model" in state_dict and isinstance(state_dict["model"], dict):
-        state_dict = state_dict["model"]
-    if not is_original_layout(state_dict):
-        return dict(state_dict)
     out = {}
     for key, value in state_dict.items():
         if key.startswith("norm1."):

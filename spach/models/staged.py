@@ -1,13 +1,30 @@
-"""timm's face for the release's multi-stage channels-last networks (sMLPNet, ShiftViT): one base class."""
+"""timm's face for every channels-last network of the package (SPACH, sMLPNet, ShiftViT): one base class."""
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn as nn
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
+from timm.layers import register_notrace_function
+
 from spach.models.layers import nhwc_to_nchw
-from spach.models.spach import check_input_size
+
+
+@register_notrace_function  # torch.fx: checked when the graph runs, not while tracing
+def check_input_size(x: torch.Tensor, img_size: tuple[int, int], stride: int, fixed: bool) -> torch.Tensor:
+    """Refuse an input the network cannot take, naming the size it needs; returns ``x`` (a graph node)."""
+    H, W = x.shape[-2], x.shape[-1]
+    if fixed and (H != img_size[0] or W != img_size[1]):
+        raise ValueError(
+            f"this model has fixed-size mixers (weights shaped by the token grid) built for "
+            f"{img_size[0]}x{img_size[1]} input "
+            f"and got {H}x{W}; build it with img_size=({H}, {W}) to use that size")
+    if H % stride or W % stride:
+        raise ValueError(f"input size {H}x{W} is not divisible by the network's total stride {stride}")
+    return x
 
 
 class StagedStage(nn.Module):
@@ -35,9 +52,11 @@ class StagedNet(nn.Module):
     ``stride`` and ``fixed_input_size`` (the input must be ``img_size``; else its
     sides must divide by ``stride``), and defines ``embed(x)``:
     ``(B, C_in, H, W) -> (B, H', W', C)``. Everything timm expects of a model follows.
+    ``stem_pattern`` names the parameters :meth:`group_matcher` puts before the blocks.
     """
 
     output_fmt = "NHWC"
+    stem_pattern = r"^stem"
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -45,7 +64,7 @@ class StagedNet(nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(stem=r"^stem", blocks=r"^stages\.(\d+)" if coarse else [
+        return dict(stem=self.stem_pattern, blocks=r"^stages\.(\d+)" if coarse else [
             (r"^stages\.(\d+)\.downsample", (0,)), (r"^stages\.(\d+)\.blocks\.(\d+)", None), (r"^norm", (99999,))])
 
     @torch.jit.ignore
@@ -64,9 +83,13 @@ class StagedNet(nn.Module):
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
+    def check_input_size(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` if the network can take its size, else a ValueError naming the size it needs."""
+        return check_input_size(x, self.img_size, self.stride, self.fixed_input_size)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C_in, H, W) -> (B, H/s, W/s, C) after the final norm (``output_fmt = 'NHWC'``)."""
-        x = check_input_size(x, self.img_size, self.stride, self.fixed_input_size)
+        x = self.check_input_size(x)
         return self.norm(self.stages(self.embed(x)))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -88,7 +111,7 @@ class StagedNet(nn.Module):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         stages = self.stages[:max_index + 1] if stop_early else self.stages
-        x = self.embed(check_input_size(x, self.img_size, self.stride, self.fixed_input_size))
+        x = self.embed(self.check_input_size(x))
         intermediates = []
         for i, stage in enumerate(stages):
             x = stage(x)
@@ -111,10 +134,36 @@ class StagedNet(nn.Module):
         return take_indices
 
 
+def original_layout_filter(is_original):
+    """Decorator making timm's ``pretrained_filter_fn(state_dict, model=None)`` from ``remap(state_dict)``.
+
+    The filter unwraps a release file's ``{"model": state_dict}``, hands state dicts for which
+    ``is_original(state_dict)`` holds to ``remap`` and passes any other through unchanged.
+    """
+    def wrap(remap):
+        @functools.wraps(remap)
+        def filter_fn(state_dict: dict, model: nn.Module | None = None) -> dict:
+            if "model" in state_dict and isinstance(state_dict["model"], dict):
+                state_dict = state_dict["model"]
+            return remap(state_dict) if is_original(state_dict) else dict(state_dict)
+        return filter_fn
+    return wrap
+
+
 def check_global_pool(global_pool: str) -> str:
     if global_pool not in ("avg", ""):
         raise ValueError(f"global_pool must be 'avg' (mean over tokens) or '' (unpooled), got {global_pool!r}")
     return global_pool
+
+
+def stage_shapes(dim: int, grid: tuple[int, int], num_stages: int):
+    """``(in_dim, dim, grid)`` of each stage: the first keeps ``dim`` and ``grid`` (``in_dim`` None, no
+    downsampling); each later one downsamples its predecessor's ``in_dim`` tokens 2x and doubles the width."""
+    in_dim = None
+    for i in range(num_stages):
+        if i > 0:
+            in_dim, dim, grid = dim, dim * 2, (grid[0] // 2, grid[1] // 2)
+        yield in_dim, dim, grid
 
 
 def linear_drop_path_rates(rate: float, depths) -> list[list[float]]:
