@@ -185,15 +185,20 @@ def test_executor_carries_the_launcher_settings(tmp_path):
     assert p["setup"][0] == "module load cuda/12.1" and any("PYTHONPATH" in line for line in p["setup"])
 
 
-def test_a_job_that_vanished_without_a_result_is_failed_with_its_stderr(tmp_path):
+def submitted_run(tmp_path, job_id: str):
+    """A one-run study's database with the run submitted as `job_id`: (connection, run key, row)."""
     out = tmp_path / "out"
     out.mkdir()
     spec = load_study(study(seeds=(0,)))
     conn = db.connect(out, create=True)
     db.register_study(conn, spec, lambda r: out / "runs" / r.name)
     key = spec.runs[0].key
-    db.mark_submitted(conn, key, "4242")
-    row = db.get_run(conn, key)
+    db.mark_submitted(conn, key, job_id)
+    return conn, key, db.get_run(conn, key)
+
+
+def test_a_job_that_vanished_without_a_result_is_failed_with_its_stderr(tmp_path):
+    conn, key, row = submitted_run(tmp_path, "4242")
     (Path(row["output_dir"]) / "slurm").mkdir(parents=True)
     (Path(row["output_dir"]) / "slurm" / "4242_0_log.err").write_text("torch.OutOfMemoryError: CUDA out of memory\n")
     # still queued: nothing changes; Slurm not answering: nothing is decided
@@ -206,14 +211,7 @@ def test_a_job_that_vanished_without_a_result_is_failed_with_its_stderr(tmp_path
 
 
 def test_a_job_seen_failed_for_a_moment_while_being_requeued_is_not_failed(tmp_path, monkeypatch):
-    out = tmp_path / "out"
-    out.mkdir()
-    spec = load_study(study(seeds=(0,)))
-    conn = db.connect(out, create=True)
-    db.register_study(conn, spec, lambda r: out / "runs" / r.name)
-    key = spec.runs[0].key
-    db.mark_submitted(conn, key, "4243")
-    row = db.get_run(conn, key)
+    conn, key, row = submitted_run(tmp_path, "4243")
     # submitit requeues: the attempt ends FAILED, and Slurm shows the job PENDING again a moment later
     monkeypatch.setattr(slurm, "slurm_jobs", lambda: {"4243": JobInfo("4243", "PENDING", "(BeginTime)", "")})
     monkeypatch.setattr(slurm, "REQUEUE_SETTLE_S", 0.03)
