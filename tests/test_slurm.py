@@ -310,18 +310,23 @@ def test_a_killed_coordinator_reattaches_and_never_submits_twice(tmp_path, capsy
     assert all(len(curves(out, r["key"])) == 3 * 4 for r in after.values())
 
 
-@pytest.mark.slurm
-@pytest.mark.slow
-def test_scancel_is_recorded_and_retry_failed_continues_from_the_checkpoint(tmp_path, slow_reference, capsys,
-                                                                              hold):
-    path = write_study(tmp_path / "s.yaml", SLOW)
+def start_held_job(tmp_path, hold, spec: dict = SLOW):
+    """A one-run study's coordinator started, its job held after the first step checkpoint."""
+    path = write_study(tmp_path / "s.yaml", spec)
     out = tmp_path / "out"
     coordinator = Coordinator(str(path), "--out", str(out))
     coordinator.start()
     wait_for(lambda: submitted(out, 1), what="the job")
     (row,) = rows(out).values()
-    run_dir = Path(row["output_dir"])
-    wait_held(hold, row["job_id"])  # after the first step checkpoint
+    wait_held(hold, row["job_id"])
+    return coordinator, out, row, Path(row["output_dir"])
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_scancel_is_recorded_and_retry_failed_continues_from_the_checkpoint(tmp_path, slow_reference, capsys,
+                                                                              hold):
+    coordinator, out, row, run_dir = start_held_job(tmp_path, hold)
     assert (run_dir / "last.pt").exists()
     capsys.readouterr()
     assert main(["battle", "cancel", str(out), row["name"]]) == 0  # scancel, by run name
@@ -345,14 +350,7 @@ def test_scancel_is_recorded_and_retry_failed_continues_from_the_checkpoint(tmp_
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_a_requeued_job_continues_from_its_checkpoint_and_ends_equal(tmp_path, slow_reference, hold):
-    path = write_study(tmp_path / "s.yaml", SLOW)
-    out = tmp_path / "out"
-    coordinator = Coordinator(str(path), "--out", str(out))
-    coordinator.start()
-    wait_for(lambda: submitted(out, 1), what="the job")
-    (row,) = rows(out).values()
-    run_dir = Path(row["output_dir"])
-    wait_held(hold, row["job_id"])  # after the first step checkpoint
+    coordinator, out, row, run_dir = start_held_job(tmp_path, hold)
     subprocess.run(["scontrol", "requeue", row["job_id"]], check=True)
     # Slurm holds a requeued batch job for two minutes (reason BeginTime); let it start again at once
     wait_for(lambda: cluster_jobs(out).get(row["job_id"]) == "PENDING", what="the requeued job pending")
@@ -372,13 +370,7 @@ def test_a_requeued_job_continues_from_its_checkpoint_and_ends_equal(tmp_path, s
 @pytest.mark.slow
 def test_preemption_requeues_and_past_max_attempts_the_run_fails_with_the_reason(tmp_path, hold):
     spec = dict(SLOW, launcher=dict(SLURM, max_attempts=1))
-    out = tmp_path / "out"
-    coordinator = Coordinator(str(write_study(tmp_path / "s.yaml", spec)), "--out", str(out))
-    coordinator.start()
-    wait_for(lambda: submitted(out, 1), what="the job")
-    (row,) = rows(out).values()
-    run_dir = Path(row["output_dir"])
-    wait_held(hold, row["job_id"])  # after the first step checkpoint
+    coordinator, out, row, run_dir = start_held_job(tmp_path, hold, spec)
     # what Slurm sends before a pre-emption or the time limit: submitit checkpoints and requeues the job
     subprocess.run(["scancel", "--signal=USR2", row["job_id"]], check=True)
     wait_for(lambda: cluster_jobs(out).get(row["job_id"]) == "PENDING", what="the requeued job pending")
