@@ -58,36 +58,20 @@ from typing import Any
 
 import yaml
 
+from spach.battle import schema
+from spach.battle.schema import LAUNCHER_KINDS, LAYOUTS
 from spach.models.registry import canonical_mixer, import_plugins, mixer_names, resolve_plugins
 
-LAYOUTS = ("ss", "ms")
 ZOO_SIZES = ("xxs", "xs", "s")
 
-TOP_KEYS = {"name", "description", "data", "img_size", "threads", "recipe", "measure", "grid", "sizes", "extra",
-            "launcher", "analysis", "runs_dir", "plugins"}
-GRID_KEYS = {"family", "layout", "size", "cpe", "shared", "seed"}
-# throughput by the Swin protocol: eval mode, `warmup` untimed passes, then the mean of `repeats` timed ones
-MEASURE_DEFAULTS = {"batch_size": 64, "dtype": "fp32", "threads": None, "warmup": 50, "repeats": 30,
-                    "device": "cpu"}
-MEASURE_DTYPES = ("fp32", "bf16")  # the precisions spach.bench measures
-LAUNCHER_KINDS = ("local", "torchrun", "slurm")
-LAUNCHER_DEFAULTS = {"kind": "local", "nproc_per_node": 1, "args": []}
-# kind slurm (spach.battle.slurm): one Slurm job per run. These keys may also sit in a local or torchrun
-# launcher, for `spach battle --launcher slurm`; None leaves the option to the cluster's defaults.
-SLURM_DEFAULTS = {"partition": None, "account": None, "qos": None, "constraint": None, "nodes": 1,
-                  "gpus_per_node": 0, "tasks_per_node": None, "cpus_per_task": None, "mem_gb": None,
-                  "time_min": 1440, "setup": [], "sbatch": {}, "max_jobs": None, "max_attempts": 3,
-                  "poll_s": 30.0}
+TOP_KEYS = schema.keys(schema.StudyFile)
+GRID_KEYS = schema.keys(schema.Grid)
+MEASURE_DEFAULTS = schema.defaults(schema.Measure)
+LAUNCHER_DEFAULTS = schema.defaults(schema.Launcher)
 # sbatch options the slurm launcher sets itself (logs, job name, pre-emption signal)
 SLURM_OWNED_SBATCH = {"output", "error", "job-name", "signal", "open-mode", "comment", "wrap"}
 # keys of TrainConfig that the study sets itself, per run
 STUDY_OWNED = {"model", "model_kwargs", "data", "output", "seed", "img_size", "resume", "threads"}
-SS_SIZE_KEYS = {"hidden_dim", "num_heads", "channel_ratio", "token_ratio", "depth", "patch_size", "mixer_kwargs"}
-MS_SIZE_KEYS = {"hidden_dim", "num_heads", "channel_ratio", "token_ratio", "depths", "patch_size", "hybrid_attn",
-                "mixer_kwargs"}
-EXTRA_KEYS = {"name", "model", "family", "layout", "net_arch", "hidden_dim", "num_heads", "channel_ratio",
-              "token_ratio", "patch_size", "stem_type", "cpe", "shared", "seeds", "model_kwargs", "mixer_kwargs"}
-
 
 def families() -> tuple[str, ...]:
     """The grid's families: every registered mixer (plugins included), then ``hybrid``."""
@@ -353,28 +337,16 @@ def _check_recipe(recipe: Any, where: str) -> dict:
     return dict(recipe)
 
 
-def _with_defaults(value: Any, defaults: dict, name: str, where: str) -> dict:
-    """A mapping with only the keys of ``defaults``, completed by them."""
-    if not isinstance(value, dict):
-        _fail(where, f"{name} must be a mapping")
-    unknown = set(value) - set(defaults)
-    if unknown:
-        _fail(where, f"{name}: unknown key(s) {sorted(unknown)}; allowed: {sorted(defaults)}")
-    return dict(defaults, **value)
+def _section(section: type, value: Any, name: str, where: str) -> dict:
+    """A section of the study read by its schema (spach.battle.schema); errors name the study."""
+    try:
+        return schema.read_section(section, value, name)
+    except ValueError as e:
+        _fail(where, str(e))
 
 
 def _check_measure(measure: Any, where: str) -> dict:
-    out = _with_defaults(measure, MEASURE_DEFAULTS, "measure", where)
-    if out["dtype"] not in MEASURE_DTYPES:
-        _fail(where, f"measure.dtype must be fp32 or bf16 (the precisions spach bench measures), got {out['dtype']!r}")
-    for key in ("batch_size", "warmup", "repeats"):
-        if not _is_int(out[key]) or out[key] < (0 if key == "warmup" else 1):
-            _fail(where, f"measure.{key} must be a positive integer, got {out[key]!r}")
-    if out["device"] not in ("cpu", "cuda"):
-        _fail(where, f"measure.device must be cpu or cuda, got {out['device']!r}")
-    if out["threads"] is not None and (not _is_int(out["threads"]) or out["threads"] < 1):
-        _fail(where, f"measure.threads must be a positive integer or null, got {out['threads']!r}")
-    return out
+    return _section(schema.Measure, measure, "measure", where)
 
 
 def check_runnable_here(study: Study) -> None:
@@ -390,47 +362,11 @@ def check_runnable_here(study: Study) -> None:
 
 
 def _check_launcher(launcher: Any, where: str) -> dict:
-    out = _with_defaults(launcher, dict(LAUNCHER_DEFAULTS, **SLURM_DEFAULTS), "launcher", where)
-    if out["kind"] not in LAUNCHER_KINDS:
-        _fail(where, f"launcher.kind must be one of {list(LAUNCHER_KINDS)}, got {out['kind']!r}")
-    _check_slurm(out, where)
-    if not _is_int(out["nproc_per_node"]) or out["nproc_per_node"] < 1:
-        _fail(where, f"launcher.nproc_per_node must be a positive integer, got {out['nproc_per_node']!r}")
-    if not isinstance(out["args"], list) or not all(isinstance(a, str) for a in out["args"]):
-        _fail(where, "launcher.args must be a list of strings (extra torchrun arguments)")
-    return out
-
-
-def _check_slurm(out: dict, where: str) -> None:
-    """The slurm launcher's settings (see SLURM_DEFAULTS), checked whatever the kind."""
-    def positive(key: str, number: type = int, zero: bool = False, none: bool = False) -> None:
-        v = out[key]
-        ok = (none and v is None) or (
-            (isinstance(v, number) or (number is float and _is_int(v))) and not isinstance(v, bool)
-            and (v >= 0 if zero else v > 0))
-        if not ok:
-            _fail(where, f"launcher.{key} must be a {'non-negative' if zero else 'positive'} "
-                         f"{'integer' if number is int else 'number'}{' or null' if none else ''}, got {v!r}")
-
-    for key in ("nodes", "time_min", "max_attempts"):
-        positive(key)
-    positive("gpus_per_node", zero=True)
-    for key in ("tasks_per_node", "cpus_per_task", "max_jobs"):
-        positive(key, none=True)
-    positive("mem_gb", float, none=True)
-    positive("poll_s", float)
-    for key in ("partition", "account", "qos", "constraint"):
-        if out[key] is not None and (not isinstance(out[key], str) or not out[key]):
-            _fail(where, f"launcher.{key} must be a non-empty string or null, got {out[key]!r}")
-    if not isinstance(out["setup"], list) or not all(isinstance(a, str) for a in out["setup"]):
-        _fail(where, "launcher.setup must be a list of shell lines (e.g. ['module load cuda/12.1'])")
-    sbatch = out["sbatch"]
-    if not isinstance(sbatch, dict) or not all(isinstance(k, str) and isinstance(v, (str, int, float, bool))
-                                                for k, v in sbatch.items()):
-        _fail(where, "launcher.sbatch must map sbatch option names to values, e.g. {exclusive: true}")
-    owned = sorted(k for k in sbatch if k.replace("_", "-") in SLURM_OWNED_SBATCH)
+    out = _section(schema.Launcher, launcher, "launcher", where)
+    owned = sorted(k for k in out["sbatch"] if k.replace("_", "-") in SLURM_OWNED_SBATCH)
     if owned:
         _fail(where, f"launcher.sbatch: {owned} are set by the slurm launcher itself; remove them")
+    return out
 
 
 def with_launcher(study: Study, kind: str) -> Study:
@@ -451,14 +387,13 @@ def _check_sizes(sizes: Any, where: str) -> dict:
         if not isinstance(layouts, dict) or not layouts or set(layouts) - set(LAYOUTS):
             _fail(w, "must map layouts ('ss' and/or 'ms') to their widths and depths")
         for layout, d in layouts.items():
-            allowed = SS_SIZE_KEYS if layout == "ss" else MS_SIZE_KEYS
+            section = schema.SIZE_SECTIONS[layout]
             if not isinstance(d, dict):
                 _fail(f"{w}.{layout}", "must be a mapping")
-            unknown = set(d) - allowed
+            unknown = set(d) - schema.keys(section)
             if unknown:
-                _fail(f"{w}.{layout}", f"unknown key(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
-            needed = {"hidden_dim", "num_heads", "depth" if layout == "ss" else "depths"}
-            missing = needed - set(d)
+                _fail(f"{w}.{layout}", f"unknown key(s) {sorted(unknown)}; allowed: {sorted(schema.keys(section))}")
+            missing = schema.required(section) - set(d)
             if missing:
                 _fail(f"{w}.{layout}", f"missing key(s) {sorted(missing)}")
     return sizes
@@ -487,7 +422,7 @@ def _expand_grid(study: Study, grid: Any, sizes: dict, where: str) -> None:
     unknown = set(grid) - GRID_KEYS
     if unknown:
         _fail(where, f"grid: unknown axis/axes {sorted(unknown)}; allowed: {sorted(GRID_KEYS)}")
-    for key in ("family", "layout", "size"):
+    for key in sorted(schema.required(schema.Grid)):
         if key not in grid:
             _fail(where, f"grid.{key} is required")
     grid_families = _axis(grid, "family", [], where)
@@ -696,9 +631,8 @@ def _expand_extra(study: Study, entry: Any, where: str) -> list[Run]:
         entry = {"model": entry}
     if not isinstance(entry, dict):
         _fail(where, "an extra entry is a zoo name or a mapping")
-    unknown = set(entry) - EXTRA_KEYS
-    if unknown:
-        _fail(where, f"unknown key(s) {sorted(unknown)}; allowed: {sorted(EXTRA_KEYS)}")
+    if (why := schema.unknown_keys(entry, schema.Extra, "")) is not None:
+        _fail(where, why[2:])
     seeds = _check_seeds(entry.get("seeds", [0]) if isinstance(entry.get("seeds", [0]), list)
                          else [entry["seeds"]], where)
     cpe = entry.get("cpe", True)

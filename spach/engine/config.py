@@ -218,7 +218,7 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"TrainConfig: unknown option(s) {', '.join(unknown)}")
         hints = typing.get_type_hints(cls)
-        return cls(**{k: _coerce(k, v, hints[k]) for k, v in d.items()})
+        return cls(**{k: coerce(k, v, hints[k]) for k, v in d.items()})
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
@@ -266,38 +266,49 @@ def _plain(v: Any) -> Any:
     return v
 
 
-def _coerce(name: str, value: Any, tp: Any) -> Any:
-    """Check (and gently convert: int->float, list->tuple, numeric strings) a value for a field."""
+def coerce(name: str, value: Any, tp: Any, strict: bool = False, owner: str = "TrainConfig") -> Any:
+    """Check (and gently convert: int->float, list->tuple, numeric strings) a value for a field of type `tp`.
+
+    ``strict`` (the study file's sections): no conversion from strings, an int stays an int where a float is
+    allowed, and a union accepts any of its members. Raises ValueError naming ``owner.name``.
+    """
     def bad() -> ValueError:
-        return ValueError(f"TrainConfig.{name}: expected {_type_name(tp)}, got {value!r}")
+        return ValueError(f"{owner}.{name}: expected {_type_name(tp)}, got {value!r}")
 
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args):
+        if value is None or (not strict and isinstance(value, str) and value.lower() in ("none", "null")
+                             and type(None) in args):
             if type(None) in args:
                 return None
             raise bad()
         inner = [a for a in args if a is not type(None)]
-        return _coerce(name, value, inner[0])
+        for a in inner if strict else inner[:1]:
+            try:
+                return coerce(name, value, a, strict, owner)
+            except ValueError:
+                if a is inner[-1] or not strict:
+                    raise
     if tp is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+        if not strict and isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
         raise bad()
     if tp in (int, float):
-        if isinstance(value, str):
+        if isinstance(value, str) and not strict:
             try:
                 value = float(value)
             except ValueError:
                 raise bad() from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (tp is int and strict
+                                                                              and not isinstance(value, int)):
             raise bad()
         if not math.isfinite(value):
-            raise ValueError(f"TrainConfig.{name}: must be a finite number (got {value!r})")
+            raise ValueError(f"{owner}.{name}: must be a finite number (got {value!r})")
         if tp is int and int(value) != value:
             raise bad()
-        return int(value) if tp is int else float(value)
+        return value if strict else int(value) if tp is int else float(value)
     if tp is str:
         if not isinstance(value, str):
             raise bad()
@@ -305,10 +316,17 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise bad()
-        return tuple(_coerce(name, v, a) for v, a in zip(value, args))
+        return tuple(coerce(name, v, a, strict, owner) for v, a in zip(value, args))
+    if tp is list or origin is list:
+        if not isinstance(value, list):
+            raise bad()
+        return [coerce(name, v, args[0], strict, owner) for v in value] if args else list(value)
     if tp is dict or origin is dict:
         if not isinstance(value, dict):
             raise bad()
+        if args:
+            return {coerce(name, k, args[0], strict, owner): coerce(name, v, args[1], strict, owner)
+                    for k, v in value.items()}
         return dict(value)
     return value
 
@@ -334,7 +352,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, nargs="+", metavar="KEY=VALUE", type=parse_key_value, **kw)
         elif typing.get_origin(tp) is tuple:
             parser.add_argument(flag, nargs=len(typing.get_args(tp)), type=float, metavar="X", **kw)
-        else:  # parsed by _coerce ('none' allowed for optional fields)
+        else:  # parsed by coerce ('none' allowed for optional fields)
             inner = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
             parser.add_argument(flag, metavar={int: "N", float: "X"}.get(inner[0], "TEXT"), **kw)
 

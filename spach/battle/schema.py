@@ -1,0 +1,234 @@
+"""The study file's schema: its sections as typed dataclasses, and the one routine that validates a section.
+
+Each section is a dataclass whose fields are the section's keys, with their types and defaults; the
+bounds and choices sit in the field's metadata (:func:`key`). :func:`read_section` checks a mapping
+against one: unknown keys, missing required keys, each value's type (by :func:`spach.engine.config.coerce`,
+the coercion `TrainConfig` uses, in its strict mode) and bounds. Sections whose values are checked
+by the code that expands them (the grid, sizes, extra entries) declare their keys here, once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+from spach.engine.config import coerce
+
+LAYOUTS = ("ss", "ms")
+MEASURE_DTYPES = ("fp32", "bf16")  # the precisions spach.bench measures
+LAUNCHER_KINDS = ("local", "torchrun", "slurm")
+REQUIRED = dataclasses.MISSING
+
+
+def key(default: Any = REQUIRED, *, ge: float | None = None, gt: float | None = None,
+        choices: tuple | None = None, nonempty: bool = False, hint: str = "") -> Any:
+    """A section's key: its default (none: required), bounds (``ge``/``gt``), ``choices``, and the
+    ``hint`` its error message ends with."""
+    meta = {"ge": ge, "gt": gt, "choices": choices, "nonempty": nonempty, "hint": hint}
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Measure:
+    """``measure:``: throughput by the Swin protocol (eval mode, `warmup` untimed passes, then the mean of
+    `repeats` timed ones)."""
+
+    batch_size: int = key(64, ge=1)
+    dtype: str = key("fp32", choices=MEASURE_DTYPES, hint="the precisions spach bench measures")
+    threads: Optional[int] = key(None, ge=1)
+    warmup: int = key(50, ge=0)
+    repeats: int = key(30, ge=1)
+    device: str = key("cpu", choices=("cpu", "cuda"))
+
+
+@dataclass(frozen=True)
+class Launcher:
+    """``launcher:``. The slurm keys (spach.battle.slurm: one Slurm job per run) may also sit in a local or
+    torchrun launcher, for ``spach battle --launcher slurm``; None leaves the option to the cluster's defaults."""
+
+    kind: str = key("local", choices=LAUNCHER_KINDS)
+    nproc_per_node: int = key(1, ge=1)
+    args: list[str] = key([], hint="extra torchrun arguments")
+    partition: Optional[str] = key(None, nonempty=True)
+    account: Optional[str] = key(None, nonempty=True)
+    qos: Optional[str] = key(None, nonempty=True)
+    constraint: Optional[str] = key(None, nonempty=True)
+    nodes: int = key(1, ge=1)
+    gpus_per_node: int = key(0, ge=0)
+    tasks_per_node: Optional[int] = key(None, ge=1)
+    cpus_per_task: Optional[int] = key(None, ge=1)
+    mem_gb: Optional[float] = key(None, gt=0)
+    time_min: int = key(1440, ge=1)
+    setup: list[str] = key([], hint="shell lines, e.g. ['module load cuda/12.1']")
+    sbatch: dict[str, Union[str, int, float, bool]] = key({}, hint="sbatch option names to values, "
+                                                                   "e.g. {exclusive: true}")
+    max_jobs: Optional[int] = key(None, ge=1)
+    max_attempts: int = key(3, ge=1)
+    poll_s: float = key(30.0, gt=0)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """``grid:``: the axes, each a value or a list of values (checked as the grid expands)."""
+
+    family: list = key()
+    layout: list = key()
+    size: list = key()
+    cpe: list = key([True])
+    shared: list = key([False])
+    seed: list = key([0])
+
+
+@dataclass(frozen=True)
+class SingleStageSize:
+    """``sizes.NAME.ss``: each value may also be a mapping family -> value."""
+
+    hidden_dim: Any = key()
+    num_heads: Any = key()
+    depth: Any = key()
+    channel_ratio: Any = key(None)
+    token_ratio: Any = key(None)
+    patch_size: Any = key(None)
+    mixer_kwargs: Any = key(None)
+
+
+@dataclass(frozen=True)
+class MultiStageSize:
+    """``sizes.NAME.ms``: each value may also be a mapping family -> value."""
+
+    hidden_dim: Any = key()
+    num_heads: Any = key()
+    depths: Any = key()
+    channel_ratio: Any = key(None)
+    token_ratio: Any = key(None)
+    patch_size: Any = key(None)
+    hybrid_attn: Any = key(None)
+    mixer_kwargs: Any = key(None)
+
+
+SIZE_SECTIONS = {"ss": SingleStageSize, "ms": MultiStageSize}
+
+
+@dataclass(frozen=True)
+class Extra:
+    """An ``extra:`` entry: a zoo or release model by name, or a custom ``net_arch``."""
+
+    name: Optional[str] = key(None)
+    model: Optional[str] = key(None)
+    family: Optional[str] = key(None)
+    layout: Optional[str] = key(None)
+    net_arch: Any = key(None)
+    hidden_dim: Any = key(None)
+    num_heads: Any = key(None)
+    channel_ratio: Any = key(None)
+    token_ratio: Any = key(None)
+    patch_size: Any = key(None)
+    stem_type: Any = key(None)
+    cpe: bool = key(True)
+    shared: bool = key(False)
+    seeds: Any = key([0])
+    model_kwargs: Any = key(None)
+    mixer_kwargs: Any = key(None)
+
+
+@dataclass(frozen=True)
+class StudyFile:
+    """The study's top level (``grid`` is required unless there are ``extra`` entries)."""
+
+    name: str = key()
+    data: Any = key()
+    description: Any = key("")
+    img_size: int = key(224)
+    threads: Optional[int] = key(None)
+    recipe: Any = key(None)
+    measure: Any = key(None)
+    grid: Any = key(None)
+    sizes: Any = key(None)
+    extra: Any = key(None)
+    launcher: Any = key(None)
+    analysis: Any = key(None)
+    runs_dir: Optional[str] = key(None)
+    plugins: Any = key(None)
+
+
+def keys(section: type) -> set[str]:
+    """The keys a section allows."""
+    return {f.name for f in dataclasses.fields(section)}
+
+
+def required(section: type) -> set[str]:
+    """The keys a section needs."""
+    return {f.name for f in dataclasses.fields(section)
+            if f.default is REQUIRED and f.default_factory is REQUIRED}
+
+
+def defaults(section: type) -> dict[str, Any]:
+    """The section's defaults (required keys left out)."""
+    out = {}
+    for f in dataclasses.fields(section):
+        if f.default is not REQUIRED:
+            out[f.name] = f.default
+        elif f.default_factory is not REQUIRED:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def unknown_keys(value: dict, section: type, name: str) -> str | None:
+    """The error for keys of `value` that `section` does not declare, or None."""
+    unknown = set(value) - keys(section)
+    return f"{name}: unknown key(s) {sorted(unknown)}; allowed: {sorted(keys(section))}" if unknown else None
+
+
+def describe(f: dataclasses.Field, tp: Any) -> str:
+    """What a field's value must be, in words (for its error message)."""
+    meta, optional = f.metadata, type(None) in typing.get_args(tp)
+    inner = [a for a in typing.get_args(tp) if a is not type(None)][0] if optional else tp
+    if meta.get("choices"):
+        text = f"one of {list(meta['choices'])}"
+    elif typing.get_origin(inner) is list:
+        text = "a list of strings"
+    elif typing.get_origin(inner) is dict:
+        text = "a mapping"
+    elif inner in (int, float):
+        sign = "non-negative" if meta.get("ge") == 0 else "positive"
+        text = f"a {sign} {'integer' if inner is int else 'number'}"
+    elif inner is str:
+        text = "a non-empty string" if meta.get("nonempty") else "a string"
+    else:
+        text = getattr(inner, "__name__", str(inner))
+    return text + (" or null" if optional else "") + (f" ({meta['hint']})" if meta.get("hint") else "")
+
+
+def check_value(f: dataclasses.Field, tp: Any, value: Any) -> bool:
+    """Whether `value` has the field's type (strict `coerce`) and is within its bounds and choices."""
+    try:
+        coerce(f.name, value, tp, strict=True)
+    except ValueError:
+        return False
+    if value is None:
+        return True
+    meta = f.metadata
+    return not ((meta.get("choices") and value not in meta["choices"])
+                or (meta.get("ge") is not None and value < meta["ge"])
+                or (meta.get("gt") is not None and not value > meta["gt"])
+                or (meta.get("nonempty") and not value))
+
+
+def read_section(section: type, value: Any, name: str) -> dict[str, Any]:
+    """`value` (a mapping) completed by the section's defaults, every key checked; ValueError otherwise."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a mapping")
+    if (why := unknown_keys(value, section, name)) is not None:
+        raise ValueError(why)
+    missing = required(section) - set(value)
+    if missing:
+        raise ValueError(f"{name}: missing key(s) {sorted(missing)}")
+    out = dict(defaults(section), **value)
+    hints = typing.get_type_hints(section)
+    for f in dataclasses.fields(section):
+        if not check_value(f, hints[f.name], out[f.name]):
+            raise ValueError(f"{name}.{f.name} must be {describe(f, hints[f.name])}, got {out[f.name]!r}")
+    return out
