@@ -315,10 +315,11 @@ def test_study_runs_analyses_stores_them_and_reports(tmp_path):
 
 def test_findings_cite_the_measurements_without_changing_verdicts():
     from spach.battle.findings import Group, Stat, analysis_evidence, evaluate_findings
+    from spach.battle.schema import Arch
 
     def group(family, cpe=True, top1=(90.0, 91.0)):
         name = f"{family}-ms-tiny" + ("" if cpe else "-nocpe")
-        return Group(name=name, family=family, layout="ms", size="tiny", cpe=cpe, shared=False, seeds=[0, 1],
+        return Group(name=name, arch=Arch(family, "ms", "tiny", cpe), seeds=[0, 1],
                      params=1e5, macs=1e6, images_per_s=Stat.of([1.0]), top1=Stat.of(list(top1)),
                      best_top1=Stat.of(list(top1)), train_loss=Stat.of([0.1, 0.1]), val_loss=Stat.of([0.2, 0.2]),
                      gap=Stat.of([0.1, 0.1]))

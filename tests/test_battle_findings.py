@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 from spach.battle.findings import Group, Stat, compare, evaluate_findings
+from spach.battle.schema import Arch
 
 
 def group(family, layout, top1, params=100e3, macs=1e6, cpe=True, shared=False, size="tiny",
           train_loss=(0.1, 0.1), val_loss=(0.2, 0.2)):
     gaps = [v - t for v, t in zip(val_loss, train_loss)]
     name = f"{family}-{layout}-{size}" + ("" if cpe else "-nocpe") + ("-shared" if shared else "")
-    return Group(name=name, family=family, layout=layout, size=size, cpe=cpe, shared=shared,
+    return Group(name=name, arch=Arch(family, layout, size, cpe, shared),
                  seeds=list(range(len(top1))), params=params, macs=macs, images_per_s=Stat.of([1000.0]),
                  top1=Stat.of(list(top1)), best_top1=Stat.of(list(top1)), train_loss=Stat.of(list(train_loss)),
                  val_loss=Stat.of(list(val_loss)), gap=Stat.of(gaps))

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
+
+from spach.battle.schema import Arch, HasArch
 
 COST_TOLERANCE = 1.10   # "no more costly": params and MACs within 10%
 
@@ -44,15 +46,11 @@ class Stat:
 
 
 @dataclass
-class Group:
+class Group(HasArch):
     """One architecture of the study, over its finished seeds."""
 
     name: str
-    family: str
-    layout: str
-    size: str
-    cpe: bool
-    shared: bool
+    arch: Arch                   # family, layout, size, cpe, shared (also readable as group.family, ...)
     seeds: list[int]
     params: float | None
     macs: float | None
@@ -148,14 +146,12 @@ def _no_costlier(a: Group, b: Group) -> bool:
 
 
 def _pairs(groups: list[Group], vary: str, values: tuple, families: tuple) -> list[tuple[Group, Group]]:
-    """Pairs of groups identical except for `vary` (values[0] first)."""
-    keys = ("family", "layout", "size", "cpe", "shared")
+    """Pairs of groups whose architectures differ only in `vary` (values[0] first)."""
     pairs = []
     for a in groups:
         if a.family not in families or getattr(a, vary) != values[0] or a.top1 is None:
             continue
-        fixed = {k: getattr(a, k) for k in keys if k != vary}
-        b = _one(groups, **fixed, **{vary: values[1]})
+        b = _one(groups, arch=replace(a.arch, **{vary: values[1]}))
         if b is not None:
             pairs.append((a, b))
     return pairs

@@ -27,6 +27,7 @@ from typing import Any
 from spach.battle import db
 from spach.io import atomic_savefig, atomic_write
 from spach.battle.findings import Group, Stat, evaluate_findings, macs_of, pareto_front, speed_of
+from spach.battle.schema import Arch
 
 SIZE_ORDER = {"xxs": 0, "xs": 1, "s": 2, "s_plus": 3}
 FAMILY_COLOR = {"conv": "tab:blue", "attn": "tab:red", "mlp": "tab:green", "hybrid": "tab:purple",
@@ -90,8 +91,8 @@ def aggregate(runs: list[dict]) -> list[Group]:
         gaps = [r["final_val_loss"] - r["final_train_loss"] for r in rs
                 if r["final_val_loss"] is not None and r["final_train_loss"] is not None]
         groups.append(Group(
-            name=name, family=first["family"], layout=first["layout"], size=first["size"],
-            cpe=bool(first["cpe"]), shared=bool(first["shared"]), seeds=sorted(r["seed"] for r in rs),
+            name=name, arch=Arch(first["family"], first["layout"], first["size"], bool(first["cpe"]),
+                                 bool(first["shared"])), seeds=sorted(r["seed"] for r in rs),
             params=first["params"], macs=first["macs"],
             images_per_s=Stat.of([r["images_per_s"] for r in rs]),
             top1=Stat.of([r["final_top1"] for r in rs]), best_top1=Stat.of([r["best_top1"] for r in rs]),

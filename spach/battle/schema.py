@@ -21,6 +21,37 @@ LAUNCHER_KINDS = ("local", "torchrun", "slurm")
 REQUIRED = dataclasses.MISSING
 
 
+@dataclass(frozen=True)
+class Arch:
+    """One architecture of a study — the key its runs (spec.Run) and their aggregate (findings.Group) share."""
+
+    family: str
+    layout: str
+    size: str
+    cpe: bool = True
+    shared: bool = False
+
+    def label(self, base: str) -> str:
+        """`base` with the ablations: ``-nocpe`` without the conv branch, ``-shared`` with shared weights."""
+        return base + ("" if self.cpe else "-nocpe") + ("-shared" if self.shared else "")
+
+    @property
+    def name(self) -> str:
+        """The grid's group name, e.g. ``attn-ms-tiny-nocpe``."""
+        return self.label(f"{self.family}-{self.layout}-{self.size}")
+
+
+class HasArch:
+    """The fields of :class:`Arch`, read through a dataclass's ``arch``."""
+
+    arch: Arch
+    family = property(lambda self: self.arch.family)
+    layout = property(lambda self: self.arch.layout)
+    size = property(lambda self: self.arch.size)
+    cpe = property(lambda self: self.arch.cpe)
+    shared = property(lambda self: self.arch.shared)
+
+
 def key(default: Any = REQUIRED, *, ge: float | None = None, gt: float | None = None,
         choices: tuple | None = None, nonempty: bool = False, hint: str = "") -> Any:
     """A section's key: its default (none: required), bounds (``ge``/``gt``), ``choices``, and the

@@ -59,7 +59,7 @@ from typing import Any
 import yaml
 
 from spach.battle import schema
-from spach.battle.schema import LAUNCHER_KINDS, LAYOUTS
+from spach.battle.schema import LAUNCHER_KINDS, LAYOUTS, Arch, HasArch
 from spach.models.registry import canonical_mixer, import_plugins, mixer_names, resolve_plugins
 
 ZOO_SIZES = ("xxs", "xs", "s")
@@ -141,16 +141,12 @@ def stable_json(obj: Any) -> str:
 
 
 @dataclass(frozen=True)
-class Run:
+class Run(HasArch):
     """One training + its measurements, fully resolved."""
 
     name: str            # e.g. "attn-ms-tiny-s0"
     group: str           # the name without the seed: runs of one group are averaged
-    family: str
-    layout: str
-    size: str
-    cpe: bool
-    shared: bool
+    arch: Arch           # family, layout, size, cpe, shared (also readable as run.family, ...)
     seed: int
     model: str                       # a zoo name (create_model)
     model_kwargs: dict[str, Any]     # overrides passed to create_model
@@ -450,7 +446,8 @@ def _expand_grid(study: Study, grid: Any, sizes: dict, where: str) -> None:
             for size in size_names:
                 for cpe in cpes:
                     for shared in shareds:
-                        group = _group_name(family, layout, size, cpe, shared)
+                        arch = Arch(family, layout, size, cpe, shared)
+                        group = arch.name
                         try:
                             model, kwargs = resolve_architecture(family, layout, size, cpe, shared, sizes)
                             refusal = model_refusal(model, dict(kwargs, img_size=study.img_size))
@@ -462,8 +459,7 @@ def _expand_grid(study: Study, grid: Any, sizes: dict, where: str) -> None:
                         except ValueError as e:
                             _fail(where, f"{group}: {e}")
                         for seed in seeds:
-                            study.runs.append(_make_run(study, group, family, layout, size, cpe, shared,
-                                                        seed, model, kwargs))
+                            study.runs.append(_make_run(study, group, arch, seed, model, kwargs))
 
 
 def _check_seeds(seeds: list, where: str) -> list[int]:
@@ -471,10 +467,6 @@ def _check_seeds(seeds: list, where: str) -> list[int]:
         if not _is_int(s) or s < 0:
             _fail(where, f"seeds must be non-negative integers, got {s!r}")
     return seeds
-
-
-def _group_name(family: str, layout: str, size: str, cpe: bool, shared: bool) -> str:
-    return f"{family}-{layout}-{size}" + ("" if cpe else "-nocpe") + ("-shared" if shared else "")
 
 
 class _Skip(Exception):
@@ -582,14 +574,12 @@ def model_refusal(model: str, model_kwargs: dict) -> str | None:
 
 # --------------------------------------------------------------------------- runs
 
-def _make_run(study: Study, group: str, family: str, layout: str, size: str, cpe: bool, shared: bool,
-              seed: int, model: str, kwargs: dict) -> Run:
+def _make_run(study: Study, group: str, arch: Arch, seed: int, model: str, kwargs: dict) -> Run:
     model_kwargs = dict(kwargs, img_size=study.img_size)
     train = dict(study.recipe, model=model, model_kwargs=model_kwargs, data=study.data,
                  img_size=study.img_size, seed=seed)
-    return Run(name=f"{group}-s{seed}", group=group, family=family, layout=layout, size=size, cpe=cpe,
-               shared=shared, seed=seed, model=model, model_kwargs=model_kwargs, train=train,
-               measure=dict(study.measure), plugins=tuple(study.plugins))
+    return Run(name=f"{group}-s{seed}", group=group, arch=arch, seed=seed, model=model, model_kwargs=model_kwargs,
+               train=train, measure=dict(study.measure), plugins=tuple(study.plugins))
 
 
 def _check_net_arch(arch: Any, layout: str, where: str) -> list:
@@ -682,8 +672,8 @@ def _expand_extra(study: Study, entry: Any, where: str) -> list[Run]:
     refusal = model_refusal(model, dict(kwargs, img_size=study.img_size))
     if refusal:
         _fail(where, f"the model refuses this entry: {refusal}")
-    group = name + ("" if cpe else "-nocpe") + ("-shared" if shared else "")
-    return [_make_run(study, group, family, layout, size, cpe, shared, seed, model, kwargs) for seed in seeds]
+    arch = Arch(family, layout, size, cpe, shared)
+    return [_make_run(study, arch.label(name), arch, seed, model, kwargs) for seed in seeds]
 
 
 def _is_release_model(model: Any) -> bool:
@@ -708,8 +698,8 @@ def _expand_release_extra(study: Study, entry: dict, kwargs: dict, seeds: list[i
         _fail(where, f"{spach_keys} are SPACH settings; {model} takes its own constructor keywords in model_kwargs "
                      f"(e.g. dim/depths for sMLPNet, embed_dim/depths/n_div for ShiftViT)")
     name = entry.get("name") or model
-    return [_make_run(study, name, family, "ms", release_size(model), True, False, seed, model, kwargs)
-            for seed in seeds]
+    arch = Arch(family, "ms", release_size(model))
+    return [_make_run(study, name, arch, seed, model, kwargs) for seed in seeds]
 
 
 def summary(study: Study) -> str:
