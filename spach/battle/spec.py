@@ -1,4 +1,4 @@
-"""Study files: the schema, its validation, and the expansion of the grid into runs.
+"""Study files: loading, validation against the schema (spach.battle.schema), and the expansion of the grid into runs.
 
 A study is a YAML mapping (see docs/battle.md for the full reference)::
 
