@@ -87,7 +87,7 @@ STUDY = {"name": "m", "data": "mnist5k", "img_size": 16,
 
 
 def test_measure_dtype_unknown_to_bench_is_rejected_at_load_time():
-    with pytest.raises(ValueError, match="measure.dtype must be fp32 or bf16"):
+    with pytest.raises(ValueError, match=r"measure.dtype must be one of \['fp32', 'bf16'\].*got 'fp16'"):
         parse_study(dict(STUDY, measure={"dtype": "fp16"}))
 
 
