@@ -26,22 +26,19 @@ import torch
 import torch.nn.functional as F
 
 import spach  # noqa: F401  (registers the zoo)
-from spach.bench import create_model, measure_throughput, resolve_models
+from spach.bench import create_model, cuda_mfu, measure_throughput, resolve_models
 from spach.engine.build import optimizer_kernel_kwargs
 from spach.io import atomic_write
 from spach.models import count_macs
-from spach.accelerators import peak_flops
 from spach.timing import check_device, machine_info, sync
 
 MS_S = ["spach_ms_s_patch4_224_conv", "spach_ms_s_patch4_224_attn", "spach_ms_s_patch4_224_mlp",
         "spach_ms_s_patch4_224_hybrid"]
 
 
-def peak_of(device: torch.device, dtype: str = "bf16") -> float | None:
-    """The device's dense peak FLOP/s in `dtype` (None on CPU or for an unknown GPU)."""
-    if device.type != "cuda":
-        return None
-    return peak_flops(torch.cuda.get_device_name(device), dtype)
+def bf16_mfu(device: torch.device, achieved_flops_per_s: float) -> float | None:
+    """Model FLOPs utilisation of bf16 work against the device's dense peak (None on CPU or an unknown GPU)."""
+    return cuda_mfu(achieved_flops_per_s, "bf16")["mfu"] if device.type == "cuda" else None
 
 
 def train_throughput(name: str, steps: int, batch: int, img_size: int, device: torch.device,
@@ -75,11 +72,10 @@ def train_throughput(name: str, steps: int, batch: int, img_size: int, device: t
     seconds = time.perf_counter() - start
     images_per_s = steps * batch / seconds
     achieved = 3 * 2 * macs * images_per_s
-    peak = peak_of(device)
     return {"model": name, "mode": "train", "steps": steps, "batch": batch, "img_size": img_size,
             "compile": compile_backend if compile_model else None, "warmup_s": warm_s,
             "images_per_s": images_per_s, "achieved_tflops": achieved / 1e12,
-            "mfu": achieved / peak if peak else None, "final_loss": loss.item()}
+            "mfu": bf16_mfu(device, achieved), "final_loss": loss.item()}
 
 
 def infer_throughput(name: str, batch: int, img_size: int, device: torch.device, repeats: int = 20) -> dict:
@@ -89,10 +85,9 @@ def infer_throughput(name: str, batch: int, img_size: int, device: torch.device,
     res = measure_throughput(model, batch_size=batch, img_size=img_size, dtype="bf16", mode="infer",
                              device=device.type, channels_last=True, warmup=5, repeats=repeats)
     achieved = 2 * macs * res["images_per_s"]
-    peak = peak_of(device)
     return {"model": name, "mode": "infer", "batch": batch, "img_size": img_size,
             "images_per_s": res["images_per_s"], "achieved_tflops": achieved / 1e12,
-            "mfu": achieved / peak if peak else None}
+            "mfu": bf16_mfu(device, achieved)}
 
 
 def main(argv=None) -> int:

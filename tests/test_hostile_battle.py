@@ -51,12 +51,17 @@ def start_run_and_die(out: Path, key: str) -> None:
     os.waitpid(pid, 0)
 
 
-def test_a_battle_resumes_when_the_dead_owner_pid_now_belongs_to_another_live_spach_process(tmp_path):
+def registered_study(tmp_path):
+    """The tiny study registered in a fresh OUT database: (study, out, connection, first run's key)."""
     study, out = load_study(spec()), tmp_path / "out"
     out.mkdir()
     conn = db.connect(out, create=True)
     db.register_study(conn, study, lambda r: run_dir(out, r))
-    key = study.runs[0].key
+    return study, out, conn, study.runs[0].key
+
+
+def test_a_battle_resumes_when_the_dead_owner_pid_now_belongs_to_another_live_spach_process(tmp_path):
+    study, out, conn, key = registered_study(tmp_path)
     start_run_and_die(out, key)
     # its PID is reused by another live spach process (in a fresh PID namespace every battle is pid 1)
     decoy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "spach"])
@@ -75,11 +80,7 @@ def test_a_battle_resumes_when_the_dead_owner_pid_now_belongs_to_another_live_sp
 
 
 def test_a_run_whose_owner_is_alive_is_still_left_alone(tmp_path):
-    study, out = load_study(spec()), tmp_path / "out"
-    out.mkdir()
-    conn = db.connect(out, create=True)
-    db.register_study(conn, study, lambda r: run_dir(out, r))
-    key = study.runs[0].key
+    study, out, conn, key = registered_study(tmp_path)
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: owns the run and keeps running
