@@ -105,3 +105,24 @@ def test_source_errors_are_clear(tmp_path):
     Image.new("RGB", (8, 8)).save(root / "val" / "c" / "0.png")
     with pytest.raises(ValueError, match="different class folders"):
         open_source(str(root), "train")
+
+
+def test_deterministic_small_splits_are_read_once_and_equal_a_fresh_read(monkeypatch):
+    import spach.data as data
+
+    cached = build_dataset("mnist5k", "val", img_size=32, max_samples=50, uint8=True)
+    fresh = build_dataset("mnist5k", "val", img_size=32, max_samples=50, uint8=True)
+    fresh.cache = None
+    assert cached.cache is not None
+    first = [cached[i] for i in range(len(cached))]
+    assert len(cached.cache) == len(cached)
+    calls = []
+    monkeypatch.setattr(cached, "_read", lambda *a: calls.append(a))
+    again = [cached[(3, i)] for i in range(len(cached))]  # another epoch: served from memory
+    assert calls == []
+    for (a, ta), (b, tb), (c, tc) in zip(first, again, (fresh[i] for i in range(len(fresh)))):
+        assert ta == tb == tc and torch.equal(a, b) and torch.equal(a, c)
+    # augmented training data is never cached (each epoch draws new crops); nor a split over the limit
+    assert build_dataset("mnist5k", "train", img_size=32, train=True, max_samples=20, seed=0).cache is None
+    monkeypatch.setattr(data, "CACHE_LIMIT_BYTES", 3 * 32 * 32 * 49)
+    assert build_dataset("mnist5k", "val", img_size=32, max_samples=50, uint8=True).cache is None

@@ -21,6 +21,10 @@ __all__ = ["build_dataset", "open_source", "SafeDataset", "class_balanced_indice
            "Mnist5k", "train_transform", "eval_transform", "DeviceLoader", "EpochSampler", "make_loader"]
 
 
+# items of a deterministic transform are kept in memory when the whole split fits in this many bytes
+CACHE_LIMIT_BYTES = 1 << 30
+
+
 def build_dataset(source: str, split: str, img_size: int, *, train: bool = False, max_samples: Optional[int] = None,
                   seed: Optional[int] = None, crop_pct: float = 0.875, interpolation: str = "bicubic",
                   mean=None, std=None, uint8: bool = False, **train_aug) -> SafeDataset:
@@ -28,7 +32,8 @@ def build_dataset(source: str, split: str, img_size: int, *, train: bool = False
 
     `train_aug` are `train_transform` keywords (auto_augment, reprob, hflip, scale, ...).
     `uint8=True`: items are uint8 tensors, to be normalised (and random-erased) on the device by
-    `DeviceLoader` (see `spach.data.loader`).
+    `DeviceLoader` (see `spach.data.loader`). With the eval transform (deterministic) a split whose
+    items fit in `CACHE_LIMIT_BYTES` is read once and kept (mnist5k: 12 MB at 32px).
     """
     norm = {k: v for k, v in (("mean", mean), ("std", std)) if v is not None}
     if train:
@@ -36,4 +41,7 @@ def build_dataset(source: str, split: str, img_size: int, *, train: bool = False
     else:
         transform = eval_transform(img_size, crop_pct=crop_pct, interpolation=interpolation, uint8=uint8, **norm)
     base = open_source(source, split)
-    return SafeDataset(base, transform, class_balanced_indices(base.targets, max_samples), seed=seed)
+    indices = class_balanced_indices(base.targets, max_samples)
+    item_bytes = 3 * img_size * img_size * (1 if uint8 else 4)
+    cache = not train and len(indices) * item_bytes <= CACHE_LIMIT_BYTES
+    return SafeDataset(base, transform, indices, seed=seed, cache=cache)

@@ -237,14 +237,20 @@ def class_balanced_indices(targets: Sequence[int], n: Optional[int]) -> list[int
 
 
 class SafeDataset(Dataset):
-    """`base` items (PIL, label) -> (3-channel transformed tensor, label), or None when unreadable."""
+    """`base` items (PIL, label) -> (3-channel transformed tensor, label), or None when unreadable.
+
+    `cache=True` keeps every item after its first read (for a deterministic transform only: the
+    eval transform, or training without augmentation): small datasets such as mnist5k then cost
+    their decoding and resizing once per process instead of once per epoch.
+    """
 
     def __init__(self, base, transform: Callable, indices: Optional[Sequence[int]] = None,
-                 seed: Optional[int] = None):
+                 seed: Optional[int] = None, cache: bool = False):
         self.base, self.transform, self.seed, self.epoch = base, transform, seed, 0
         self.indices = list(range(len(base))) if indices is None else list(indices)
         self.targets = [int(base.targets[i]) for i in self.indices]
         self.classes = list(base.classes)
+        self.cache: Optional[dict] = {} if cache else None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -256,6 +262,13 @@ class SafeDataset(Dataset):
         """Item `i`, or `(epoch, i)`: item i as augmented in that epoch (how `EpochSampler` tells
         persistent worker processes the epoch)."""
         epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
+        if self.cache is not None:
+            if i not in self.cache:
+                self.cache[i] = self._read(epoch, i)
+            return self.cache[i]
+        return self._read(epoch, i)
+
+    def _read(self, epoch: int, i: int):
         j = self.indices[i]
         try:
             img, target = self.base[j]
