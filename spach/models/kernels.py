@@ -4,16 +4,16 @@ The models' ``forward`` methods are the paper's maths. Some pieces have a faster
 kernel for the same numbers, and this module alone decides when it runs:
 
 - attention: ``F.scaled_dot_product_attention`` (timm's ``use_fused_attn()``
-  setting, kept per module as ``Attention.fused_attn``) — except bf16 on CPU,
-  where the plain matmuls are faster at these head widths;
+  setting, kept per module as ``Attention.fused_attn``) — except bf16 on CPU
+  over fewer than 512 tokens, where the plain matmuls are faster (:func:`use_sdpa`);
 - the channel MLP in CPU inference: oneDNN linear kernels that fuse the bias,
   the GELU and the residual sum (:func:`use_fused_mlp`);
 - every :class:`Linear` in fp32 on CPU, forward and input gradient: oneDNN's
   GEMM (``torch.ops.mkldnn._linear_pointwise``) instead of the BLAS ``addmm``/``mm``
-  (MKL, slower on AMD CPUs: 1.1–1.6x per GEMM at these shapes on one thread,
-  more on two); the weight gradient, a reduction over all tokens, on oneDNN
-  with several threads and on BLAS with one (faster there) —
-  :func:`use_onednn_linear`;
+  (MKL: on AMD CPUs 1.0–1.5x slower per GEMM at these shapes, up to 2x where
+  the CPU has full-width AVX-512 units); the weight gradient, a reduction over
+  all tokens read through transposed views, on BLAS (oneDNN copies the views
+  first) — :func:`use_onednn_linear`;
 - the token-mixing MLP's ``W @ x`` (:func:`token_matmul`): its weight gradient
   is one GEMM over all samples instead of autograd's per-sample products
   (a ``(B, tN, N)`` tensor summed over the batch).
@@ -73,10 +73,14 @@ def use_sdpa(q: torch.Tensor, fused_attn: bool) -> bool:
     """Run attention through ``F.scaled_dot_product_attention``? (TorchScript-compatible.)
 
     ``fused_attn`` is the module's setting (timm's ``use_fused_attn()`` at build
-    time). For bf16 on CPU the plain matmuls are faster than the fused kernel
-    at these head widths (benchmarks/RESULTS.md), so they run instead.
+    time). For bf16 on CPU over fewer than 512 tokens the
+    plain matmuls are faster than the fused kernel (1.3–2.5x at 49–196 tokens;
+    the fused one wins from 784, benchmarks/RESULTS.md), so they run instead.
+    (The bound is a literal: TorchScript cannot read module globals.)
     """
-    return fused_attn and not (q.dtype == torch.bfloat16 and q.device.type == "cpu")
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu" and q.shape[-2] < 512:
+        return False
+    return fused_attn
 
 
 @torch.jit.unused  # TorchScript runs the plain path (callers test torch.jit.is_scripting() first)
@@ -97,8 +101,7 @@ def _onednn_mm(a: torch.Tensor, b_t: torch.Tensor, bias: torch.Tensor | None = N
 
 
 class OneDnnLinearFunction(torch.autograd.Function):
-    """``F.linear`` with the forward and the input gradient on oneDNN's GEMM, the weight gradient on
-    the faster of oneDNN and BLAS for the thread count."""
+    """``F.linear`` with the forward and the input gradient on oneDNN's GEMM, the weight gradient on BLAS."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -114,10 +117,9 @@ class OneDnnLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = _onednn_mm(grad, weight.t())  # (..., N) @ (N, K)
         if ctx.needs_input_grad[1]:
-            # (N, M) @ (M, K), a reduction over all tokens (strided views, no copies): on one thread
-            # BLAS is faster on this transposed form, on several oneDNN is (it splits the reduction better)
-            x2 = x.reshape(-1, x.shape[-1])
-            grad_w = torch.mm(g.t(), x2) if torch.get_num_threads() == 1 else _onednn_mm(g.t(), x2.t())
+            # (N, M) @ (M, K), a reduction over all tokens: BLAS reads the transposed views in place, while
+            # oneDNN copies them first (1.1-2.4x slower on 1 and 2 threads, benchmarks/RESULTS.md)
+            grad_w = torch.mm(g.t(), x.reshape(-1, x.shape[-1]))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g.sum(0)
         return grad_x, grad_w, grad_b
