@@ -80,12 +80,10 @@ def test_fast_paths_are_off_while_a_tool_reads_the_model():
     assert not kernels.use_fused_mlp(x, training=False)  # autograd on: plain path
 
 
-def test_bf16_attention_on_cpu_takes_the_plain_matmuls_over_few_tokens():
+def test_bf16_attention_on_cpu_takes_the_plain_matmuls():
     q = torch.randn(1, 2, 4, 8)
     assert kernels.use_sdpa(q, True) and not kernels.use_sdpa(q, False)
     assert not kernels.use_sdpa(q.bfloat16(), True)
-    many = torch.randn(1, 1, 512, 8, dtype=torch.bfloat16)
-    assert kernels.use_sdpa(many, True) and not kernels.use_sdpa(many, False)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -4,8 +4,8 @@ The models' ``forward`` methods are the paper's maths. Some pieces have a faster
 kernel for the same numbers, and this module alone decides when it runs:
 
 - attention: ``F.scaled_dot_product_attention`` (timm's ``use_fused_attn()``
-  setting, kept per module as ``Attention.fused_attn``) — except bf16 on CPU
-  over fewer than 512 tokens, where the plain matmuls are faster (:func:`use_sdpa`);
+  setting, kept per module as ``Attention.fused_attn``) — except bf16 on CPU,
+  where the plain matmuls are faster in the models (:func:`use_sdpa`);
 - the channel MLP in CPU inference: oneDNN linear kernels that fuse the bias,
   the GELU and the residual sum (:func:`use_fused_mlp`);
 - every :class:`Linear` in fp32 on CPU, forward and input gradient: oneDNN's
@@ -73,14 +73,11 @@ def use_sdpa(q: torch.Tensor, fused_attn: bool) -> bool:
     """Run attention through ``F.scaled_dot_product_attention``? (TorchScript-compatible.)
 
     ``fused_attn`` is the module's setting (timm's ``use_fused_attn()`` at build
-    time). For bf16 on CPU over fewer than 512 tokens the
-    plain matmuls are faster than the fused kernel (1.3–2.5x at 49–196 tokens;
-    the fused one wins from 784, benchmarks/RESULTS.md), so they run instead.
-    (The bound is a literal: TorchScript cannot read module globals.)
+    time). For bf16 on CPU the plain matmuls run instead: faster in the models at
+    every token count of the zoo, 49 to 784 (benchmarks/RESULTS.md; isolated
+    from the model the fused kernel wins from 784 tokens, inside it not).
     """
-    if q.dtype == torch.bfloat16 and q.device.type == "cpu" and q.shape[-2] < 512:
-        return False
-    return fused_attn
+    return fused_attn and not (q.dtype == torch.bfloat16 and q.device.type == "cpu")
 
 
 @torch.jit.unused  # TorchScript runs the plain path (callers test torch.jit.is_scripting() first)
