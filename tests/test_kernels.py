@@ -168,7 +168,7 @@ def test_training_kernels_agree_with_the_plain_path_under_bf16_autocast(name):
         assert (g[n] - ref_g[n]).abs().max() <= 0.05 * ref_g[n].abs().max() + 1e-4, n
 
 
-@pytest.mark.parametrize("threads", [1, 2])  # the weight gradient's kernel depends on the thread count
+@pytest.mark.parametrize("threads", [1, 2])  # GEMM kernels split work differently per thread count
 def test_onednn_linear_and_token_matmul_match_the_plain_maths(threads):
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -191,6 +191,12 @@ def test_onednn_linear_and_token_matmul_match_the_plain_maths(threads):
     g = torch.randn_like(out)
     for a, b in zip(torch.autograd.grad(out, (w, t), g), torch.autograd.grad(ref, (w, t), g)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # inference: the batched GEMM without autograd
+        torch.testing.assert_close(kernels.token_matmul(w, t), torch.matmul(w, t))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: bf16 product, as torch.matmul's
+        out, ref = kernels.token_matmul(w, t), torch.matmul(w, t)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref)
 
 
 def test_training_kernels_are_off_while_a_tool_reads_the_model():

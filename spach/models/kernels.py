@@ -14,9 +14,11 @@ kernel for the same numbers, and this module alone decides when it runs:
   the CPU has full-width AVX-512 units); the weight gradient, a reduction over
   all tokens read through transposed views, on BLAS (oneDNN copies the views
   first) — :func:`use_onednn_linear`;
-- the token-mixing MLP's ``W @ x`` (:func:`token_matmul`): its weight gradient
-  is one GEMM over all samples instead of autograd's per-sample products
-  (a ``(B, tN, N)`` tensor summed over the batch).
+- the token-mixing MLP's ``W @ x`` (:func:`token_matmul`): one batched GEMM over
+  the broadcast weight (``torch.matmul`` copies the tokens and the result to fold
+  the batch), and in training a weight gradient that is one GEMM over all samples
+  instead of autograd's per-sample products (a ``(B, tN, N)`` tensor summed over
+  the batch).
 
 The fast paths follow timm's switches (off when timm is set ``scriptable`` or
 ``exportable``), and they are off whenever a tool reads the model instead of
@@ -140,6 +142,12 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
+def _batched(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    # weight (M, N) @ x (B, N, C) as one batched GEMM over a broadcast (stride-0) weight: no copies
+    # (torch.matmul folds the batch into the columns instead, copying x and the result)
+    return torch.bmm(weight.expand(x.shape[0], -1, -1), x)
+
+
 class TokenMatmulFunction(torch.autograd.Function):
     """``weight @ x`` for ``weight (M, N)`` and tokens ``x (B, N, C)``, with the weight gradient
     ``sum_b grad_b @ x_b^T`` as one GEMM over (batch, channels) instead of per-sample products."""
@@ -147,7 +155,7 @@ class TokenMatmulFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(weight, x)
-        return torch.matmul(weight, x)
+        return _batched(weight, x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -156,22 +164,26 @@ class TokenMatmulFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_w = torch.tensordot(grad, x, dims=([0, 2], [0, 2]))  # (M, N)
         if ctx.needs_input_grad[1]:
-            grad_x = torch.matmul(weight.t(), grad)
+            grad_x = _batched(weight.t(), grad)
         return grad_w, grad_x
 
 
 @torch.jit.unused  # TorchScript runs torch.matmul (callers test torch.jit.is_scripting() first)
 def use_token_matmul(x: torch.Tensor) -> bool:
-    """Take :class:`TokenMatmulFunction` for a token-mixing product? (Eager autograd only.)"""
-    return _FUSED_KERNELS and torch.is_grad_enabled() and not is_graph_capture()
+    """Take :func:`token_matmul` for a token-mixing product? (Eager on CPU or CUDA, outside graph capture;
+    not on the ``meta`` device where models are counted.)"""
+    return _FUSED_KERNELS and not is_graph_capture() and x.device.type in ("cpu", "cuda")
 
 
 @torch.jit.unused
 def token_matmul(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``torch.matmul(weight, x)`` (autocast-aware) through :class:`TokenMatmulFunction`."""
+    """``torch.matmul(weight, x)`` (autocast-aware): a batched GEMM without copies, and in training
+    through :class:`TokenMatmulFunction`."""
     device = x.device.type
     if torch.is_autocast_enabled(device):  # cast as autocast would, then run the product without it
         dtype = torch.get_autocast_dtype(device)
         with torch.autocast(device, enabled=False):
-            return TokenMatmulFunction.apply(weight.to(dtype), x.to(dtype))
-    return TokenMatmulFunction.apply(weight, x)
+            return token_matmul(weight.to(dtype), x.to(dtype))
+    if torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad):
+        return TokenMatmulFunction.apply(weight, x)
+    return _batched(weight, x)

@@ -205,7 +205,7 @@ class TokenMlp(nn.Module):
         return self.drop2(x).reshape(B, H, W, C)
 
     def mix(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        # weight @ x; in training the kernel of spach.models.kernels (weight gradient without per-sample products)
+        # weight @ x; the kernel of spach.models.kernels where it may run (no copies, cheaper weight gradient)
         if not torch.jit.is_scripting() and use_token_matmul(x):
             return token_matmul(weight, x)
         return torch.matmul(weight, x)
