@@ -1,6 +1,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# what `spach` itself needs (make demo); the full install above adds the test and export extras
+RUN_STAMP := $(VENV)/.installed-run
 
 .PHONY: install test demo bench bench-gpu bench-original gpu-check clean slurm-up slurm-down
 
@@ -8,18 +10,24 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -e '.[dev,export]'
-	touch $(STAMP)
+	touch $(STAMP) $(RUN_STAMP)
+
+$(RUN_STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -e .
+	touch $(RUN_STAMP)
 
 install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 tests
 
-demo: $(STAMP)
+demo: $(RUN_STAMP)
 	$(VENV)/bin/spach battle --out runs/cpu-mini
 
 bench: $(STAMP)
-	$(VENV)/bin/spach bench --models zoo --batch 16 --img-size 224 --dtype fp32 bf16 --mode infer train --threads 2
+	mkdir -p runs
+	$(VENV)/bin/spach bench --models zoo --batch 16 --img-size 224 --dtype fp32 bf16 --mode infer train --threads 2 --json runs/bench-zoo-$$(date +%Y%m%d-%H%M%S).json
 
 # GPU readiness: zoo bf16 inference at batch 256, 200 bf16 training steps of the MS-S models
 # (channels_last + torch.compile), images/s and MFU; a clear message and exit 0 without CUDA

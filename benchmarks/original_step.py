@@ -13,7 +13,9 @@ both steps train the very same weights; the reference's logits are checked
 against spach's before anything is timed.
 
 Each repeat times one step of each, alternately (same load on a shared
-machine for both); the ratio uses the medians. On an oversubscribed machine
+machine for both); the ratio uses the medians. One more profiled step of each
+gives the seconds spent inside GEMM kernels: spach's step cannot take less than
+its GEMMs, so original / spach-GEMM seconds bounds what any other work can gain. On an oversubscribed machine
 (load average above the core count) wall-clock times mostly measure the other
 processes: `--clock cpu` times this process's CPU seconds instead
 (`time.process_time`), which at `--threads 1` counts the work itself.
@@ -149,11 +151,32 @@ def compare(name: str, batch: int, img_size: int, threads: int, repeats: int, wa
                 start = CLOCKS[clock]()
                 run()
                 times[k].append(CLOCKS[clock]() - start)
+        gemm = {k: gemm_seconds(run) for k, run in steps.items()}
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"model": name, "batch": batch, "img_size": img_size, "threads": threads, "clock": clock,
             "relative_logit_error": err,
             "original_s": med["original"], "spach_s": med["spach"], "speedup": med["original"] / med["spach"],
-            "times": times}
+            "original_gemm_s": gemm["original"], "spach_gemm_s": gemm["spach"],
+            "speedup_bound": med["original"] / gemm["spach"], "times": times}
+
+
+# the matrix products of a step: BLAS (mm, addmm, bmm), oneDNN's linear, and the fused attention kernel
+# (forward and backward; it holds attention's two products, and its softmax)
+GEMM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "mkldnn::_linear_pointwise",
+            "aten::_scaled_dot_product_flash_attention_for_cpu",
+            "aten::_scaled_dot_product_flash_attention_for_cpu_backward"}
+
+
+def gemm_seconds(run) -> float:
+    """Seconds one step spends inside matrix-product kernels (torch.profiler, one step after the timed ones).
+
+    spach's step cannot be faster than its GEMMs: original_s / spach_gemm_s bounds the speed-up that
+    any work on the rest of the step can reach."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in GEMM_OPS) / 1e6
 
 
 def main(argv=None) -> int:
@@ -174,9 +197,12 @@ def main(argv=None) -> int:
         row = compare(name, args.batch, args.img_size, args.threads, args.repeats, clock=args.clock)
         rows.append(row)
         print(f"{name:36s} original {row['original_s']:.3f} s  spach {row['spach_s']:.3f} s  "
-              f"{row['speedup']:.2f}x", flush=True)
+              f"{row['speedup']:.2f}x  | GEMMs original {row['original_gemm_s']:.3f} s  spach "
+              f"{row['spach_gemm_s']:.3f} s  -> bound {row['speedup_bound']:.2f}x", flush=True)
     geo = math.exp(statistics.fmean(math.log(r["speedup"]) for r in rows))
-    print(f"geometric mean {geo:.2f}x, min {min(r['speedup'] for r in rows):.2f}x over {len(rows)} models")
+    bound = math.exp(statistics.fmean(math.log(r["speedup_bound"]) for r in rows))
+    print(f"geometric mean {geo:.2f}x, min {min(r['speedup'] for r in rows):.2f}x over {len(rows)} models; "
+          f"the bound if all but spach's GEMMs took no time: {bound:.2f}x")
     if args.json:
         from spach.io import atomic_write
         with atomic_write(args.json, "w") as f:
