@@ -240,3 +240,70 @@ def test_throughput_is_measured_after_training_and_on_resume(finished, tmp_path)
         assert after[name]["finished_at"] == row["finished_at"]
         if name != "conv-ss-nano-s0":
             assert after[name]["images_per_s"] == row["images_per_s"]
+
+
+DIES = '''
+import os
+import torch.nn as nn
+import spach
+
+
+@spach.register_mixer("dies")
+class Dies(nn.Module):
+    """A mixer whose training forward ends its process at once (a crash no Python handler sees)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        if x.requires_grad:
+            os._exit(7)
+        return self.proj(x)
+'''
+
+
+@pytest.mark.slow
+def test_worker_slots_reuse_their_process_and_replace_a_dead_one(tmp_path, monkeypatch):
+    from spach.battle import runner
+    from spach.models import registry
+
+    (tmp_path / "dies.py").write_text(DIES)
+    grid = {"family": ["conv", "dies", "attn"], "layout": ["ss"], "size": ["nano"], "seed": [0, 1]}
+    spec = micro(grid=grid, extra=[], threads=1, plugins=["dies.py"])
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(spec))
+    spawned = []
+    spawn = runner.WorkerSlot._spawn
+    monkeypatch.setattr(runner.WorkerSlot, "_spawn",
+                        lambda self, *a, **k: spawned.append(self.slot) or spawn(self, *a, **k))
+    try:
+        out = tmp_path / "out"
+        run_study(load_study(tmp_path / "study.yaml"), out, workers=2, quiet=True)
+        state = rows(out)
+    finally:
+        registry.unregister_mixer("dies")
+    assert {n: r["status"] for n, r in state.items()} == {
+        "conv-ss-nano-s0": "done", "conv-ss-nano-s1": "done", "dies-ss-nano-s0": "failed",
+        "dies-ss-nano-s1": "failed", "attn-ss-nano-s0": "done", "attn-ss-nano-s1": "done"}
+    for name in ("dies-ss-nano-s0", "dies-ss-nano-s1"):
+        assert "worker exited with code 7" in state[name]["error"]
+    # 6 runs, 4 processes: one per slot to begin with, and one more after each of the 2 crashes
+    assert len(spawned) == 4 and set(spawned) == {0, 1}
+    # a run's output goes to its own log, also in a reused process: the slots' own logs stay empty (removed)
+    assert not list(out.glob("worker-*.log"))
+    assert all("spach_xxs" in Path(r["output_dir"], "train.log").read_text() for r in state.values()
+               if r["status"] == "done")
+
+
+@pytest.mark.slow
+def test_a_run_ends_the_same_in_a_reused_worker_as_in_this_process(tmp_path):
+    grid = {"family": ["attn", "conv"], "layout": ["ss"], "size": ["nano"], "seed": [0, 1]}
+    spec = micro(grid=grid, extra=[], threads=1)
+    run_study(spec, tmp_path / "here", workers=1, quiet=True)   # all four in this process
+    run_study(spec, tmp_path / "slots", workers=2, quiet=True)  # two slots, two runs each
+    here, slots = rows(tmp_path / "here"), rows(tmp_path / "slots")
+    assert len(here) == 4
+    for name in here:
+        assert slots[name]["status"] == here[name]["status"] == "done"
+        assert slots[name]["final_train_loss"] == here[name]["final_train_loss"]
+        assert slots[name]["final_top1"] == here[name]["final_top1"]

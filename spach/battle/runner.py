@@ -4,8 +4,10 @@
 in the database, and executes the runs that are not done:
 
 - sequentially in this process (default), or `workers` at a time in worker
-  subprocesses (`python -m spach.battle.worker OUT KEY`), the machine's threads
-  split between them; with `launcher: {kind: torchrun}` each run is launched as
+  subprocesses, the machine's threads split between them: each worker slot is one
+  long-lived `python -m spach.battle.worker OUT --serve` process that executes the
+  runs it is handed one after another (`WorkerSlot`; a slot whose process dies gets
+  a new one); with `launcher: {kind: torchrun}` each run is launched as
   `torchrun --standalone --nproc_per_node N -m spach.battle.worker OUT KEY`;
   with `launcher: {kind: slurm}` each run is one Slurm job (see spach.battle.slurm);
 - a run left 'running' by an interrupted invocation continues from its
@@ -235,9 +237,10 @@ def execute_run(out_dir: str | Path, key: str, threads: int | None = None,
 
 # --------------------------------------------------------------------------- subprocess workers
 
-def worker_command(out_dir: str | Path, key: str, threads: int | None, launcher: dict[str, Any]) -> list[str]:
-    """The command line that executes one run in a fresh process (plain Python, or torchrun)."""
-    tail = ["-m", "spach.battle.worker", str(out_dir), key]
+def worker_command(out_dir: str | Path, key: str | None, threads: int | None, launcher: dict[str, Any]) -> list[str]:
+    """The command line of a worker: one run in a fresh process (plain Python, or torchrun), or with
+    `key=None` a local `--serve` process that executes the keys written to its stdin."""
+    tail = ["-m", "spach.battle.worker", str(out_dir), *([key] if key else ["--serve"])]
     if threads:
         tail += ["--threads", str(threads)]
     if launcher.get("kind") == "torchrun":
@@ -246,39 +249,100 @@ def worker_command(out_dir: str | Path, key: str, threads: int | None, launcher:
     return [sys.executable, *tail]
 
 
+class WorkerSlot:
+    """One of `--workers` slots. Local launcher: a long-lived `python -m spach.battle.worker OUT --serve`
+    process executes the runs it is handed one after another (only its first run pays for importing torch
+    and timm, 3.3 s on a 2-core machine); a new one replaces it if it dies. torchrun: one launch per run."""
+
+    def __init__(self, out_dir: Path, slot: int, workers: int, threads: int | None, launcher: dict[str, Any]):
+        self.out_dir, self.slot, self.workers, self.threads, self.launcher = out_dir, slot, workers, threads, launcher
+        self.serving = launcher.get("kind", "local") == "local"
+        self.proc: subprocess.Popen | None = None
+        self.log = None
+
+    def start(self, row: dict) -> None:
+        """Begin executing a run (its output goes to RUN_DIR/worker.log)."""
+        Path(row["output_dir"]).mkdir(parents=True, exist_ok=True)
+        if not self.serving:
+            self.log = open(Path(row["output_dir"]) / "worker.log", "a")
+            self.proc = self._spawn(row["key"], stdout=self.log)
+            return
+        if self.proc is None or self.proc.poll() is not None:
+            # the process's own output (before and between runs) goes to OUT/worker-SLOT.log (removed if empty)
+            if self.log is not None:
+                self.log.close()
+            self.log = open(self.out_dir / f"worker-{self.slot}.log", "a")
+            self.proc = self._spawn(None, stdout=self.log, stdin=subprocess.PIPE)
+        try:
+            self.proc.stdin.write(row["key"] + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:  # died since poll(): the caller sees its exit code
+            pass
+
+    def _spawn(self, key: str | None, **streams) -> subprocess.Popen:
+        return subprocess.Popen(worker_command(self.out_dir, key, self.threads, self.launcher),
+                                stderr=subprocess.STDOUT, text=True, preexec_fn=_die_with_parent,
+                                env=_child_env(self.slot, self.workers, self.launcher), **streams)
+
+    def finished(self, status: str) -> int | None:
+        """None while the current run executes; else the exit code of its process (0 when a serving
+        process finished the run and waits for the next, i.e. the run's status is final)."""
+        code = self.proc.poll()
+        if code is None and self.serving and status in ("done", "failed"):
+            return 0
+        if code is not None and not self.serving:
+            self.log.close()
+        return code
+
+    def stop(self, wait: bool = True) -> None:
+        """End the slot's process: at the end of its input (`wait`), or terminated (an interrupted study)."""
+        if self.proc is None:
+            return
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            try:
+                self.proc.stdin.close()
+            except BrokenPipeError:
+                pass
+        if not wait:
+            self.proc.terminate()
+        self.proc.wait()
+        if self.log is not None and not self.log.closed:
+            self.log.close()
+        if self.serving and self.log is not None and os.path.getsize(self.log.name) == 0:
+            os.remove(self.log.name)  # nothing was said outside the runs' own logs
+
+
 def _run_in_subprocesses(out_dir: Path, pending: list[dict], workers: int, threads: int | None,
                          launcher: dict[str, Any], progress: Progress) -> None:
-    """Keep `workers` worker processes busy; follow their progress through the database."""
+    """Keep `workers` worker slots busy; follow their progress through the database."""
     conn = db.connect(out_dir)
     queue = list(pending)
-    active: dict[str, tuple[subprocess.Popen, dict, Any, int]] = {}   # key -> (process, row, log, slot)
-    free_slots = list(range(workers))
+    slots = [WorkerSlot(Path(out_dir), i, workers, threads, launcher) for i in range(workers)]
+    active: dict[str, tuple[WorkerSlot, dict]] = {}   # key -> (slot, row)
+    free = list(slots)
     seen_epochs: dict[str, int] = {}
     started = 0
+    interrupted = True
     try:
         while queue or active:
-            while queue and free_slots:
-                row, slot = queue.pop(0), free_slots.pop(0)
-                Path(row["output_dir"]).mkdir(parents=True, exist_ok=True)
-                log = open(Path(row["output_dir"]) / "worker.log", "a")
-                proc = subprocess.Popen(worker_command(out_dir, row["key"], threads, launcher),
-                                        stdout=log, stderr=subprocess.STDOUT, env=_child_env(slot, workers, launcher),
-                                        preexec_fn=_die_with_parent)
-                active[row["key"]] = (proc, row, log, slot)
+            while queue and free:
+                row, slot = queue.pop(0), free.pop(0)
+                slot.start(row)
+                active[row["key"]] = (slot, row)
                 seen_epochs[row["key"]] = 0
                 started += 1
                 progress.run_started(row["name"], _epochs_of(row), started)
             time.sleep(0.5)
-            for key, (proc, row, log, slot) in list(active.items()):
+            for key, (slot, row) in list(active.items()):
                 for record in db.epochs(conn, key)[seen_epochs[key]:]:
                     progress.epoch_done(row["name"], record, _epochs_of(row))
                     seen_epochs[key] += 1
-                code = proc.poll()
+                final = db.get_run(conn, key)
+                code = slot.finished(final["status"])
                 if code is None:
                     continue
-                log.close()
                 del active[key]
-                free_slots.append(slot)
+                free.append(slot)
                 final = db.get_run(conn, key)
                 if final["status"] == "done":
                     progress.run_finished(row["name"], True, f"top-1 {final['final_top1']:.2f}%")
@@ -286,11 +350,10 @@ def _run_in_subprocesses(out_dir: Path, pending: list[dict], workers: int, threa
                     if final["status"] != "failed":  # the worker died without recording why
                         db.mark_failed(conn, key, f"worker exited with code {code}; see {row['output_dir']}/worker.log")
                     progress.run_finished(row["name"], False, f"see {row['output_dir']}/worker.log")
+        interrupted = False
     finally:
-        for proc, _, log, _ in active.values():  # interrupted: stop our children, their runs stay 'running'
-            proc.terminate()
-            proc.wait()
-            log.close()
+        for slot in slots:  # interrupted: stop our children, their runs stay 'running'
+            slot.stop(wait=not interrupted)
         conn.close()
 
 
