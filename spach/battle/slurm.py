@@ -316,10 +316,12 @@ def sync_run(conn, row: dict[str, Any], jobs: dict[str, JobInfo] | None, progres
     """Bring one submitted run's database row up to date with its job; returns its status."""
     out, key, job_id = Path(row["output_dir"]), row["key"], row["job_id"]
     import_epochs(conn, row, progress)
+    # the result before the job file: a job writes its job file, then (maybe at once) its result, so a
+    # result read first comes with the job file of the same attempt or a newer one, never an older one
+    result = read_json(out / RESULT_FILE)
     info = read_json(out / JOB_FILE)
     if info and str(info.get("job_id")) == job_id:
         db.mark_job_attempt(conn, key, job_id, int(info["attempt"]), info.get("node"), info.get("started_at"))
-    result = read_json(out / RESULT_FILE)
     if result and str(result.get("job_id")) == job_id:
         if result.get("status") == "done":
             for record in result.get("history") or []:
