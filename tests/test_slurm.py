@@ -220,6 +220,27 @@ def test_a_job_seen_failed_for_a_moment_while_being_requeued_is_not_failed(tmp_p
     conn.close()
 
 
+def test_a_short_last_attempt_that_ends_between_two_looks_is_judged_by_its_result(tmp_path, monkeypatch):
+    conn, key, row = submitted_run(tmp_path, "4244")
+    out = Path(row["output_dir"])
+    out.mkdir(parents=True)
+    slurm.write_json(out / slurm.JOB_FILE, {"job_id": "4244", "attempt": 1})
+    assert sync_run(conn, row, {"4244": JobInfo("4244", "RUNNING", "node1", "")}, None) == "running"
+
+    def second_attempt_fails_at_once():  # while the coordinator waits for a requeue to show
+        slurm.write_json(out / slurm.JOB_FILE, {"job_id": "4244", "attempt": 2})
+        slurm.write_json(out / slurm.RESULT_FILE, {"job_id": "4244", "status": "failed", "error": "max_attempts is 1"})
+        return {"4244": JobInfo("4244", "COMPLETED", "node1", "")}
+
+    monkeypatch.setattr(slurm, "slurm_jobs", second_attempt_fails_at_once)
+    monkeypatch.setattr(slurm, "REQUEUE_SETTLE_S", 0.03)
+    # the first look found no result; Slurm then shows the job ended: its result, written meanwhile, counts
+    assert sync_run(conn, row, {"4244": JobInfo("4244", "COMPLETED", "node1", "")}, None) == "failed"
+    failed = db.get_run(conn, key)
+    assert failed["error"] == "max_attempts is 1" and failed["attempts"] == 2
+    conn.close()
+
+
 def test_a_job_submitted_but_not_recorded_is_adopted_not_submitted_again(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -378,7 +399,7 @@ def test_preemption_requeues_and_past_max_attempts_the_run_fails_with_the_reason
     subprocess.run(["scontrol", "update", f"JobId={row['job_id']}", "StartTime=now"], check=True)
     assert coordinator.result() == 1
     (failed,) = rows(out).values()
-    assert failed["status"] == "failed" and failed["attempts"] == 2 and failed["job_id"] == row["job_id"]
+    assert failed["status"] == "failed" and failed["attempts"] == 2 and failed["job_id"] == row["job_id"], failed
     assert "max_attempts is 1" in failed["error"], failed["error"]
     # a new job for the run starts counting again and continues from the checkpoint
     assert main(["battle", str(tmp_path / "s.yaml"), "--out", str(out), "--retry-failed", "--quiet"]) == 0

@@ -314,38 +314,52 @@ def import_epochs(conn, row: dict[str, Any], progress: Progress | None = None) -
 
 def sync_run(conn, row: dict[str, Any], jobs: dict[str, JobInfo] | None, progress: Progress | None) -> str:
     """Bring one submitted run's database row up to date with its job; returns its status."""
-    out, key, job_id = Path(row["output_dir"]), row["key"], row["job_id"]
+    out, job_id = Path(row["output_dir"]), row["job_id"]
     import_epochs(conn, row, progress)
+    status = settle_from_files(conn, row, progress)
+    if status is not None:
+        return status
+    if jobs is None:
+        return "running"  # Slurm does not answer: decide nothing
+    job = jobs.get(job_id)
+    if job is not None and (job.state in IN_FLIGHT or back_in_flight(job_id)):
+        return "running"
+    # the job has ended: a result it wrote after the look above (a short last attempt) still counts
+    status = settle_from_files(conn, row, progress)
+    if status is not None:
+        return status
+    state = f"ended {job.state}" if job else "is no longer known to Slurm"
+    error = f"Slurm job {job_id} {state} without a result; stderr tail:\n{stderr_tail(row)}"
+    db.mark_failed(conn, row["key"], error)
+    if progress:
+        progress.run_finished(row["name"], False, f"Slurm job {job_id} {state}; see {out / LOG_DIR}")
+    return "failed"
+
+
+def settle_from_files(conn, row: dict[str, Any], progress: Progress | None) -> str | None:
+    """Record what the run's job wrote: its current attempt, and its result ("done"/"failed", returned;
+    None while there is none)."""
+    out, key, job_id = Path(row["output_dir"]), row["key"], row["job_id"]
     # the result before the job file: a job writes its job file, then (maybe at once) its result, so a
     # result read first comes with the job file of the same attempt or a newer one, never an older one
     result = read_json(out / RESULT_FILE)
     info = read_json(out / JOB_FILE)
     if info and str(info.get("job_id")) == job_id:
         db.mark_job_attempt(conn, key, job_id, int(info["attempt"]), info.get("node"), info.get("started_at"))
-    if result and str(result.get("job_id")) == job_id:
-        if result.get("status") == "done":
-            for record in result.get("history") or []:
-                db.record_epoch(conn, key, record)
-            metrics = result["metrics"]
-            db.mark_done(conn, key, metrics)
-            if progress:
-                progress.run_finished(row["name"], True, f"top-1 {metrics['final_top1']:.2f}% (job {job_id})")
-            return "done"
-        error = str(result.get("error") or "the job reported a failure without a message")
-        db.mark_failed(conn, key, error)
+    if not (result and str(result.get("job_id")) == job_id):
+        return None
+    if result.get("status") == "done":
+        for record in result.get("history") or []:
+            db.record_epoch(conn, key, record)
+        metrics = result["metrics"]
+        db.mark_done(conn, key, metrics)
         if progress:
-            progress.run_finished(row["name"], False, error.splitlines()[0])
-        return "failed"
-    if jobs is None:
-        return "running"  # Slurm does not answer: decide nothing
-    job = jobs.get(job_id)
-    if job is not None and (job.state in IN_FLIGHT or back_in_flight(job_id)):
-        return "running"
-    state = f"ended {job.state}" if job else "is no longer known to Slurm"
-    error = f"Slurm job {job_id} {state} without a result; stderr tail:\n{stderr_tail(row)}"
+            progress.run_finished(row["name"], True, f"top-1 {metrics['final_top1']:.2f}% (job {job_id})")
+        return "done"
+    error = str(result.get("error") or "the job reported a failure without a message")
     db.mark_failed(conn, key, error)
     if progress:
-        progress.run_finished(row["name"], False, f"Slurm job {job_id} {state}; see {out / LOG_DIR}")
+        progress.run_finished(row["name"], False, error.splitlines()[0])
     return "failed"
 
 
