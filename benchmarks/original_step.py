@@ -14,8 +14,9 @@ against spach's before anything is timed.
 
 Each repeat times one step of each, alternately (same load on a shared
 machine for both); the ratio uses the medians. One more profiled step of each
-gives the seconds spent inside GEMM kernels: spach's step cannot take less than
-its GEMMs, so original / spach-GEMM seconds bounds what any other work can gain. On an oversubscribed machine
+gives the seconds spent inside matrix products (GEMMs and the fused attention
+kernel): spach's step cannot take less than those, so original seconds / spach's
+matrix-product seconds bounds what any other work can gain. On an oversubscribed machine
 (load average above the core count) wall-clock times mostly measure the other
 processes: `--clock cpu` times this process's CPU seconds instead
 (`time.process_time`), which at `--threads 1` counts the work itself.
@@ -170,8 +171,8 @@ GEMM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "mkldnn::_l
 def gemm_seconds(run) -> float:
     """Seconds one step spends inside matrix-product kernels (torch.profiler, one step after the timed ones).
 
-    spach's step cannot be faster than its GEMMs: original_s / spach_gemm_s bounds the speed-up that
-    any work on the rest of the step can reach."""
+    spach's step cannot be faster than its matrix products: original_s / spach_gemm_s bounds the speed-up
+    that any work on the rest of the step can reach (the `*_gemm_s` keys count the attention kernel too)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -197,12 +198,12 @@ def main(argv=None) -> int:
         row = compare(name, args.batch, args.img_size, args.threads, args.repeats, clock=args.clock)
         rows.append(row)
         print(f"{name:36s} original {row['original_s']:.3f} s  spach {row['spach_s']:.3f} s  "
-              f"{row['speedup']:.2f}x  | GEMMs original {row['original_gemm_s']:.3f} s  spach "
+              f"{row['speedup']:.2f}x  | matrix products original {row['original_gemm_s']:.3f} s  spach "
               f"{row['spach_gemm_s']:.3f} s  -> bound {row['speedup_bound']:.2f}x", flush=True)
     geo = math.exp(statistics.fmean(math.log(r["speedup"]) for r in rows))
     bound = math.exp(statistics.fmean(math.log(r["speedup_bound"]) for r in rows))
     print(f"geometric mean {geo:.2f}x, min {min(r['speedup'] for r in rows):.2f}x over {len(rows)} models; "
-          f"the bound if all but spach's GEMMs took no time: {bound:.2f}x")
+          f"the bound if all but spach's matrix products took no time: {bound:.2f}x")
     if args.json:
         from spach.io import atomic_write
         with atomic_write(args.json, "w") as f:

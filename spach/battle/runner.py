@@ -264,6 +264,8 @@ class WorkerSlot:
         """Begin executing a run (its output goes to RUN_DIR/worker.log)."""
         Path(row["output_dir"]).mkdir(parents=True, exist_ok=True)
         if not self.serving:
+            if self.log is not None:
+                self.log.close()  # the previous run's
             self.log = open(Path(row["output_dir"]) / "worker.log", "a")
             self.proc = self._spawn(row["key"], stdout=self.log)
             return
@@ -290,8 +292,6 @@ class WorkerSlot:
         code = self.proc.poll()
         if code is None and self.serving and status in ("done", "failed"):
             return 0
-        if code is not None and not self.serving:
-            self.log.close()
         return code
 
     def stop(self, wait: bool = True) -> None:
@@ -337,13 +337,12 @@ def _run_in_subprocesses(out_dir: Path, pending: list[dict], workers: int, threa
                 for record in db.epochs(conn, key)[seen_epochs[key]:]:
                     progress.epoch_done(row["name"], record, _epochs_of(row))
                     seen_epochs[key] += 1
-                final = db.get_run(conn, key)
-                code = slot.finished(final["status"])
+                code = slot.finished(db.get_run(conn, key)["status"])
                 if code is None:
                     continue
                 del active[key]
                 free.append(slot)
-                final = db.get_run(conn, key)
+                final = db.get_run(conn, key)  # read again: a process records its outcome just before it exits
                 if final["status"] == "done":
                     progress.run_finished(row["name"], True, f"top-1 {final['final_top1']:.2f}%")
                 else:
