@@ -49,8 +49,8 @@ JOB_FILE = "job.json"          # in the run directory: the job's current attempt
 RESULT_FILE = "result.json"    # in the run directory: the job's outcome (done + metrics, or failed + error)
 LOG_DIR = "slurm"              # in the run directory: submitit's pickles and the Slurm logs
 COMMENT_PREFIX = "spach:"      # the job's --comment: spach:<run directory>
-# job states in which a job may still produce its result (a requeued job goes back to PENDING)
 REQUEUE_SETTLE_S = 6.0  # how long a job's final state must last before its run is failed (see back_in_flight)
+# job states in which a job may still produce its result (a requeued job goes back to PENDING)
 IN_FLIGHT = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_FED",
              "REQUEUE_HOLD", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD"}
 
