@@ -6,6 +6,9 @@ Tables:
 - `epochs`: the per-epoch curves of every run.
 - `skipped`: grid combinations that were not run, with the reason.
 - `meta`: the study as last launched (its spec and the keys of its runs).
+- `evidence`: per done run, its per-example outcome on the validation set (bit-packed correct/wrong
+  and the predicted class of every image, in the dataset's order, with a hash of the targets so
+  that only runs scored on the same images are paired); runs of older spach versions have none.
 - `analysis`: measurements after training (`spach.analysis`): one row per subject (a run key, or
   "study" for cross-run ones) and measurement, with the settings it was computed with.
 
@@ -21,12 +24,15 @@ battle is pid 1), a lock dies with its process.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import sqlite3
 import time
 from pathlib import Path
 from typing import Any, Iterable
+
+import numpy as np
 
 from spach.errors import SpachError
 
@@ -88,6 +94,14 @@ CREATE TABLE IF NOT EXISTS skipped (
 CREATE TABLE IF NOT EXISTS meta (
     k TEXT PRIMARY KEY,
     v TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS evidence (
+    key         TEXT PRIMARY KEY REFERENCES runs(key),
+    n           INTEGER NOT NULL,    -- validation images
+    targets_sha TEXT NOT NULL,       -- sha256 of the int64 targets in order: runs pair only when equal
+    correct     BLOB NOT NULL,       -- numpy.packbits(prediction == target), big-endian bit order
+    predictions BLOB NOT NULL,       -- the predicted class of every image, as pred_dtype
+    pred_dtype  TEXT NOT NULL        -- uint8 | uint16 | int32
 );
 CREATE TABLE IF NOT EXISTS analysis (
     subject    TEXT NOT NULL,        -- a run key, or 'study'
@@ -174,6 +188,7 @@ class _Tx:
 
 def register_study(conn: sqlite3.Connection, study, run_dir: Any) -> None:
     """Record the study and insert its runs that the database does not have yet (as queued)."""
+    from spach.battle.findings import mixer_facts
     from spach.battle.spec import stable_json
 
     now = time.time()
@@ -181,6 +196,11 @@ def register_study(conn: sqlite3.Connection, study, run_dir: Any) -> None:
         conn.execute("INSERT OR REPLACE INTO meta VALUES ('study', ?)", (json.dumps(study.source),))
         conn.execute("INSERT OR REPLACE INTO meta VALUES ('name', ?)", (study.name,))
         conn.execute("INSERT OR REPLACE INTO meta VALUES ('keys', ?)", (json.dumps([r.key for r in study.runs]),))
+        # what the report needs to know of each mixer, recorded while its plugin is imported: a report is
+        # computed from the database alone, in any process
+        facts = json.loads((conn.execute("SELECT v FROM meta WHERE k = 'mixer_facts'").fetchone() or ["{}"])[0])
+        facts.update(mixer_facts(sorted({r.family for r in study.runs} - set(facts))))
+        conn.execute("INSERT OR REPLACE INTO meta VALUES ('mixer_facts', ?)", (json.dumps(facts, sort_keys=True),))
         conn.execute("DELETE FROM skipped")
         conn.executemany("INSERT INTO skipped VALUES (?, ?)", study.skipped)
         for r in study.runs:
@@ -242,11 +262,44 @@ def mark_job_attempt(conn: sqlite3.Connection, key: str, job_id: str, attempt: i
 
 
 def mark_done(conn: sqlite3.Connection, key: str, metrics: dict[str, Any]) -> None:
+    """The one way a run becomes 'done': its metrics, and its per-example evidence when its output
+    directory holds one (`spach.engine.evidence`), in one transaction."""
+    from spach.engine.evidence import read_evidence
+
     cols = ", ".join(f"{m} = ?" for m in METRICS)
+    evidence = read_evidence(get_run(conn, key)["output_dir"])
     with _Tx(conn):
         conn.execute(f"UPDATE runs SET status = 'done', finished_at = ?, owner_pid = NULL, {cols} WHERE key = ?",
                      (time.time(), *[metrics.get(m) for m in METRICS], key))
+        if evidence is not None:
+            conn.execute("INSERT OR REPLACE INTO evidence VALUES (?, ?, ?, ?, ?, ?)", (key, *pack_evidence(*evidence)))
     _release_run_lock(key)
+
+
+def pack_evidence(predictions: np.ndarray, targets: np.ndarray) -> tuple[int, str, bytes, bytes, str]:
+    """(n, targets_sha, correct bits, predictions bytes, their dtype): a run's evidence as stored."""
+    top = int(max(predictions.max(initial=0), targets.max(initial=0)))
+    dtype = "uint8" if top < 2 ** 8 else "uint16" if top < 2 ** 16 else "int32"
+    sha = hashlib.sha256(np.ascontiguousarray(targets, dtype=np.int64).tobytes()).hexdigest()
+    return (len(targets), sha, np.packbits(predictions == targets).tobytes(),
+            predictions.astype(dtype).tobytes(), dtype)
+
+
+def evidence(conn: sqlite3.Connection, keys: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """{key: {"n", "targets_sha", "correct" (bool array), "predictions"}} for those of `keys` that have
+    evidence (an older database may have none: an empty dict)."""
+    if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'evidence'").fetchone():
+        return {}
+    keys = list(keys)
+    out = {}
+    for i in range(0, len(keys), 500):  # SQLite's bound on host parameters
+        chunk = keys[i:i + 500]
+        for r in conn.execute(f"SELECT * FROM evidence WHERE key IN ({','.join('?' * len(chunk))})", chunk):
+            n = r["n"]
+            out[r["key"]] = {"n": n, "targets_sha": r["targets_sha"],
+                             "correct": np.unpackbits(np.frombuffer(r["correct"], np.uint8), count=n).astype(bool),
+                             "predictions": np.frombuffer(r["predictions"], r["pred_dtype"])}
+    return out
 
 
 def record_speed(conn: sqlite3.Connection, key: str, images_per_s: float) -> None:
@@ -276,6 +329,13 @@ def _num(x: Any) -> float | None:
 def study_keys(conn: sqlite3.Connection) -> list[str]:
     row = conn.execute("SELECT v FROM meta WHERE k = 'keys'").fetchone()
     return json.loads(row["v"]) if row else []
+
+
+def mixer_facts_of(conn: sqlite3.Connection) -> dict[str, dict[str, Any]] | None:
+    """{family: {"weight_free": bool | None}} as recorded when the study was registered; None for a
+    database written before spach recorded them."""
+    row = conn.execute("SELECT v FROM meta WHERE k = 'mixer_facts'").fetchone()
+    return json.loads(row["v"]) if row else None
 
 
 def study_name(conn: sqlite3.Connection) -> str:

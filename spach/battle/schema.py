@@ -166,6 +166,18 @@ class Extra:
 
 
 @dataclass(frozen=True)
+class Statistics:
+    """``statistics:`` — how the report tests its comparisons (docs/battle.md, "How verdicts are computed")."""
+
+    alpha: float = key(0.05, gt=0, hint="the family-wise error rate of all the report's tests, e.g. 0.05")
+    margin: Optional[float] = key(1.0, gt=0, hint="top-1 equivalence margin in points; null: no equivalence tests")
+    loss_margin: Optional[float] = key(None, gt=0, hint="equivalence margin for train loss and gap; null: none")
+    power: float = key(0.8, gt=0, hint="the power of the seeds-needed figures, e.g. 0.8")
+    min_effect: Optional[float] = key(None, gt=0, hint="top-1 effect (points) the seeds-needed figures aim at; "
+                                                      "null: the observed one")
+
+
+@dataclass(frozen=True)
 class StudyFile:
     """The study's top level (``grid`` is required unless there are ``extra`` entries)."""
 
@@ -183,6 +195,7 @@ class StudyFile:
     analysis: Any = key(None)
     runs_dir: Optional[str] = key(None)
     plugins: Any = key(None)
+    statistics: Any = key(None)
 
 
 def keys(section: type) -> set[str]:

@@ -182,6 +182,7 @@ class Study:
     skipped: list[tuple[str, str]] = field(default_factory=list)   # (name, reason)
     source: dict[str, Any] = field(default_factory=dict)          # the raw mapping, for the record
     analysis: dict[str, dict] = field(default_factory=dict)       # measurement -> settings, run after training
+    statistics: dict[str, Any] = field(default_factory=dict)      # how the report tests (schema.Statistics)
 
 
 # --------------------------------------------------------------------------- loading
@@ -277,7 +278,18 @@ def parse_study(raw: dict, where: str = "study", max_runs: int = MAX_RUNS,
     if dup:
         _fail(where, f"duplicate run name(s) {dup}; give extra entries distinct names")
     study.analysis = check_analysis(raw.get("analysis"), {r.group for r in study.runs}, where)
+    study.statistics = check_statistics(raw.get("statistics"), where)
     return study
+
+
+def check_statistics(value: Any, where: str) -> dict[str, Any]:
+    """`statistics:` completed by its defaults (schema.Statistics); alpha and power must be below 1/2 and 1."""
+    out = _section(schema.Statistics, value or {}, "statistics", where)
+    if not out["alpha"] < 0.5:
+        _fail(where, f"statistics.alpha must be below 0.5 (a family-wise error rate), got {out['alpha']!r}")
+    if not out["power"] < 1:
+        _fail(where, f"statistics.power must be below 1, got {out['power']!r}")
+    return out
 
 
 def check_analysis(value: Any, groups: set[str], where: str) -> dict[str, dict]:

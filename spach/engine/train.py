@@ -56,6 +56,7 @@ from spach.engine.build import build_model, check_model_input, optimizer_kernel_
 from spach.engine.config import TrainConfig
 from spach.engine.device import autocast, cuda_math, peak_memory_mb, reset_peak_memory
 from spach.engine.evaluate import evaluate
+from spach.engine.evidence import write_evidence
 from spach.errors import SpachError
 from spach.io import atomic_write
 from spach.models import count_params, save_safetensors
@@ -462,14 +463,18 @@ def new_stats(loss_sum: float = 0.0, **counts) -> dict:
 # ---- end of epoch ------------------------------------------------------------------------------
 
 def end_of_epoch(run: Run, epoch: int, stats: dict, on_epoch_end=None) -> None:
-    """Evaluate (and the EMA), log a record (metrics.jsonl, TensorBoard, a line), checkpoint."""
+    """Evaluate (and the EMA), log a record (metrics.jsonl, TensorBoard, a line), checkpoint; after the last
+    epoch also the per-example evidence (OUT/evidence.npz, `spach.engine.evidence`)."""
     cfg, env, t_eval = run.cfg, run.env, time.perf_counter()
     totals = D.all_reduce_sum(torch.stack([stats["loss_sum"].to(env.device)] + [
         torch.tensor(float(stats[k]), dtype=torch.float64, device=env.device)
         for k in ("micro_steps", "images", "skipped")])).tolist()
     train_time = D.all_reduce_max(torch.tensor([stats["train_time"]], device=env.device)).item()  # slowest rank
     kw = dict(device=env.device, amp=cfg.amp, channels_last=cfg.channels_last)
-    val = evaluate(run.eval_model, run.val_loader, **kw)
+    last = epoch + 1 == cfg.epochs
+    val = evaluate(run.eval_model, run.val_loader, predictions=last, **kw)
+    if last and env.is_main and val["predictions"] is not None:  # before the checkpoint that ends the run
+        write_evidence(run.out, val["predictions"], val["targets"])
     record = {
         "epoch": epoch + 1,
         "train_loss": totals[0] / max(1.0, totals[1]),
