@@ -331,6 +331,17 @@ def study_keys(conn: sqlite3.Connection) -> list[str]:
     return json.loads(row["v"]) if row else []
 
 
+def set_meta(conn: sqlite3.Connection, k: str, v: str) -> None:
+    """Store one study-level record (e.g. the design of a sequential study)."""
+    with _Tx(conn):
+        conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (k, v))
+
+
+def meta(conn: sqlite3.Connection, k: str) -> str | None:
+    row = conn.execute("SELECT v FROM meta WHERE k = ?", (k,)).fetchone()
+    return row["v"] if row else None
+
+
 def mixer_facts_of(conn: sqlite3.Connection) -> dict[str, dict[str, Any]] | None:
     """{family: {"weight_free": bool | None}} as recorded when the study was registered; None for a
     database written before spach recorded them."""

@@ -32,6 +32,7 @@ import numpy as np
 from spach.battle import db, stats
 from spach.io import atomic_savefig, atomic_write
 from spach.battle.findings import Group, Settings, Stat, evaluate_findings, macs_of, pareto_front, speed_of
+from spach.battle.looks import replay
 from spach.battle.schema import Arch
 
 SIZE_ORDER = {"xxs": 0, "xs": 1, "s": 2, "s_plus": 3}
@@ -81,7 +82,7 @@ def load_results(out_dir: str | Path) -> dict[str, Any]:
     study = conn.execute("SELECT v FROM meta WHERE k = 'study'").fetchone()
     result = {"name": db.study_name(conn), "runs": runs, "skipped": db.skipped(conn),
               "stale": len(db.runs(conn)) - len(runs), "evidence": db.evidence(conn, [r["key"] for r in runs]),
-              "mixer_facts": db.mixer_facts_of(conn),
+              "mixer_facts": db.mixer_facts_of(conn), "sequential": json.loads(db.meta(conn, "sequential") or "null"),
               "statistics": (json.loads(study["v"]).get("statistics") if study else None) or {}}
     conn.close()
     return result
@@ -424,6 +425,31 @@ def method_text(settings: Settings, findings: list, groups: list[Group]) -> list
     return out
 
 
+def sequential_plan(data: dict[str, Any]) -> dict[str, Any] | None:
+    """The design of a sequential study (`spach.battle.looks`) when the runs shown are the ones it made."""
+    plan = data.get("sequential")
+    keys = {r["key"] for r in data["runs"]}
+    if not plan or not all(k in keys for keys_ in plan["rounds"] for k in keys_):
+        return None
+    return plan
+
+
+def sequential_text(plan: dict[str, Any], runs: list[dict]) -> list[str]:
+    """What `--until-decisive` did: its looks and levels, the seeds it added, and what that saved."""
+    names = {r["key"]: r["name"] for r in runs}
+    added = [names[k] for keys in plan["rounds"] for k in keys]
+    groups = {r["grp"] for r in runs}
+    everywhere = len(groups) * plan["max_seeds"]
+    out = [f"Seeds were added adaptively (`--until-decisive --max-seeds {plan['max_seeds']}`): after each look, one "
+           "more seed for every architecture of an unresolved comparison. Each of at most "
+           f"{plan['looks']} looks tests at level {plan['alpha_per_look'][0]:.3g} (alpha {plan['alpha']:g} spent "
+           f"equally over the looks: by the union bound the family-wise error stays at most {plan['alpha']:g}); a "
+           f"comparison keeps the verdict of the first look that resolves it. {len(plan['rounds']) + 1} look(s) made, "
+           f"{len(added)} run(s) added: {', '.join(f'`{n}`' for n in added) or 'none'}. "
+           f"{len(runs)} runs in all, against {everywhere} for {plan['max_seeds']} seeds everywhere.", ""]
+    return out
+
+
 def write_report(out_dir: str | Path, to: str | Path | None = None) -> Path:
     """(Re)write OUT/report.md and OUT/figures/*.png from OUT/battle.db; returns the report's path.
 
@@ -439,7 +465,11 @@ def write_report(out_dir: str | Path, to: str | Path | None = None) -> Path:
     groups = aggregate(runs, data["evidence"], data["mixer_facts"])
     settings = Settings.of(data["statistics"])
     figures, curves = write_figures(groups, runs, out_dir / "figures")
-    findings = evaluate_findings(groups, settings)
+    plan = sequential_plan(data)
+    if plan is None:
+        findings = evaluate_findings(groups, settings)
+    else:
+        findings = replay(runs, lambda rs: aggregate(rs, data["evidence"], data["mixer_facts"]), settings, plan)
     figures["findings: effects and intervals (forest plot)"] = figure_forest(findings, out_dir / "figures" / "forest.png")
     analysis_md, _ = analysis_part(source, out_dir, groups, findings)
 
@@ -471,6 +501,8 @@ def write_report(out_dir: str | Path, to: str | Path | None = None) -> Path:
             md.append("")
     md += analysis_md
     md += ["## Findings (the paper's claims, tested on this study's data)", ""] + method_text(settings, findings, groups)
+    if plan is not None:
+        md += sequential_text(plan, runs)
     for f in findings:
         md.append(f"{f.number}. **{f.claim}** — verdict: **{f.verdict}**")
         for line in f.lines:

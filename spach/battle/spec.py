@@ -594,6 +594,12 @@ def _make_run(study: Study, group: str, arch: Arch, seed: int, model: str, kwarg
                train=train, measure=dict(study.measure), plugins=tuple(study.plugins))
 
 
+def with_seed(run: Run, seed: int) -> Run:
+    """The same architecture and recipe as `run`, trained with another seed (e.g. a seed added by
+    ``spach battle --until-decisive``)."""
+    return replace(run, name=f"{run.group}-s{seed}", seed=seed, train=dict(run.train, seed=seed))
+
+
 def _check_net_arch(arch: Any, layout: str, where: str) -> list:
     def check_stage(stage: Any, w: str) -> list:
         if not isinstance(stage, list) or not stage:
@@ -724,4 +730,4 @@ def summary(study: Study) -> str:
 
 __all__ = ["Run", "Study", "load_study", "parse_study", "check_runnable_here", "check_name", "list_presets",
            "stable_json", "summary", "check_analysis", "with_launcher", "resolve_architecture", "model_refusal",
-           "families", "LAYOUTS", "ZOO_SIZES"]
+           "families", "with_seed", "LAYOUTS", "ZOO_SIZES"]
