@@ -11,6 +11,7 @@
 - Analysis (when the study asks for it): ERF maps, CKA, corruption and Fourier robustness, attention
   distance (see `spach.battle.analysis_section`); the findings cite these measurements.
 - Findings: each of the paper's claims (docs/battle.md, "The report") tested on the data (see `spach.battle.findings`).
+- Tuning (a study with `tune:`): budget, selection split, cost and budget curves (`spach.battle.tune_report`).
 - Failed runs with their errors, and the skipped grid combinations with reasons.
 
 Every file is written to a temporary name and moved into place, so a reader
@@ -28,6 +29,7 @@ from spach.battle import db
 from spach.io import atomic_savefig, atomic_write
 from spach.battle.findings import Group, Stat, evaluate_findings, macs_of, pareto_front, speed_of
 from spach.battle.schema import Arch
+from spach.battle.tune_report import tune_section
 
 SIZE_ORDER = {"xxs": 0, "xs": 1, "s": 2, "s_plus": 3}
 FAMILY_COLOR = {"conv": "tab:blue", "attn": "tab:red", "mlp": "tab:green", "hybrid": "tab:purple",
@@ -73,8 +75,9 @@ def load_results(out_dir: str | Path) -> dict[str, Any]:
     runs = db.runs(conn, keys)
     for run in runs:
         run["epochs"] = db.epochs(conn, run["key"])
+    trial_keys = {t["key"] for t in db.trials(conn)}  # tuning trials: reported in their own section
     result = {"name": db.study_name(conn), "runs": runs, "skipped": db.skipped(conn),
-              "stale": len(db.runs(conn)) - len(runs)}
+              "stale": len({r["key"] for r in db.runs(conn)} - set(keys) - trial_keys)}
     conn.close()
     return result
 
@@ -351,6 +354,7 @@ def write_report(out_dir: str | Path, to: str | Path | None = None) -> Path:
             md.append(f"![{title}]({path.relative_to(out_dir).as_posix()})")
             md.append("")
     md += analysis_md
+    md += tune_section(source, out_dir)  # with `tune:`: budget, selection split, cost, budget curves
     md += ["## Findings (the paper's claims, tested on this study's data)", "",
            "A comparison is *decisive* when both sides have ≥ 2 seeds and the difference of means exceeds the "
            "combined seed spread sqrt(std_a² + std_b²); verdicts come only from decisive comparisons. They are "

@@ -182,6 +182,7 @@ class Study:
     skipped: list[tuple[str, str]] = field(default_factory=list)   # (name, reason)
     source: dict[str, Any] = field(default_factory=dict)          # the raw mapping, for the record
     analysis: dict[str, dict] = field(default_factory=dict)       # measurement -> settings, run after training
+    tune: dict[str, Any] | None = None  # `tune:` checked (spach.battle.tune_space); None: the recipe as written
 
 
 # --------------------------------------------------------------------------- loading
@@ -277,6 +278,9 @@ def parse_study(raw: dict, where: str = "study", max_runs: int = MAX_RUNS,
     if dup:
         _fail(where, f"duplicate run name(s) {dup}; give extra entries distinct names")
     study.analysis = check_analysis(raw.get("analysis"), {r.group for r in study.runs}, where)
+    if raw.get("tune") is not None:
+        from spach.battle.tune_space import check_tune
+        study.tune = check_tune(raw["tune"], recipe, STUDY_OWNED, where)
     return study
 
 

@@ -52,6 +52,10 @@ class TrainConfig:
                                                 "(an original release file, a state dict, .safetensors)")
     max_train_samples: Optional[int] = _opt(None, "use a deterministic class-balanced slice of the train split")
     max_val_samples: Optional[int] = _opt(None, "use a deterministic class-balanced slice of the val split")
+    selection_fraction: Optional[float] = _opt(None, "model selection: hold out this fraction of each class of the "
+                                                     "train split, train on the rest and evaluate on it; the val "
+                                                     "split is not read (spach.data.selection_split)")
+    selection_seed: int = _opt(0, "the seed that draws the held-out selection split")
 
     # --- schedule and optimiser ---------------------------------------------------------
     epochs: int = _opt(300, "number of epochs (cool-down epochs included)")
@@ -143,6 +147,8 @@ class TrainConfig:
             bad("check_finite_every", "must be >= 0 (0 = only at checkpoints and epoch ends)")
         if self.matmul_precision not in ("highest", "high", "medium"):
             bad("matmul_precision", "must be one of highest, high, medium")
+        if self.selection_fraction is not None and not 0 < self.selection_fraction < 1:
+            bad("selection_fraction", "must be in (0, 1) or None")
         if self.checkpoint_every_steps < 0:
             bad("checkpoint_every_steps", "must be >= 0 (0 = off)")
         if self.lr is not None and not self.lr > 0:
