@@ -95,7 +95,7 @@ CREATE TABLE IF NOT EXISTS trials (
     number   INTEGER NOT NULL,       -- Optuna's trial number, from 0
     key      TEXT NOT NULL,          -- the trial's run (runs.key)
     params   TEXT NOT NULL,          -- JSON: the recipe keys the trial sets
-    state    TEXT NOT NULL,          -- running | complete | pruned | fail
+    state    TEXT NOT NULL,          -- Optuna's state: running | complete | fail
     value    REAL,                   -- its final top-1 on the selection split
     budget   INTEGER NOT NULL,       -- trials per architecture
     PRIMARY KEY (grp, number)

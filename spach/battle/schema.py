@@ -165,9 +165,6 @@ class Extra:
     mixer_kwargs: Any = key(None)
 
 
-PRUNERS = ("none", "median")  # optuna.pruners: none, or MedianPruner (the same for every architecture)
-
-
 @dataclass(frozen=True)
 class Tune:
     """``tune:``: an equal tuning budget per architecture (spach.battle.tune). `space` maps recipe keys to
@@ -180,7 +177,6 @@ class Tune:
     seed: int = key(0, ge=0)
     selection: float = key(0.2, gt=0, hint="a fraction of the training data, below 1")
     startup_trials: int = key(10, ge=1, hint="TPE's random trials before it models the results")
-    pruner: str = key("none", choices=PRUNERS)
 
 
 @dataclass(frozen=True)

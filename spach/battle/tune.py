@@ -80,9 +80,8 @@ def optuna_study(storage: Any, tune: dict[str, Any], group: str, draw: int = 0):
 
     sampler = optuna.samplers.TPESampler(seed=tune["seed"] * SEED_STRIDE + draw,
                                          n_startup_trials=tune["startup_trials"])
-    pruner = optuna.pruners.MedianPruner() if tune["pruner"] == "median" else optuna.pruners.NopPruner()
     return optuna.create_study(storage=storage, study_name=group, direction="maximize", sampler=sampler,
-                               pruner=pruner, load_if_exists=True)
+                               load_if_exists=True)
 
 
 def next_trial(storage: Any, study: Study, group: str, base: Run) -> Trial | None:
@@ -103,15 +102,14 @@ def next_trial(storage: Any, study: Study, group: str, base: Run) -> Trial | Non
 
 
 def tell(storage: Any, study: Study, trial: Trial, row: dict[str, Any]) -> None:
-    """Give Optuna the outcome of a trial whose run ended: its score (done), pruned, or failed."""
+    """Give Optuna the outcome of a trial whose run ended: its score (done), or failed."""
     from optuna.trial import TrialState
 
     st = optuna_study(storage, study.tune, trial.group)
     if row["status"] == "done":
         st.tell(trial.number, float(row["final_top1"]))
     elif row["status"] == "failed":
-        pruned = (row["error"] or "").startswith("TrialPruned")
-        st.tell(trial.number, state=TrialState.PRUNED if pruned else TrialState.FAIL)
+        st.tell(trial.number, state=TrialState.FAIL)
 
 
 def sync_trials(conn, storage: Any, study: Study, groups: dict[str, list[Run]]) -> None:

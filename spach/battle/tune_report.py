@@ -7,9 +7,9 @@ with that maximum's variance (`expected_max`). At each budget n = 1..N the archi
 it; the section says where the ranking differs from the one at the budget used (N), and which pairs
 are decisive there (the difference of expected maxima exceeds the combined spread
 sqrt(var_a + var_b), the rule the findings apply to seeds). Scores are final top-1 on the selection
-split (pruned trials at their last reported epoch); failed trials have none and are counted as spent.
+split; failed trials have none and are counted as spent.
 Cost per architecture: trials, epochs trained, images seen (epochs x training images), wall time
-(the engine's training time; for pruned or failed runs the sum of their epochs) and CPU time (every
+(the engine's training time; for failed runs the sum of their epochs) and CPU time (every
 thread of the training process, per finished epoch).
 """
 from __future__ import annotations
@@ -77,7 +77,7 @@ def cost(trials: list[dict], runs: dict[str, dict], fit_images: int) -> dict[str
 
 
 def scores(trials: list[dict]) -> list[float]:
-    return [t["value"] for t in trials if t["state"] in ("complete", "pruned") and t["value"] is not None]
+    return [t["value"] for t in trials if t["state"] == "complete" and t["value"] is not None]
 
 
 def curves(arch: dict[str, list[dict]], budget: int) -> dict[str, list[tuple[float, float]]]:
@@ -147,10 +147,10 @@ def _params(params: dict) -> str:
 
 def cost_table(arch: dict[str, list[dict]], runs: dict[str, dict], budget: int, fit_images: int) -> list[str]:
     """One row per architecture: trials by state, best score and parameters, and what the trials cost."""
-    lines = ["| architecture | trials (budget) | complete / pruned / failed | best selection top-1 (%) | best "
+    lines = ["| architecture | trials (budget) | complete / failed | best selection top-1 (%) | best "
              "parameters | epochs | images | wall (s) | CPU (s) |", "|---|---|---|---|---|---|---|---|---|"]
     for g, ts in arch.items():
-        states = [sum(t["state"] == s for t in ts) for s in ("complete", "pruned", "fail")]
+        states = [sum(t["state"] == s for t in ts) for s in ("complete", "fail")]
         done = [t for t in ts if t["state"] == "complete"]
         best = max(done, key=lambda t: (t["value"], -t["number"])) if done else None
         c = cost(ts, runs, fit_images)
@@ -175,8 +175,8 @@ def tune_section(source: Path, out_dir: Path) -> list[str]:
                       for k, v in (tune.get("space") or {}).items())
     md = ["## Tuning (equal budget per architecture)", "",
           f"Every architecture had the same budget: {budget} trial(s) of Optuna's TPE sampler (seed "
-          f"{tune.get('seed')}, {tune.get('startup_trials')} random start-up trial(s); pruner: "
-          f"{tune.get('pruner')}) over {space}. Each trial trained on {sel.get('fit_images', '?'):,} training "
+          f"{tune.get('seed')}, {tune.get('startup_trials')} random start-up trial(s), no pruning) over {space}. "
+          f"Each trial trained on {sel.get('fit_images', '?'):,} training "
           f"images and was scored (final top-1) on a selection split of {sel.get('selection_images', '?'):,} "
           f"images held out of the training split ({sel.get('fraction', 0):.0%} of each class, seed "
           f"{sel.get('seed')}; its indices are in battle.db, meta `selection`): the validation split was never "

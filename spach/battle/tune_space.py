@@ -8,7 +8,6 @@
       seed: 0                                     # sampler, selection split, trials' training seed
       selection: 0.2                              # held-out fraction of each class of the training data
       startup_trials: 10                          # TPE's random trials before it models the results
-      pruner: none                                # or median (optuna's MedianPruner), for every family
 
 Every key of `space` must be a training option (`TrainConfig`) that changes how a model learns: not
 one the study sets itself (data, seed, ...), not the data slices or the selection split, and not

@@ -147,8 +147,6 @@ class TrainConfig:
             bad("check_finite_every", "must be >= 0 (0 = only at checkpoints and epoch ends)")
         if self.matmul_precision not in ("highest", "high", "medium"):
             bad("matmul_precision", "must be one of highest, high, medium")
-        if self.selection_fraction is not None and not 0 < self.selection_fraction < 1:
-            bad("selection_fraction", "must be in (0, 1) or None")
         if self.checkpoint_every_steps < 0:
             bad("checkpoint_every_steps", "must be >= 0 (0 = off)")
         if self.lr is not None and not self.lr > 0:
@@ -203,6 +201,13 @@ class TrainConfig:
             bad("pretrained_file", "needs --pretrained (or use --init-checkpoint FILE)")
         if self.resume is not None and not self.resume:
             bad("resume", "must be 'auto', a path, or None")
+        return self.check_selection()
+
+    def check_selection(self) -> "TrainConfig":
+        """The selection split's option (part of `validate`): a fraction strictly between 0 and 1, or None."""
+        if self.selection_fraction is not None and not 0 < self.selection_fraction < 1:
+            raise ValueError(f"TrainConfig.selection_fraction: must be in (0, 1) or None "
+                             f"(got {self.selection_fraction!r})")
         return self
 
     @property
