@@ -10,7 +10,6 @@ with whatever launcher the study uses.
 """
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -56,6 +55,6 @@ def run_until_decisive(study: Study, out_dir: str | Path, max_seeds: int, **run_
 def _record(out_dir: Path, plan: dict[str, Any]) -> None:
     conn = db.connect(out_dir)
     try:
-        db.set_meta(conn, "sequential", json.dumps(plan))
+        db.set_meta(conn, "sequential", plan)
     finally:
         conn.close()

@@ -23,6 +23,7 @@ battle is pid 1), a lock dies with its process.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -103,6 +104,16 @@ CREATE TABLE IF NOT EXISTS evidence (
     predictions BLOB NOT NULL,       -- the predicted class of every image, as pred_dtype
     pred_dtype  TEXT NOT NULL        -- uint8 | uint16 | int32
 );
+CREATE TABLE IF NOT EXISTS trials (
+    grp      TEXT NOT NULL,          -- the architecture tuned (the group of its final runs)
+    number   INTEGER NOT NULL,       -- Optuna's trial number, from 0
+    key      TEXT NOT NULL,          -- the trial's run (runs.key)
+    params   TEXT NOT NULL,          -- JSON: the recipe keys the trial sets
+    state    TEXT NOT NULL,          -- Optuna's state: running | complete | fail
+    value    REAL,                   -- its final top-1 on the selection split
+    budget   INTEGER NOT NULL,       -- trials per architecture
+    PRIMARY KEY (grp, number)
+);
 CREATE TABLE IF NOT EXISTS analysis (
     subject    TEXT NOT NULL,        -- a run key, or 'study'
     kind       TEXT NOT NULL,        -- erf | cka | corruption | fourier | attn-distance
@@ -116,7 +127,8 @@ CREATE TABLE IF NOT EXISTS analysis (
 METRICS = ("params", "macs", "images_per_s", "best_top1", "final_top1", "final_top5", "final_val_loss",
            "final_train_loss", "train_time_s")
 # columns added after the first release: (name, SQL type), added to older databases by `migrate`
-ADDED_COLUMNS = (("job_id", "TEXT"), ("job_attempt", "INTEGER"), ("node", "TEXT"), ("submitted_at", "REAL"))
+ADDED_COLUMNS = (("job_id", "TEXT"), ("job_attempt", "INTEGER"), ("node", "TEXT"), ("submitted_at", "REAL"),
+                 ("cpu_time_s", "REAL"))  # CPU seconds of the run's finished epochs (all threads of its process)
 EPOCH_FIELDS = ("train_loss", "val_loss", "val_top1", "val_top5", "lr", "images_per_s", "epoch_time_s")
 
 
@@ -189,9 +201,7 @@ class _Tx:
 def register_study(conn: sqlite3.Connection, study, run_dir: Any) -> None:
     """Record the study and insert its runs that the database does not have yet (as queued)."""
     from spach.battle.findings import mixer_facts
-    from spach.battle.spec import stable_json
 
-    now = time.time()
     with _Tx(conn):
         conn.execute("INSERT OR REPLACE INTO meta VALUES ('study', ?)", (json.dumps(study.source),))
         conn.execute("INSERT OR REPLACE INTO meta VALUES ('name', ?)", (study.name,))
@@ -203,7 +213,19 @@ def register_study(conn: sqlite3.Connection, study, run_dir: Any) -> None:
         conn.execute("INSERT OR REPLACE INTO meta VALUES ('mixer_facts', ?)", (json.dumps(facts, sort_keys=True),))
         conn.execute("DELETE FROM skipped")
         conn.executemany("INSERT INTO skipped VALUES (?, ?)", study.skipped)
-        for r in study.runs:
+        insert_runs(conn, study.runs, run_dir)
+
+
+def insert_runs(conn: sqlite3.Connection, runs: Iterable, run_dir: Any) -> None:
+    """Insert the runs (spec.Run) the database does not have yet, as queued (inside the caller's transaction,
+    or one of its own); their names are kept current."""
+    from spach.battle.spec import stable_json
+
+    now = time.time()
+    with contextlib.ExitStack() as stack:
+        if not conn.in_transaction:
+            stack.enter_context(_Tx(conn))
+        for r in runs:
             conn.execute(
                 "INSERT OR IGNORE INTO runs (key, name, grp, family, layout, size, cpe, shared, seed, model, config,"
                 " output_dir, status, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?, 'queued', ?)",
@@ -331,22 +353,10 @@ def study_keys(conn: sqlite3.Connection) -> list[str]:
     return json.loads(row["v"]) if row else []
 
 
-def set_meta(conn: sqlite3.Connection, k: str, v: str) -> None:
-    """Store one study-level record (e.g. the design of a sequential study)."""
-    with _Tx(conn):
-        conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (k, v))
-
-
-def meta(conn: sqlite3.Connection, k: str) -> str | None:
-    row = conn.execute("SELECT v FROM meta WHERE k = ?", (k,)).fetchone()
-    return row["v"] if row else None
-
-
 def mixer_facts_of(conn: sqlite3.Connection) -> dict[str, dict[str, Any]] | None:
     """{family: {"weight_free": bool | None}} as recorded when the study was registered; None for a
     database written before spach recorded them."""
-    row = conn.execute("SELECT v FROM meta WHERE k = 'mixer_facts'").fetchone()
-    return json.loads(row["v"]) if row else None
+    return get_meta(conn, "mixer_facts")
 
 
 def study_name(conn: sqlite3.Connection) -> str:
@@ -451,3 +461,40 @@ def pid_alive(pid: int | None) -> bool:
         except OSError:
             return False
     return True
+
+
+# --------------------------------------------------------------------------- tuning (spach.battle.tune)
+
+def add_cpu_time(conn: sqlite3.Connection, key: str, seconds: float) -> None:
+    """Add CPU seconds spent on a run (counted per finished epoch by its executing process)."""
+    with _Tx(conn):
+        conn.execute("UPDATE runs SET cpu_time_s = COALESCE(cpu_time_s, 0) + ? WHERE key = ?", (seconds, key))
+
+
+def set_meta(conn: sqlite3.Connection, k: str, value: Any) -> None:
+    """Store `value` (JSON) under meta key `k`."""
+    with _Tx(conn):
+        conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (k, json.dumps(value)))
+
+
+def get_meta(conn: sqlite3.Connection, k: str) -> Any:
+    """The JSON value stored under meta key `k`, or None."""
+    row = conn.execute("SELECT v FROM meta WHERE k = ?", (k,)).fetchone()
+    return json.loads(row["v"]) if row else None
+
+
+def record_trial(conn: sqlite3.Connection, grp: str, number: int, key: str, params: dict, state: str,
+                 value: float | None, budget: int) -> None:
+    """Store (or update) trial `number` of architecture `grp`: its run, parameters, state and score."""
+    with _Tx(conn):
+        conn.execute("INSERT OR REPLACE INTO trials VALUES (?, ?, ?, ?, ?, ?, ?)",
+                     (grp, number, key, json.dumps(params, sort_keys=True), state, value, budget))
+
+
+def trials(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    """Every recorded trial (params parsed), by architecture and number; [] for a database without them."""
+    try:
+        rows = list(conn.execute("SELECT * FROM trials ORDER BY grp, number"))
+    except sqlite3.OperationalError:  # a database written before tuning existed
+        return []
+    return [dict(r, params=json.loads(r["params"])) for r in rows]

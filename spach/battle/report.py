@@ -14,6 +14,7 @@
 - Findings: each of the paper's claims (docs/battle.md, "The report") tested on the data, every test with
   its effect, interval, raw and Holm-adjusted p-value and seeds (see `spach.battle.findings`), and a
   forest plot of every test's effect and interval.
+- Tuning (a study with `tune:`): budget, selection split, cost and budget curves (`spach.battle.tune_report`).
 - Failed runs with their errors, and the skipped grid combinations with reasons.
 
 Every file is written to a temporary name and moved into place, so a reader
@@ -34,6 +35,7 @@ from spach.io import atomic_savefig, atomic_write
 from spach.battle.findings import Group, Settings, Stat, evaluate_findings, macs_of, pareto_front, speed_of
 from spach.battle.looks import replay
 from spach.battle.schema import Arch
+from spach.battle.tune_report import tune_section
 
 SIZE_ORDER = {"xxs": 0, "xs": 1, "s": 2, "s_plus": 3}
 FAMILY_COLOR = {"conv": "tab:blue", "attn": "tab:red", "mlp": "tab:green", "hybrid": "tab:purple",
@@ -79,11 +81,12 @@ def load_results(out_dir: str | Path) -> dict[str, Any]:
     runs = db.runs(conn, keys)
     for run in runs:
         run["epochs"] = db.epochs(conn, run["key"])
-    study = conn.execute("SELECT v FROM meta WHERE k = 'study'").fetchone()
+    study = db.get_meta(conn, "study") or {}
+    trial_keys = {t["key"] for t in db.trials(conn)}  # tuning trials: reported in their own section
     result = {"name": db.study_name(conn), "runs": runs, "skipped": db.skipped(conn),
-              "stale": len(db.runs(conn)) - len(runs), "evidence": db.evidence(conn, [r["key"] for r in runs]),
-              "mixer_facts": db.mixer_facts_of(conn), "sequential": json.loads(db.meta(conn, "sequential") or "null"),
-              "statistics": (json.loads(study["v"]).get("statistics") if study else None) or {}}
+              "stale": len({r["key"] for r in db.runs(conn)} - set(keys) - trial_keys),
+              "evidence": db.evidence(conn, [r["key"] for r in runs]), "mixer_facts": db.mixer_facts_of(conn),
+              "sequential": db.get_meta(conn, "sequential"), "statistics": study.get("statistics") or {}}
     conn.close()
     return result
 
@@ -500,6 +503,7 @@ def write_report(out_dir: str | Path, to: str | Path | None = None) -> Path:
             md.append(f"![{title}]({path.relative_to(out_dir).as_posix()})")
             md.append("")
     md += analysis_md
+    md += tune_section(source, out_dir)  # with `tune:`: budget, selection split, cost, budget curves
     md += ["## Findings (the paper's claims, tested on this study's data)", ""] + method_text(settings, findings, groups)
     if plan is not None:
         md += sequential_text(plan, runs)

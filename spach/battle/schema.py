@@ -178,6 +178,20 @@ class Statistics:
 
 
 @dataclass(frozen=True)
+class Tune:
+    """``tune:``: an equal tuning budget per architecture (spach.battle.tune). `space` maps recipe keys to
+    ``{low, high, log}`` or ``{choices}`` (checked by spach.battle.tune_space); `seed` fixes the sampler,
+    the selection split and the trials' training seed; `selection` is the fraction of each class of the
+    training data held out to score the trials."""
+
+    trials: int = key(ge=1, hint="per architecture, the same for every family")
+    space: Any = key()
+    seed: int = key(0, ge=0)
+    selection: float = key(0.2, gt=0, hint="a fraction of the training data, below 1")
+    startup_trials: int = key(10, ge=1, hint="TPE's random trials before it models the results")
+
+
+@dataclass(frozen=True)
 class StudyFile:
     """The study's top level (``grid`` is required unless there are ``extra`` entries)."""
 
@@ -196,6 +210,7 @@ class StudyFile:
     runs_dir: Optional[str] = key(None)
     plugins: Any = key(None)
     statistics: Any = key(None)
+    tune: Any = key(None)
 
 
 def keys(section: type) -> set[str]:

@@ -183,6 +183,7 @@ class Study:
     source: dict[str, Any] = field(default_factory=dict)          # the raw mapping, for the record
     analysis: dict[str, dict] = field(default_factory=dict)       # measurement -> settings, run after training
     statistics: dict[str, Any] = field(default_factory=dict)      # how the report tests (schema.Statistics)
+    tune: dict[str, Any] | None = None  # `tune:` checked (spach.battle.tune_space); None: the recipe as written
 
 
 # --------------------------------------------------------------------------- loading
@@ -279,6 +280,9 @@ def parse_study(raw: dict, where: str = "study", max_runs: int = MAX_RUNS,
         _fail(where, f"duplicate run name(s) {dup}; give extra entries distinct names")
     study.analysis = check_analysis(raw.get("analysis"), {r.group for r in study.runs}, where)
     study.statistics = check_statistics(raw.get("statistics"), where)
+    if raw.get("tune") is not None:
+        from spach.battle.tune_space import check_tune
+        study.tune = check_tune(raw["tune"], recipe, STUDY_OWNED, where)
     return study
 
 

@@ -197,9 +197,15 @@ def _datasets(cfg: TrainConfig):
     img_size = cfg.img_size or _default_img_size(cfg.model)
     data_kw = dict(img_size=img_size, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation, uint8=True)
     aug = dict(auto_augment=cfg.auto_augment, hflip=cfg.hflip, scale=cfg.scale, ratio=cfg.ratio)
+    selection = cfg.selection_fraction, cfg.selection_seed  # model selection: evaluate on held-out train images
     train_set = build_dataset(cfg.data, "train", train=cfg.augment, max_samples=cfg.max_train_samples,
-                              seed=cfg.seed, **data_kw, **(aug if cfg.augment else {}))
-    val_set = build_dataset(cfg.data, "val", max_samples=cfg.max_val_samples, **data_kw)
+                              seed=cfg.seed, selection=(*selection, "fit") if cfg.selection_fraction else None,
+                              **data_kw, **(aug if cfg.augment else {}))
+    if cfg.selection_fraction:
+        val_set = build_dataset(cfg.data, "train", max_samples=cfg.max_train_samples,
+                                selection=(*selection, "selection"), **data_kw)
+    else:
+        val_set = build_dataset(cfg.data, "val", max_samples=cfg.max_val_samples, **data_kw)
     num_classes = len(train_set.classes)
     if cfg.num_classes is not None and cfg.num_classes != num_classes:
         raise ValueError(f"TrainConfig.num_classes: {cfg.num_classes} but the data has {num_classes} classes")
@@ -556,8 +562,9 @@ def finish(run: Run) -> dict:
 
 def _check_same_run(saved: dict, cfg: TrainConfig, path) -> None:
     """A checkpoint only continues the same model on the same data."""
-    for key in ("model", "model_kwargs", "data", "img_size", "max_train_samples", "num_classes"):
-        if saved.get(key) != cfg.to_dict()[key]:
+    defaults = {"selection_fraction": None, "selection_seed": 0}  # checkpoints written before these options
+    for key in ("model", "model_kwargs", "data", "img_size", "max_train_samples", "num_classes", *defaults):
+        if saved.get(key, defaults.get(key)) != cfg.to_dict()[key]:
             raise ckpt.CheckpointError(f"{path} was saved with {key}={saved.get(key)!r}, this run has "
                                        f"{key}={cfg.to_dict()[key]!r}; use another --output or the same options")
 
