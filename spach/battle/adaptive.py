@@ -25,6 +25,9 @@ from spach.battle.spec import Study, with_seed
 def run_until_decisive(study: Study, out_dir: str | Path, max_seeds: int, **run_kwargs: Any) -> dict[str, Any]:
     """Run `study`, then add seeds round by round (see the module doc); returns the last round's status counts
     and "rounds": the run names each round added."""
+    if study.tune:
+        raise ValueError("--until-decisive does not combine with tune: yet (the seeds it adds would need each "
+                         "architecture's tuned recipe); run the tuned study with fixed seeds")
     out_dir = Path(out_dir)
     by_group: dict[str, list] = defaultdict(list)
     for r in study.runs:
