@@ -30,7 +30,9 @@ the mean of the per-example sample variances across seeds). Hence the unbiased e
 whose example term is truncated at 0 (a variance cannot be negative; the truncation only widens the
 interval). ``t = D / sqrt(V)`` is referred to Student's t with Satterthwaite's (1946) degrees of freedom
 (the seed terms have n_a - 1 and n_b - 1 degrees of freedom, the example term m - 1), the Welch (1947)
-construction extended by the paired example term. At least 2 seeds per side are needed: with one seed
+construction extended by the paired example term. The seed part's degrees of freedom are capped at
+their value for equal seed variances on both sides: with equal seed counts this changes nothing, with
+unequal ones (2 vs 10 seeds) it keeps the test from being liberal, as plain Welch is there. At least 2 seeds per side are needed: with one seed
 a side's seed-to-seed variance cannot be estimated, and no honest interval exists.
 
 **Assumptions.** Seeds are i.i.d. draws of the training randomness on each side; the validation
@@ -218,8 +220,8 @@ def compare(a, b, *, alpha: float = 0.05, delta: float | None = None, seed: int 
     ``a``: bool (n_a, m), ``b``: bool (n_b, m), n_a, n_b >= 2. ``diff`` and ``ci`` are in percentage
     points of accuracy (A minus B); ``delta`` is an equivalence margin in points. Method ``"t"``: the
     paired two-level t with Satterthwaite degrees of freedom of the module docstring, which accounts for
-    seed-to-seed variation and for the sampling of the validation examples. ``seed`` is accepted for
-    resampling methods and unused by ``"t"``.
+    seed-to-seed variation and for the sampling of the validation examples; it is deterministic, so
+    ``seed`` (kept in the signature for a resampling method) does not change its result.
     """
     _check_level(alpha, delta)
     if method != "t":
