@@ -223,3 +223,26 @@ def test_expected_max_matches_enumeration():
     assert stats.expected_max([1.0, 5.0], 200)[0] == pytest.approx(5.0)
     with pytest.raises(ValueError, match="at least one value"):
         stats.expected_max([], 2)
+
+
+@pytest.mark.parametrize("n", [2, 5])
+def test_the_accuracy_interval_covers_the_population_accuracy(n):
+    """One architecture's (1 - alpha) interval covers the accuracy expected over seeds and example populations
+    about 1 - alpha of the time (both noise sources counted)."""
+    from stats_sim import Population, studies
+
+    pop = Population(s_seed=0.3)
+    rng = np.random.default_rng(7 + n)
+    big = pop.mu + pop.s_ex * rng.standard_normal(2_000_000)
+    truth = 100 * float(np.mean(1 / (1 + np.exp(-(big + pop.s_seed * rng.standard_normal(big.size)
+                                                   + pop.s_int * rng.standard_normal(big.size))))))
+    a, _ = studies(rng, 1000, n, 2, 500, pop)
+    covered = np.mean([lo <= truth <= hi for _, lo, hi in (stats.accuracy_interval(x) for x in a)])
+    assert covered >= 0.95 - 3.1 * np.sqrt(0.05 * 0.95 / 1000), covered
+
+
+def test_the_mean_interval_is_students_t():
+    mean, lo, hi = stats.mean_interval([1.0, 2.0, 3.0])
+    assert mean == 2.0 and hi - mean == pytest.approx(4.302652729911275 * 1.0 / np.sqrt(3))
+    with pytest.raises(ValueError, match="at least 2 finite per-seed values"):
+        stats.mean_interval([1.0])

@@ -382,3 +382,38 @@ def expected_max(values, n: int) -> tuple[float, float]:
     mean = float(np.sum(prob * v))
     var = float(max(0.0, np.sum(prob * (v - mean) ** 2)))
     return mean, var
+
+
+def accuracy_interval(a, *, alpha: float = 0.05) -> tuple[float, float, float]:
+    """(mean accuracy, lower, upper) in percent: the (1 - alpha) interval of one architecture's accuracy.
+
+    ``a``: bool (n, m), n >= 2 seeds, per-example correctness on m validation images. The one-sided
+    analogue of :func:`compare`: with x_s the seed accuracies, u_i the per-example means over seeds and
+    w the mean within-example variance over seeds, V = S_x/n + max(0, S_u - w/n)/m (seed and
+    example-sampling noise), a t interval with Satterthwaite degrees of freedom.
+    """
+    x = _check_matrices(a, a)[0]
+    n, m = x.shape
+    xf = x.astype(np.float64)
+    seed_acc = xf.mean(axis=1)
+    per_example = xf.mean(axis=0)
+    s_x = float(np.var(seed_acc, ddof=1))
+    within = float(np.mean(per_example * (1.0 - per_example)) * n / (n - 1))
+    s_u = float(np.var(per_example, ddof=1))
+    terms = np.array([s_x / n, max(0.0, s_u - within / n) / m])
+    var = float(terms.sum())
+    mean = 100.0 * float(per_example.mean())
+    if var == 0.0:
+        return mean, mean, mean
+    df = var ** 2 / float(np.sum(terms ** 2 / np.array([n - 1, m - 1], dtype=np.float64)))
+    half = 100.0 * float(sps.t.ppf(1.0 - alpha / 2.0, df)) * math.sqrt(var)
+    return mean, mean - half, mean + half
+
+
+def mean_interval(values, *, alpha: float = 0.05) -> tuple[float, float, float]:
+    """(mean, lower, upper): Student's t interval of a per-seed quantity's mean (across seeds only)."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim != 1 or x.size < 2 or not np.all(np.isfinite(x)):
+        raise ValueError(f"an interval needs at least 2 finite per-seed values, got {x.tolist()}")
+    half = float(sps.t.ppf(1.0 - alpha / 2.0, x.size - 1)) * float(np.std(x, ddof=1)) / math.sqrt(x.size)
+    return float(x.mean()), float(x.mean()) - half, float(x.mean()) + half
