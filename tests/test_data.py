@@ -126,3 +126,54 @@ def test_deterministic_small_splits_are_read_once_and_equal_a_fresh_read(monkeyp
     assert build_dataset("mnist5k", "train", img_size=32, train=True, max_samples=20, seed=0).cache is None
     monkeypatch.setattr(data, "CACHE_LIMIT_BYTES", 3 * 32 * 32 * 49)
     assert build_dataset("mnist5k", "val", img_size=32, max_samples=50, uint8=True).cache is None
+
+
+def test_bundled_fashion_mnist_is_a_balanced_10000_2000_subset_of_28px_grey_images():
+    from spach.data import FashionMnist
+
+    tr, va = open_source("fashion-mnist", "train"), open_source("fashion-mnist", "val")
+    assert isinstance(tr, FashionMnist) and (len(tr), len(va)) == (10000, 2000)
+    assert np.bincount(tr.targets).tolist() == [1000] * 10 and np.bincount(va.targets).tolist() == [200] * 10
+    assert min(tr.targets) == 0 and max(va.targets) == 9 and len(tr.classes) == 10
+    assert tr.images.shape == (10000, 28, 28) and tr.images.dtype == np.uint8
+    img, t = va[5]
+    assert img.size == (28, 28) and img.mode == "L" and t == va.targets[5]
+    assert tr.images.std() > 50  # real pictures, not a blank array
+
+
+def _write_idx(path, array, gz):
+    import gzip
+
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    (gzip.open if gz else open)(path, "wb").write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gzip"])
+def test_fashion_mnist_root_reads_the_original_idx_files(tmp_path, gz):
+    rng = np.random.RandomState(0)
+    ext = ".gz" if gz else ""
+    for split, n in (("train", 7), ("t10k", 3)):
+        _write_idx(tmp_path / f"{split}-images-idx3-ubyte{ext}", rng.randint(0, 256, (n, 28, 28)), gz)
+        _write_idx(tmp_path / f"{split}-labels-idx1-ubyte{ext}", np.arange(n) % 10, gz)
+    tr, va = open_source(f"fashion-mnist:{tmp_path}", "train"), open_source(f"fashion-mnist:{tmp_path}", "val")
+    assert (len(tr), len(va)) == (7, 3) and tr.targets == [0, 1, 2, 3, 4, 5, 6] and va.targets == [0, 1, 2]
+    img, _ = tr[2]
+    assert img.size == (28, 28) and np.asarray(img).tolist() == tr.images[2].tolist()
+    x, y = build_dataset(f"fashion-mnist:{tmp_path}", "val", img_size=32)[1]
+    assert x.shape == (3, 32, 32) and y == 1
+
+
+def test_fashion_mnist_root_errors_name_the_missing_or_bad_file(tmp_path):
+    from spach.data.fashion_mnist import read_idx
+
+    with pytest.raises(FileNotFoundError, match=r"missing train-images-idx3-ubyte \(or train-images-idx3-ubyte.gz\)"):
+        open_source(f"fashion-mnist:{tmp_path}", "train")
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((2, 28, 28)), False)
+    with pytest.raises(FileNotFoundError, match="missing t10k-labels-idx1-ubyte"):
+        open_source(f"fashion-mnist:{tmp_path}", "val")
+    (tmp_path / "short").write_bytes(bytes([0, 0, 8, 1]) + (5).to_bytes(4, "big") + b"\x00\x01")
+    with pytest.raises(ValueError, match="the header says 5 = 5 bytes of data, the file holds 2"):
+        read_idx(tmp_path / "short")
+    (tmp_path / "text").write_bytes(b"hello world")
+    with pytest.raises(ValueError, match="not an idx file"):
+        read_idx(tmp_path / "text")

@@ -4,9 +4,11 @@
     ds = build_dataset("mnist5k", "train", img_size=32, train=True, seed=0)
     ds = build_dataset("path/to/imagefolder", "val", img_size=224)
 
-SOURCE is `mnist5k` (built in: 4,000/1,000 fixed class-balanced split), an ImageFolder
-root with `train/` and `val/`, or `NAME:ROOT` for a torchvision dataset on disk
-(cifar10, cifar100, mnist, fashionmnist, kmnist, svhn, stl10; never downloaded).
+SOURCE is `mnist5k` (built in: 4,000/1,000 fixed class-balanced split), `fashion-mnist`
+(built in: 10,000/2,000 class-balanced Fashion-MNIST subset), `fashion-mnist:ROOT` (the four
+original idx files in ROOT, plain or .gz), an ImageFolder root with `train/` and `val/`, or
+`NAME:ROOT` for a torchvision dataset on disk (cifar10, cifar100, mnist, fashionmnist, kmnist,
+svhn, stl10; never downloaded).
 """
 from __future__ import annotations
 
@@ -14,11 +16,12 @@ from typing import Optional
 
 from spach.data.datasets import SafeDataset, class_balanced_indices, collate_skip, open_source
 from spach.data.loader import DeviceLoader, EpochSampler, make_loader
+from spach.data.fashion_mnist import FashionMnist
 from spach.data.mnist5k import Mnist5k
 from spach.data.transforms import eval_transform, train_transform
 
 __all__ = ["build_dataset", "open_source", "SafeDataset", "class_balanced_indices", "collate_skip",
-           "Mnist5k", "train_transform", "eval_transform", "DeviceLoader", "EpochSampler", "make_loader"]
+           "Mnist5k", "FashionMnist", "train_transform", "eval_transform", "DeviceLoader", "EpochSampler", "make_loader"]
 
 
 # items of a deterministic transform are kept in memory when the whole split fits in this many bytes

@@ -1,6 +1,8 @@
 """Data SOURCEs -> datasets that never crash on a bad image.
 
     base = open_source("mnist5k", "train")             # built-in digits
+    base = open_source("fashion-mnist", "train")       # built-in Fashion-MNIST subset (10,000 / 2,000)
+    base = open_source("fashion-mnist:/usr/share/datasets/fashion-mnist", "val")   # the full idx files
     base = open_source("~/data/imagenet", "val")       # ImageFolder: ROOT/train/CLASS/*.jpg, ROOT/val/...
     base = open_source("cifar10:~/data", "train")      # torchvision dataset already on disk
     ds = SafeDataset(base, transform, indices=class_balanced_indices(base.targets, 1000), seed=0)
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
+from spach.data.fashion_mnist import FashionMnist
 from spach.data.mnist5k import Mnist5k
 from spach.rng import seeded
 
@@ -44,7 +47,11 @@ def open_source(source: str, split: str):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if source == "mnist5k":
         return Mnist5k(split)
+    if source == "fashion-mnist":
+        return FashionMnist(split)
     name, sep, root = source.partition(":")
+    if sep and name == "fashion-mnist":
+        return FashionMnist(split, root=Path(root).expanduser())
     if sep and name.lower() in TORCHVISION:
         return _torchvision(name.lower(), os.path.expanduser(root), split)
     return _image_folder(Path(source).expanduser(), split)
@@ -73,8 +80,9 @@ def _torchvision(name: str, root: str, split: str):
 
 def _image_folder(root: Path, split: str):
     if not root.exists():
-        raise FileNotFoundError(f"data not found: {root} (expected 'mnist5k', NAME:ROOT for a torchvision "
-                                f"dataset, or an ImageFolder root with train/ and val/)")
+        raise FileNotFoundError(f"data not found: {root} (expected 'mnist5k', 'fashion-mnist', NAME:ROOT for a "
+                                f"torchvision dataset or fashion-mnist:ROOT, or an ImageFolder root with train/ "
+                                f"and val/)")
     missing = [s for s in ("train", "val") if not (root / s).is_dir()]
     if missing:
         raise FileNotFoundError(f"{root}: missing {' and '.join(s + '/' for s in missing)} — an ImageFolder "
