@@ -1,5 +1,6 @@
 """spach.data: the built-in split, class-balanced slices, SOURCE errors, unreadable images, seeded augmentation."""
 import random
+from pathlib import Path
 import warnings
 
 import numpy as np
@@ -177,3 +178,63 @@ def test_fashion_mnist_root_errors_name_the_missing_or_bad_file(tmp_path):
     (tmp_path / "text").write_bytes(b"hello world")
     with pytest.raises(ValueError, match="not an idx file"):
         read_idx(tmp_path / "text")
+
+
+def test_small_image_folders_are_decoded_once_and_augment_to_the_same_pixels_as_the_files(tmp_path, monkeypatch):
+    import spach.data as data
+    from spach.data import InMemoryImages
+
+    root = _image_folder(tmp_path, n_per_class=4)
+    Image.fromarray(np.arange(400, dtype=np.uint16).reshape(20, 20) * 150).save(root / "train" / "a" / "g16.png")
+    Image.new("L", (24, 18), 77).save(root / "train" / "b" / "grey.png")  # another shape: kept unstacked
+    (root / "train" / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    kw = dict(img_size=16, train=True, seed=5, uint8=True)
+    in_memory = build_dataset(str(root), "train", **kw)
+    monkeypatch.setattr(data, "MEMORY_LIMIT_BYTES", 0)
+    from_files = build_dataset(str(root), "train", **kw)
+    assert isinstance(in_memory.base, InMemoryImages) and not isinstance(from_files.base, InMemoryImages)
+    assert in_memory.targets == from_files.targets and len(in_memory) == 11
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for epoch in (0, 3):
+            for i in range(len(in_memory)):
+                a, b = in_memory[(epoch, i)], from_files[(epoch, i)]
+                assert (a is None) == (b is None)
+                assert a is None or (torch.equal(a[0], b[0]) and a[1] == b[1])
+    bad = [i for i in range(11) if in_memory.base.samples[i][0].endswith("broken.png")][0]
+    with pytest.warns(UserWarning, match="skipping unreadable image .*broken.png"):
+        assert in_memory[bad] is None
+
+
+def test_image_folders_over_the_memory_limit_are_read_from_the_files(tmp_path, monkeypatch):
+    import spach.data as data
+    from spach.data import InMemoryImages, load_in_memory
+
+    root = _image_folder(tmp_path, n_per_class=4)
+    base = open_source(str(root), "train")
+    kept = load_in_memory(base, range(8), limit=8 * 20 * 20 * 3)
+    assert isinstance(kept, InMemoryImages) and kept.images.shape == (8, 20, 20, 3) and kept.nbytes == 9600
+    assert load_in_memory(base, range(8), limit=8 * 20 * 20 * 3 - 1) is None
+    monkeypatch.setattr(data, "MEMORY_LIMIT_BYTES", 7 * 20 * 20 * 3)
+    assert not isinstance(build_dataset(str(root), "train", img_size=16, train=True).base, InMemoryImages)
+
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "cifar10_folder.py").is_file(), reason=f"no CIFAR-10 file at {SHARED_DATA}")
+def test_a_cifar10_image_folder_from_the_shared_data_reads_as_32px_colour_in_memory(tmp_path):
+    import subprocess
+    import sys
+
+    from spach.data import InMemoryImages
+
+    subprocess.run([sys.executable, str(SHARED_DATA / "cifar10_folder.py"), str(tmp_path / "c10"),
+                    "--per-class-train", "3", "--per-class-val", "2"], check=True, capture_output=True)
+    train = build_dataset(str(tmp_path / "c10"), "train", img_size=32, train=True, seed=0, uint8=True)
+    val = build_dataset(str(tmp_path / "c10"), "val", img_size=32, uint8=True)
+    assert len(train.classes) == 10 and "airplane" in train.classes and train.classes == val.classes
+    assert (len(train), len(val)) == (30, 20) and np.bincount(val.targets).tolist() == [2] * 10
+    assert isinstance(train.base, InMemoryImages) and train.base.images.shape == (30, 32, 32, 3)
+    x, _ = train[0]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.uint8 and x.float().std() > 10  # colour pictures

@@ -16,16 +16,20 @@ from typing import Optional
 
 from spach.data.datasets import SafeDataset, class_balanced_indices, collate_skip, open_source
 from spach.data.loader import DeviceLoader, EpochSampler, make_loader
+from spach.data.memory import InMemoryImages, load_in_memory
 from spach.data.fashion_mnist import FashionMnist
 from spach.data.mnist5k import Mnist5k
 from spach.data.transforms import eval_transform, train_transform
 
 __all__ = ["build_dataset", "open_source", "SafeDataset", "class_balanced_indices", "collate_skip",
-           "Mnist5k", "FashionMnist", "train_transform", "eval_transform", "DeviceLoader", "EpochSampler", "make_loader"]
+           "Mnist5k", "FashionMnist", "train_transform", "eval_transform", "DeviceLoader", "EpochSampler", "make_loader",
+           "InMemoryImages", "load_in_memory"]
 
 
 # items of a deterministic transform are kept in memory when the whole split fits in this many bytes
 CACHE_LIMIT_BYTES = 1 << 30
+# the decoded images of an image-file split (ImageFolder) are kept in memory when they fit in this many bytes
+MEMORY_LIMIT_BYTES = 1 << 30
 
 
 def build_dataset(source: str, split: str, img_size: int, *, train: bool = False, max_samples: Optional[int] = None,
@@ -36,7 +40,10 @@ def build_dataset(source: str, split: str, img_size: int, *, train: bool = False
     `train_aug` are `train_transform` keywords (auto_augment, reprob, hflip, scale, ...).
     `uint8=True`: items are uint8 tensors, to be normalised (and random-erased) on the device by
     `DeviceLoader` (see `spach.data.loader`). With the eval transform (deterministic) a split whose
-    items fit in `CACHE_LIMIT_BYTES` is read once and kept (mnist5k: 12 MB at 32px).
+    items fit in `CACHE_LIMIT_BYTES` is read once and kept (mnist5k: 12 MB at 32px). Otherwise the
+    images of an image-file split (ImageFolder) whose decoded pixels fit in `MEMORY_LIMIT_BYTES` are
+    decoded once and kept (`spach.data.memory`: 10,000 CIFAR images are 31 MB); each epoch's
+    augmentation starts from them and gives the same tensors as reading the files.
     """
     norm = {k: v for k, v in (("mean", mean), ("std", std)) if v is not None}
     if train:
@@ -47,4 +54,8 @@ def build_dataset(source: str, split: str, img_size: int, *, train: bool = False
     indices = class_balanced_indices(base.targets, max_samples)
     item_bytes = 3 * img_size * img_size * (1 if uint8 else 4)
     cache = not train and len(indices) * item_bytes <= CACHE_LIMIT_BYTES
+    if not cache and hasattr(base, "samples"):  # files on disk: decode them once if they fit
+        in_memory = load_in_memory(base, indices, MEMORY_LIMIT_BYTES)
+        if in_memory is not None:
+            return SafeDataset(in_memory, transform, seed=seed)
     return SafeDataset(base, transform, indices, seed=seed, cache=cache)
