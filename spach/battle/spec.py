@@ -346,8 +346,10 @@ def _check_measure(measure: Any, where: str) -> dict:
 
 
 def check_runnable_here(study: Study) -> None:
-    """Before any training: runs launched on this machine are measured on it, so a CUDA measurement needs
-    CUDA here (a study is still loadable, listable and launchable elsewhere without it)."""
+    """Before any training: the study's data (`check_study_data`); runs launched on this machine are
+    measured on it, so a CUDA measurement needs CUDA here (a study is still loadable, listable and
+    launchable elsewhere without it)."""
+    check_study_data(study)
     if study.measure["device"] == "cuda" and study.launcher["kind"] in ("local", "torchrun"):
         import torch
 
@@ -355,6 +357,21 @@ def check_runnable_here(study: Study) -> None:
             _fail(f"study {study.name}", "measure.device is cuda but this machine has no CUDA device "
                   "(torch.cuda.is_available() is false): every run would train and then fail to be measured; "
                   "use measure: {device: cpu}, or run the study on a GPU machine")
+
+
+def check_study_data(study: Study) -> dict:
+    """The study's `data:` checked once for all its runs (spach.data.checks.check_source): at least two
+    classes, the same classes in train and val, one optimizer step of training images. Returns its summary."""
+    from spach.data.checks import check_source
+    from spach.engine.config import TrainConfig
+
+    cfg = TrainConfig.from_dict(dict(study.recipe, model="data-check", data=study.data, output="data-check"))
+    try:
+        return check_source(study.data, batch_size=cfg.batch_size, accum_steps=cfg.accum_steps,
+                            max_train_samples=cfg.max_train_samples, max_val_samples=cfg.max_val_samples,
+                            setting="recipe.batch_size")
+    except ValueError as e:
+        _fail(f"study {study.name}", str(e))
 
 
 def _check_launcher(launcher: Any, where: str) -> dict:
