@@ -74,7 +74,7 @@ def load_results(out_dir: str | Path) -> dict[str, Any]:
     for run in runs:
         run["epochs"] = db.epochs(conn, run["key"])
     result = {"name": db.study_name(conn), "runs": runs, "skipped": db.skipped(conn),
-              "stale": len(db.runs(conn)) - len(runs)}
+              "stale": len(db.runs(conn)) - len(runs), "data_change_accepted": db.data_change_accepted(conn)}
     conn.close()
     return result
 
@@ -341,6 +341,8 @@ def write_report(out_dir: str | Path, to: str | Path | None = None) -> Path:
                   f"for inference, batch {m['batch_size']}, {m['dtype']}, {m.get('device', 'cpu')}"
                   f"{', ' + str(m['threads']) + ' threads' if m.get('threads') else ''}. "
                   "Top-1 is the final epoch's validation accuracy, mean ± std over seeds.")
+    if data.get("data_change_accepted"):
+        md += ["", f"**Changed data kept** (`--accept-changed-data`): {data['data_change_accepted']}."]
     md += ["", "## Results", "", table(groups) if groups else "No finished runs yet.", ""]
     if groups:
         md += ["Pareto: on the front of top-1 against MACs (no other architecture is at least as accurate for "

@@ -191,13 +191,15 @@ def list_presets() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in root.iterdir() if p.name.endswith(".yaml"))
 
 
-def load_study(path_or_preset: str | Path | dict, max_runs: int = MAX_RUNS) -> Study:
+def load_study(path_or_preset: str | Path | dict, max_runs: int = MAX_RUNS, data: str | None = None) -> Study:
     """Load a study from a YAML file, a preset name (e.g. "cpu-mini") or a mapping; validate and expand it.
 
     `max_runs`: refuse a study that declares more runs (a typo such as 100,000 seeds); raise it on purpose.
+    `data`: a SOURCE replacing the study's `data:` (`spach battle --data ROOT`), before the runs are expanded.
     """
     if isinstance(path_or_preset, dict):
-        return parse_study(path_or_preset, where="study", max_runs=max_runs)  # plugins: relative to the cwd
+        raw = dict(path_or_preset, data=data) if data is not None else path_or_preset
+        return parse_study(raw, where="study", max_runs=max_runs)  # plugins: relative to the cwd
     text_path = str(path_or_preset)
     path = Path(text_path)
     if path.is_file():
@@ -217,6 +219,8 @@ def load_study(path_or_preset: str | Path | dict, max_runs: int = MAX_RUNS) -> S
         raise ValueError(f"{where}: nested too deeply to be a study") from None
     if not isinstance(raw, dict):
         _fail(where, "a study must be a YAML mapping")
+    if data is not None:
+        raw["data"] = data
     return parse_study(raw, where=where, max_runs=max_runs, base_dir=path.parent if path.is_file() else None)
 
 

@@ -1,4 +1,4 @@
-"""`spach battle [STUDY] [--out DIR] [--workers N] [--retry-failed]`: run a study, resumably, then report.
+"""`spach battle [STUDY] [--out DIR] [--workers N] [--retry-failed] [--data SOURCE]`: run a study, then report.
 
 STUDY is a YAML file or a preset name (default: cpu-mini); see docs/battle.md. On a Slurm cluster
 (docs/cluster.md): `--launcher slurm`, `--detach`, and the sub-commands
@@ -36,6 +36,12 @@ def add_parser(subparsers) -> None:
                    help="run with this launcher instead of the study's (the study's other launcher settings apply)")
     p.add_argument("--detach", action="store_true",
                    help="slurm launcher: submit the jobs of the runs not done and return (re-run to collect)")
+    p.add_argument("--data", default=None, metavar="SOURCE",
+                   help="train on this data instead of the study's `data:` (an ImageFolder root, mnist5k, "
+                        "fashion-mnist, NAME:ROOT)")
+    p.add_argument("--accept-changed-data", action="store_true",
+                   help="keep done runs although their data changed since they were trained (the report says "
+                        "so); without it such a study is refused")
     p.add_argument("--dry-run", action="store_true", help="validate the study and list its runs; train nothing")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=run)
@@ -48,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"one study at a time, got {args.study} (sub-commands: status OUT, cancel OUT [RUN ...])")
     if args.study and args.preset:
         raise ValueError("give a study file or --preset, not both")
-    study = load_study(args.preset or (args.study[0] if args.study else "cpu-mini"), max_runs=args.max_runs)
+    study = load_study(args.preset or (args.study[0] if args.study else "cpu-mini"), max_runs=args.max_runs,
+                       data=args.data)
     if args.dry_run:
         print(summary(study))
         for r in study.runs:
@@ -58,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     out = args.out or f"runs/{study.name}"
     result = run_study(study, out, workers=args.workers, retry_failed=args.retry_failed, threads=args.threads,
-                       quiet=args.quiet, launcher=args.launcher, detach=args.detach)
+                       quiet=args.quiet, launcher=args.launcher, detach=args.detach,
+                       accept_changed_data=args.accept_changed_data)
     return 1 if result["failed"] else 0
 
 

@@ -14,16 +14,19 @@ from __future__ import annotations
 
 from typing import Optional
 
+from spach.data.checks import check_source
 from spach.data.datasets import SafeDataset, class_balanced_indices, collate_skip, open_source
 from spach.data.loader import DeviceLoader, EpochSampler, make_loader
 from spach.data.memory import InMemoryImages, load_in_memory
 from spach.data.fashion_mnist import FashionMnist
+from spach.data.fingerprint import describe_change, fingerprint, source_fingerprint
 from spach.data.mnist5k import Mnist5k
 from spach.data.transforms import eval_transform, train_transform
 
 __all__ = ["build_dataset", "open_source", "SafeDataset", "class_balanced_indices", "collate_skip",
            "Mnist5k", "FashionMnist", "train_transform", "eval_transform", "DeviceLoader", "EpochSampler", "make_loader",
-           "InMemoryImages", "load_in_memory"]
+           "InMemoryImages", "load_in_memory", "check_source", "fingerprint", "source_fingerprint",
+           "describe_change"]
 
 
 # items of a deterministic transform are kept in memory when the whole split fits in this many bytes
