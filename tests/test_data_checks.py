@@ -111,3 +111,28 @@ def test_a_huge_image_is_refused_before_decoding_with_a_message_saying_what_was_
     expected = f"{side}x{side} = {side * side / 1e6:.0f} MP, over" if side == 12000 else "more than 179 MP, over"
     assert "skipping unreadable image" in messages[0] and "huge.png" in messages[0]
     assert expected in messages[0] and "the limit of 50 MP per image" in messages[0] and "not decoded" in messages[0]
+
+
+def test_the_fashion_and_cifar_presets_pass_the_checks_with_comparable_ss_and_ms_models(tmp_path):
+    from spach.battle.spec import check_study_data
+    from spach.engine.build import build_model
+    from spach.models import count_macs, count_params
+
+    fashion = load_study("cpu-fashion")
+    assert fashion.data == "fashion-mnist" and len(fashion.runs) == 18 and len({r.seed for r in fashion.runs}) == 3
+    assert check_study_data(fashion) == {"train": {"classes": 10, "images": 5000}, "val": {"classes": 10, "images": 1000}}
+    root = image_folder(tmp_path / "c10", classes=tuple("abcdefghij"), per_class=6)
+    cifar = load_study("cpu-cifar", data=str(root))
+    assert cifar.data == str(root) and all(r.train["data"] == str(root) for r in cifar.runs)
+    assert {r.group for r in cifar.runs} >= {"hybrid-ms-small", "attn-ss-small-nocpe", "mlp-ms-small-nocpe"}
+    with pytest.raises(ValueError, match="fewer than one optimizer step of recipe.batch_size 64"):
+        check_runnable_here(cifar)  # 60 images
+    for study in (fashion, cifar):
+        cost = {}
+        for r in study.runs:
+            if r.seed == 0 and r.cpe:
+                m = build_model(r.model, num_classes=10, model_kwargs=r.model_kwargs)
+                cost[(r.family, r.layout)] = (count_params(m), count_macs(m, study.img_size))
+        for family in ("conv", "attn", "mlp"):
+            (p_ss, m_ss), (p_ms, m_ms) = cost[(family, "ss")], cost[(family, "ms")]
+            assert 1 / 1.7 < p_ms / p_ss < 1.7 and 1 / 1.7 < m_ms / m_ss < 1.7, (study.name, family, cost)
