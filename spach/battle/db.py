@@ -128,7 +128,8 @@ METRICS = ("params", "macs", "images_per_s", "best_top1", "final_top1", "final_t
            "final_train_loss", "train_time_s")
 # columns added after the first release: (name, SQL type), added to older databases by `migrate`
 ADDED_COLUMNS = (("job_id", "TEXT"), ("job_attempt", "INTEGER"), ("node", "TEXT"), ("submitted_at", "REAL"),
-                 ("cpu_time_s", "REAL"))  # CPU seconds of the run's finished epochs (all threads of its process)
+                 ("cpu_time_s", "REAL"),  # CPU seconds of the run's finished epochs (all threads of its process)
+                 ("data_fingerprint", "TEXT"))   # JSON {split: spach.data.fingerprint} of the data it trains on
 EPOCH_FIELDS = ("train_loss", "val_loss", "val_top1", "val_top5", "lr", "images_per_s", "epoch_time_s")
 
 
@@ -233,6 +234,34 @@ def insert_runs(conn: sqlite3.Connection, runs: Iterable, run_dir: Any) -> None:
                  stable_json(r.resolved()), str(run_dir(r)), now))
             # names are presentation: keep them current if the study file renamed a run
             conn.execute("UPDATE runs SET name = ?, grp = ? WHERE key = ?", (r.name, r.group, r.key))
+
+
+def runs_on_other_data(conn: sqlite3.Connection, keys: Iterable[str], fingerprint: str) -> list[dict[str, Any]]:
+    """The done runs among `keys` that were trained on data with another fingerprint (unknown ones excepted)."""
+    wanted = set(keys)
+    rows = conn.execute("SELECT key, name, data_fingerprint FROM runs WHERE status = 'done'"
+                        " AND data_fingerprint IS NOT NULL AND data_fingerprint != ?", (fingerprint,))
+    return [dict(r) for r in rows if r["key"] in wanted]
+
+
+def record_data_fingerprint(conn: sqlite3.Connection, keys: Iterable[str], fingerprint: str,
+                            accepted: str | None = None) -> None:
+    """The runs among `keys` that will train (not done), and done ones without a fingerprint (written by an
+    older spach), train on data of `fingerprint`. `accepted`: done runs on other data are kept (the
+    `--accept-changed-data` of `spach battle`): they take the new fingerprint, and `accepted` (what changed)
+    is stored for the report (`data_change_accepted`)."""
+    with _Tx(conn):
+        done = "" if accepted else " AND (status != 'done' OR data_fingerprint IS NULL)"
+        conn.executemany(f"UPDATE runs SET data_fingerprint = ? WHERE key = ?{done}",
+                         [(fingerprint, k) for k in keys])
+        if accepted:
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('data_change_accepted', ?)", (accepted,))
+
+
+def data_change_accepted(conn: sqlite3.Connection) -> str | None:
+    """What changed in the data of done runs that were kept anyway (`record_data_fingerprint`), or None."""
+    row = conn.execute("SELECT v FROM meta WHERE k = 'data_change_accepted'").fetchone()
+    return row["v"] if row else None
 
 
 def reset_interrupted(conn: sqlite3.Connection) -> tuple[list[str], list[tuple[str, int]]]:

@@ -86,7 +86,8 @@ def load_results(out_dir: str | Path) -> dict[str, Any]:
     result = {"name": db.study_name(conn), "runs": runs, "skipped": db.skipped(conn),
               "stale": len({r["key"] for r in db.runs(conn)} - set(keys) - trial_keys),
               "evidence": db.evidence(conn, [r["key"] for r in runs]), "mixer_facts": db.mixer_facts_of(conn),
-              "sequential": db.get_meta(conn, "sequential"), "statistics": study.get("statistics") or {}}
+              "sequential": db.get_meta(conn, "sequential"), "statistics": study.get("statistics") or {},
+              "data_change_accepted": db.data_change_accepted(conn)}
     conn.close()
     return result
 
@@ -492,6 +493,8 @@ def write_report(out_dir: str | Path, to: str | Path | None = None) -> Path:
                   "Top-1 is the final epoch's validation accuracy: mean and 95% confidence interval over seeds and "
                   "validation images (marked * where a group lacks per-example evidence: over seeds only); losses: "
                   "mean and 95% interval over seeds.")
+    if data.get("data_change_accepted"):
+        md += ["", f"**Changed data kept** (`--accept-changed-data`): {data['data_change_accepted']}."]
     md += ["", "## Results", "", table(groups) if groups else "No finished runs yet.", ""]
     if groups:
         md += ["Pareto: on the front of top-1 against MACs (no other architecture is at least as accurate for "

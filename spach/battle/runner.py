@@ -411,13 +411,21 @@ def default_workers(study: Study, threads: int | None = None) -> int:
     return max(1, (threads or available_threads()) // study.threads)
 
 
-def queue_study(out_dir: Path, study: Study, retry_failed: bool) -> tuple[list[dict], list[str]]:
+def queue_study(out_dir: Path, study: Study, retry_failed: bool,
+                accept_changed_data: bool = False) -> tuple[list[dict], list[str]]:
     """Register the study's runs in OUT/battle.db and requeue interrupted (and, if asked, failed) ones.
 
-    Returns (the runs' rows, names of the interrupted runs); refuses while a run still executes elsewhere.
+    Returns (the runs' rows, names of the interrupted runs); refuses while a run still executes elsewhere,
+    and when done runs were trained on data that has changed since (`check_data_unchanged`).
     """
     conn = db.connect(out_dir, create=True)
+    try:
+        fingerprint, accepted = check_data_unchanged(conn, out_dir, study, accept_changed_data)
+    except SpachError:
+        conn.close()
+        raise
     db.register_study(conn, study, lambda r: run_dir(out_dir, r, study.runs_dir))
+    db.record_data_fingerprint(conn, [r.key for r in study.runs], fingerprint, accepted=accepted)
     interrupted, alive = db.reset_interrupted(conn)
     if alive:
         conn.close()
@@ -430,6 +438,27 @@ def queue_study(out_dir: Path, study: Study, retry_failed: bool) -> tuple[list[d
     rows = db.runs(conn, keys)
     conn.close()
     return rows, interrupted
+
+
+def check_data_unchanged(conn, out_dir: Path, study: Study, accept: bool) -> tuple[str, str | None]:
+    """Done runs are reused only on the data they were trained on (its `spach.data.fingerprint`): refuse
+    (SpachError, saying what changed) when the study's data differs now, unless `accept` (then the runs are
+    kept, and the report says so). Returns (the data's fingerprint now, what changed for kept runs or None)."""
+    from spach.battle.spec import stable_json
+    from spach.data import describe_change, source_fingerprint
+
+    now = source_fingerprint(study.data)
+    keys = [r.key for r in study.runs]
+    changed = db.runs_on_other_data(conn, keys, stable_json(now))
+    what = None
+    if changed:
+        what = (f"{len(changed)} done run(s) were trained on data {study.data} as it was before "
+                f"({describe_change(json.loads(changed[0]['data_fingerprint']), now)})")
+        if not accept:
+            raise SpachError(f"{out_dir}: {what}; their results would not describe the data as it is now. "
+                             "Use another --out (or move this one aside) to train on the current data, or pass "
+                             "--accept-changed-data to keep them (the report will say so)")
+    return stable_json(now), what
 
 
 def finish_study(out_dir: Path, study: Study, progress: Progress, threads: int, report: bool) -> dict[str, Any]:
@@ -478,11 +507,13 @@ def run_study(spec: Study | str | Path | dict, out_dir: str | Path, workers: int
               retry_failed: bool = False,
               threads: int | None = None, quiet: bool = False,
               report: bool = True, on_progress: Callable[[Progress], None] | None = None,
-              launcher: str | None = None, detach: bool = False) -> dict[str, Any]:
+              launcher: str | None = None, detach: bool = False,
+              accept_changed_data: bool = False) -> dict[str, Any]:
     """Run every run of the study that is not done yet; write the report. Returns the status counts.
 
     `launcher` overrides the study's launcher kind (e.g. "slurm"); with the slurm launcher, `detach`
     submits the missing runs' jobs and returns without waiting for them (see spach.battle.slurm).
+    `accept_changed_data` keeps done runs whose data changed since they were trained (the report says so).
     """
     study = spec if isinstance(spec, Study) else load_study(spec)
     if launcher:
@@ -504,7 +535,7 @@ def run_study(spec: Study | str | Path | dict, out_dir: str | Path, workers: int
             from spach.battle.tune import tune_study
             study = tune_study(study, out_dir, workers, threads, quiet)
         keys = [r.key for r in study.runs]
-        rows, interrupted = queue_study(out_dir, study, retry_failed)
+        rows, interrupted = queue_study(out_dir, study, retry_failed, accept_changed_data)
         pending = [r for r in rows if r["status"] == "queued"]
         counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "failed")}
         # threads per run: --threads split between the workers, else the study's setting, else the machine's share

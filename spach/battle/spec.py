@@ -193,13 +193,15 @@ def list_presets() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in root.iterdir() if p.name.endswith(".yaml"))
 
 
-def load_study(path_or_preset: str | Path | dict, max_runs: int = MAX_RUNS) -> Study:
+def load_study(path_or_preset: str | Path | dict, max_runs: int = MAX_RUNS, data: str | None = None) -> Study:
     """Load a study from a YAML file, a preset name (e.g. "cpu-mini") or a mapping; validate and expand it.
 
     `max_runs`: refuse a study that declares more runs (a typo such as 100,000 seeds); raise it on purpose.
+    `data`: a SOURCE replacing the study's `data:` (`spach battle --data ROOT`), before the runs are expanded.
     """
     if isinstance(path_or_preset, dict):
-        return parse_study(path_or_preset, where="study", max_runs=max_runs)  # plugins: relative to the cwd
+        raw = dict(path_or_preset, data=data) if data is not None else path_or_preset
+        return parse_study(raw, where="study", max_runs=max_runs)  # plugins: relative to the cwd
     text_path = str(path_or_preset)
     path = Path(text_path)
     if path.is_file():
@@ -219,6 +221,8 @@ def load_study(path_or_preset: str | Path | dict, max_runs: int = MAX_RUNS) -> S
         raise ValueError(f"{where}: nested too deeply to be a study") from None
     if not isinstance(raw, dict):
         _fail(where, "a study must be a YAML mapping")
+    if data is not None:
+        raw["data"] = data
     return parse_study(raw, where=where, max_runs=max_runs, base_dir=path.parent if path.is_file() else None)
 
 
@@ -362,8 +366,10 @@ def _check_measure(measure: Any, where: str) -> dict:
 
 
 def check_runnable_here(study: Study) -> None:
-    """Before any training: runs launched on this machine are measured on it, so a CUDA measurement needs
-    CUDA here (a study is still loadable, listable and launchable elsewhere without it)."""
+    """Before any training: the study's data (`check_study_data`); runs launched on this machine are
+    measured on it, so a CUDA measurement needs CUDA here (a study is still loadable, listable and
+    launchable elsewhere without it)."""
+    check_study_data(study)
     if study.measure["device"] == "cuda" and study.launcher["kind"] in ("local", "torchrun"):
         import torch
 
@@ -371,6 +377,21 @@ def check_runnable_here(study: Study) -> None:
             _fail(f"study {study.name}", "measure.device is cuda but this machine has no CUDA device "
                   "(torch.cuda.is_available() is false): every run would train and then fail to be measured; "
                   "use measure: {device: cpu}, or run the study on a GPU machine")
+
+
+def check_study_data(study: Study) -> dict:
+    """The study's `data:` checked once for all its runs (spach.data.checks.check_source): at least two
+    classes, the same classes in train and val, one optimizer step of training images. Returns its summary."""
+    from spach.data.checks import check_source
+    from spach.engine.config import TrainConfig
+
+    cfg = TrainConfig.from_dict(dict(study.recipe, model="data-check", data=study.data, output="data-check"))
+    try:
+        return check_source(study.data, batch_size=cfg.batch_size, accum_steps=cfg.accum_steps,
+                            max_train_samples=cfg.max_train_samples, max_val_samples=cfg.max_val_samples,
+                            setting="recipe.batch_size")
+    except ValueError as e:
+        _fail(f"study {study.name}", str(e))
 
 
 def _check_launcher(launcher: Any, where: str) -> dict:
