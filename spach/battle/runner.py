@@ -96,7 +96,8 @@ def build_run_model(config: dict[str, Any]):
     from spach.engine.build import build_model
 
     train = config["train"]
-    num_classes = train.get("num_classes") or len(open_source(train["data"], "val").classes)
+    # the train split's classes (the same as val's): a tuning trial never opens the validation split
+    num_classes = train.get("num_classes") or len(open_source(train["data"], "train").classes)
     img_size = int(train["img_size"])
     return build_model(config["model"], num_classes=num_classes, img_size=img_size,
                        model_kwargs=config["model_kwargs"]), img_size
@@ -199,10 +200,13 @@ def execute_run(out_dir: str | Path, key: str, threads: int | None = None,
         db.mark_running(conn, key, os.getpid())
         if progress:
             progress.run_started(name, epochs, index)
+    cpu_clock = [time.process_time()]  # this process's CPU time, all its threads
 
     def on_epoch_end(record: dict[str, Any]) -> None:
         if rank == 0:
             db.record_epoch(conn, key, record)
+            db.add_cpu_time(conn, key, time.process_time() - cpu_clock[0])
+            cpu_clock[0] = time.process_time()
             if progress:
                 progress.epoch_done(name, record, epochs)
 
@@ -475,6 +479,30 @@ def finish_study(out_dir: Path, study: Study, progress: Progress, threads: int, 
     return result
 
 
+def threads_per_run(study: Study, workers: int, threads: int | None) -> int:
+    """Torch threads per run: --threads split between the workers, else the study's setting, else the
+    machine's share."""
+    if threads:
+        return max(1, threads // workers)
+    return study.threads or max(1, available_threads() // workers)
+
+
+def execute_pending(out_dir: Path, study: Study, pending: list[dict], workers: int, per_run: int,
+                    progress: Progress, detach: bool = False, first: int = 1) -> None:
+    """Execute the queued rows `pending` of the study's runs on its launcher (slurm: every run of
+    `study.runs` that is not done), `workers` at a time, `per_run` threads each; `first`: the
+    progress number of the first run."""
+    if study.launcher["kind"] == "slurm":
+        from spach.battle.slurm import run_on_slurm
+        run_on_slurm(study, out_dir, progress, detach=detach)
+    elif study.launcher["kind"] == "local" and workers == 1:
+        for i, row in enumerate(pending, first):
+            execute_run(out_dir, row["key"], threads=per_run, progress=progress, index=i)
+    elif pending:
+        _run_in_subprocesses(out_dir, pending, workers, per_run if study.launcher["kind"] == "local" else None,
+                             study.launcher, progress)
+
+
 def run_study(spec: Study | str | Path | dict, out_dir: str | Path, workers: int | None = None,
               retry_failed: bool = False,
               threads: int | None = None, quiet: bool = False,
@@ -493,6 +521,8 @@ def run_study(spec: Study | str | Path | dict, out_dir: str | Path, workers: int
         study = with_launcher(study, launcher)
     if detach and study.launcher["kind"] != "slurm":
         raise ValueError("--detach needs the slurm launcher (launcher: {kind: slurm} or --launcher slurm)")
+    if detach and study.tune:
+        raise ValueError("--detach cannot run a study with tune: (each trial waits for the previous ones' scores)")
     if workers is None:
         workers = default_workers(study, threads)
     if workers < 1:
@@ -501,15 +531,15 @@ def run_study(spec: Study | str | Path | dict, out_dir: str | Path, workers: int
     check_runnable_here(study)
     check_writable_dir(out_dir, "--out")
     with StudyLock(out_dir):
+        if study.tune:  # the trials first; the study's runs become each architecture's best configuration
+            from spach.battle.tune import tune_study
+            study = tune_study(study, out_dir, workers, threads, quiet)
         keys = [r.key for r in study.runs]
         rows, interrupted = queue_study(out_dir, study, retry_failed, accept_changed_data)
         pending = [r for r in rows if r["status"] == "queued"]
         counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "failed")}
         # threads per run: --threads split between the workers, else the study's setting, else the machine's share
-        if threads:
-            per_run = max(1, threads // workers)
-        else:
-            per_run = study.threads or max(1, available_threads() // workers)
+        per_run = threads_per_run(study, workers, threads)
         progress = Progress(total=len(pending), already_done=counts["done"], quiet=quiet)
         if on_progress:
             on_progress(progress)
@@ -520,15 +550,7 @@ def run_study(spec: Study | str | Path | dict, out_dir: str | Path, workers: int
                          f"{len(pending)} to run"
                          + (f"; resuming interrupted: {', '.join(interrupted)}" if interrupted else "")
                          + f"; {workers} worker(s) x {per_run} thread(s)")
-        if study.launcher["kind"] == "slurm":
-            from spach.battle.slurm import run_on_slurm
-            run_on_slurm(study, out_dir, progress, detach=detach)
-        elif study.launcher["kind"] == "local" and workers == 1:
-            for i, row in enumerate(pending, 1):
-                execute_run(out_dir, row["key"], threads=per_run, progress=progress, index=i)
-        elif pending:
-            _run_in_subprocesses(out_dir, pending, workers, per_run if study.launcher["kind"] == "local" else None,
-                                 study.launcher, progress)
+        execute_pending(out_dir, study, pending, workers, per_run, progress, detach)
         measure_speeds(out_dir, keys, per_run, progress)
         result = finish_study(out_dir, study, progress, threads=threads or per_run, report=report)
         progress.message(f"study {study.name}: {result['done']} done, {result['failed']} failed, "

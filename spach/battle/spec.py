@@ -182,6 +182,8 @@ class Study:
     skipped: list[tuple[str, str]] = field(default_factory=list)   # (name, reason)
     source: dict[str, Any] = field(default_factory=dict)          # the raw mapping, for the record
     analysis: dict[str, dict] = field(default_factory=dict)       # measurement -> settings, run after training
+    statistics: dict[str, Any] = field(default_factory=dict)      # how the report tests (schema.Statistics)
+    tune: dict[str, Any] | None = None  # `tune:` checked (spach.battle.tune_space); None: the recipe as written
 
 
 # --------------------------------------------------------------------------- loading
@@ -281,7 +283,21 @@ def parse_study(raw: dict, where: str = "study", max_runs: int = MAX_RUNS,
     if dup:
         _fail(where, f"duplicate run name(s) {dup}; give extra entries distinct names")
     study.analysis = check_analysis(raw.get("analysis"), {r.group for r in study.runs}, where)
+    study.statistics = check_statistics(raw.get("statistics"), where)
+    if raw.get("tune") is not None:
+        from spach.battle.tune_space import check_tune
+        study.tune = check_tune(raw["tune"], recipe, STUDY_OWNED, where)
     return study
+
+
+def check_statistics(value: Any, where: str) -> dict[str, Any]:
+    """`statistics:` completed by its defaults (schema.Statistics); alpha and power must be below 1/2 and 1."""
+    out = _section(schema.Statistics, value or {}, "statistics", where)
+    if not out["alpha"] < 0.5:
+        _fail(where, f"statistics.alpha must be below 0.5 (a family-wise error rate), got {out['alpha']!r}")
+    if not out["power"] < 1:
+        _fail(where, f"statistics.power must be below 1, got {out['power']!r}")
+    return out
 
 
 def check_analysis(value: Any, groups: set[str], where: str) -> dict[str, dict]:
@@ -603,6 +619,12 @@ def _make_run(study: Study, group: str, arch: Arch, seed: int, model: str, kwarg
                train=train, measure=dict(study.measure), plugins=tuple(study.plugins))
 
 
+def with_seed(run: Run, seed: int) -> Run:
+    """The same architecture and recipe as `run`, trained with another seed (e.g. a seed added by
+    ``spach battle --until-decisive``)."""
+    return replace(run, name=f"{run.group}-s{seed}", seed=seed, train=dict(run.train, seed=seed))
+
+
 def _check_net_arch(arch: Any, layout: str, where: str) -> list:
     def check_stage(stage: Any, w: str) -> list:
         if not isinstance(stage, list) or not stage:
@@ -733,4 +755,4 @@ def summary(study: Study) -> str:
 
 __all__ = ["Run", "Study", "load_study", "parse_study", "check_runnable_here", "check_name", "list_presets",
            "stable_json", "summary", "check_analysis", "with_launcher", "resolve_architecture", "model_refusal",
-           "families", "LAYOUTS", "ZOO_SIZES"]
+           "families", "with_seed", "LAYOUTS", "ZOO_SIZES"]

@@ -36,6 +36,11 @@ def add_parser(subparsers) -> None:
                    help="run with this launcher instead of the study's (the study's other launcher settings apply)")
     p.add_argument("--detach", action="store_true",
                    help="slurm launcher: submit the jobs of the runs not done and return (re-run to collect)")
+    p.add_argument("--until-decisive", action="store_true",
+                   help="after the study's runs, add seeds only to the architectures of unresolved comparisons, "
+                        "re-testing after each round (alpha spent over the looks; docs/battle.md)")
+    p.add_argument("--max-seeds", type=int, default=None, metavar="N",
+                   help="--until-decisive: at most N seeds per architecture (default: the study's seeds + 3)")
     p.add_argument("--data", default=None, metavar="SOURCE",
                    help="train on this data instead of the study's `data:` (an ImageFolder root, mnist5k, "
                         "fashion-mnist, NAME:ROOT)")
@@ -64,6 +69,18 @@ def run(args: argparse.Namespace) -> int:
             print(f"  skipped {name}: {reason}")
         return 0
     out = args.out or f"runs/{study.name}"
+    if args.max_seeds is not None and not args.until_decisive:
+        raise ValueError("--max-seeds goes with --until-decisive")
+    if args.until_decisive:
+        from spach.battle.adaptive import run_until_decisive
+
+        if args.detach:
+            raise ValueError("--until-decisive decides after each round: it cannot --detach")
+        base = max(sum(r.group == g for r in study.runs) for g in {r.group for r in study.runs})
+        result = run_until_decisive(study, out, args.max_seeds or base + 3, workers=args.workers,
+                                    retry_failed=args.retry_failed, threads=args.threads, quiet=args.quiet,
+                                    launcher=args.launcher, accept_changed_data=args.accept_changed_data)
+        return 1 if result["failed"] else 0
     result = run_study(study, out, workers=args.workers, retry_failed=args.retry_failed, threads=args.threads,
                        quiet=args.quiet, launcher=args.launcher, detach=args.detach,
                        accept_changed_data=args.accept_changed_data)

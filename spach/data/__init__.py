@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Optional
 
 from spach.data.checks import check_source
-from spach.data.datasets import SafeDataset, class_balanced_indices, collate_skip, open_source
+from spach.data.datasets import SafeDataset, class_balanced_indices, collate_skip, open_source, selection_split
 from spach.data.loader import DeviceLoader, EpochSampler, make_loader
 from spach.data.memory import InMemoryImages, load_in_memory
 from spach.data.fashion_mnist import FashionMnist
@@ -23,7 +23,7 @@ from spach.data.fingerprint import describe_change, fingerprint, source_fingerpr
 from spach.data.mnist5k import Mnist5k
 from spach.data.transforms import eval_transform, train_transform
 
-__all__ = ["build_dataset", "open_source", "SafeDataset", "class_balanced_indices", "collate_skip",
+__all__ = ["build_dataset", "open_source", "SafeDataset", "class_balanced_indices", "collate_skip", "selection_split",
            "Mnist5k", "FashionMnist", "train_transform", "eval_transform", "DeviceLoader", "EpochSampler", "make_loader",
            "InMemoryImages", "load_in_memory", "check_source", "fingerprint", "source_fingerprint",
            "describe_change"]
@@ -37,12 +37,15 @@ MEMORY_LIMIT_BYTES = 1 << 30
 
 def build_dataset(source: str, split: str, img_size: int, *, train: bool = False, max_samples: Optional[int] = None,
                   seed: Optional[int] = None, crop_pct: float = 0.875, interpolation: str = "bicubic",
-                  mean=None, std=None, uint8: bool = False, **train_aug) -> SafeDataset:
+                  mean=None, std=None, uint8: bool = False, selection: Optional[tuple[float, int, str]] = None,
+                  **train_aug) -> SafeDataset:
     """A SafeDataset of SOURCE's split with the recipe's train (`train=True`) or eval transform.
 
     `train_aug` are `train_transform` keywords (auto_augment, reprob, hflip, scale, ...).
     `uint8=True`: items are uint8 tensors, to be normalised (and random-erased) on the device by
-    `DeviceLoader` (see `spach.data.loader`). With the eval transform (deterministic) a split whose
+    `DeviceLoader` (see `spach.data.loader`). `selection=(fraction, seed, part)` splits the `train` split
+    (after `max_samples`) by `selection_split` and keeps `part`: "fit" (the rest) or "selection" (the
+    held-out images, for model selection without reading `val`). With the eval transform (deterministic) a split whose
     items fit in `CACHE_LIMIT_BYTES` is read once and kept (mnist5k: 12 MB at 32px). Otherwise the
     images of an image-file split (ImageFolder) whose decoded pixels fit in `MEMORY_LIMIT_BYTES` are
     decoded once and kept (`spach.data.memory`: 10,000 CIFAR images are 31 MB); each epoch's
@@ -55,6 +58,13 @@ def build_dataset(source: str, split: str, img_size: int, *, train: bool = False
         transform = eval_transform(img_size, crop_pct=crop_pct, interpolation=interpolation, uint8=uint8, **norm)
     base = open_source(source, split)
     indices = class_balanced_indices(base.targets, max_samples)
+    if selection is not None:
+        fraction, selection_seed, part = selection
+        if split != "train" or part not in ("fit", "selection"):
+            raise ValueError(f"a selection split is carved from 'train' as part 'fit' or 'selection', "
+                             f"got split {split!r}, part {part!r}")
+        fit, held = selection_split(base.targets, fraction, selection_seed, pool=indices)
+        indices = fit if part == "fit" else held
     item_bytes = 3 * img_size * img_size * (1 if uint8 else 4)
     cache = not train and len(indices) * item_bytes <= CACHE_LIMIT_BYTES
     if not cache and hasattr(base, "samples"):  # files on disk: decode them once if they fit

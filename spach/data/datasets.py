@@ -283,6 +283,34 @@ def class_balanced_indices(targets: Sequence[int], n: Optional[int]) -> list[int
     return sorted(out)
 
 
+def selection_split(targets: Sequence[int], fraction: float, seed: int,
+                    pool: Optional[Sequence[int]] = None) -> tuple[list[int], list[int]]:
+    """(fit indices, selection indices): a stratified hold-out of `fraction` of each class of `pool`.
+
+    Method: within each class (of the items in `pool`, default every item), the indices are shuffled by
+    a NumPy generator seeded with `seed` and the first ``max(1, round(fraction * n_class))`` of them are
+    held out; a class of one item is never held out whole. Both lists are sorted and disjoint, and
+    their union is `pool`: the class proportions of the selection split are those of the pool
+    (class-balanced in the stratified sense). The same (targets, fraction, seed, pool) always gives the
+    same split. Used for model selection on training data (hyper-parameter search) so that the
+    validation split is never read before the final runs.
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"selection fraction must be in (0, 1), got {fraction!r}")
+    pool = list(range(len(targets))) if pool is None else list(pool)
+    per_class: dict[int, list[int]] = {}
+    for i in pool:
+        per_class.setdefault(int(targets[i]), []).append(i)
+    rng = np.random.default_rng(seed)
+    held: list[int] = []
+    for c in sorted(per_class):
+        members = np.asarray(per_class[c])
+        n_held = min(len(members) - 1, max(1, round(fraction * len(members))))
+        held.extend(int(i) for i in rng.permutation(members)[:n_held])
+    held_set = set(held)
+    return sorted(i for i in pool if i not in held_set), sorted(held)
+
+
 class SafeDataset(Dataset):
     """`base` items (PIL, label) -> (3-channel transformed tensor, label), or None when unreadable.
 
