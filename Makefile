@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -n 2 tests
 
 demo: $(RUN_STAMP)
-	$(VENV)/bin/spach battle --out runs/cpu-mini
+	$(VENV)/bin/spach battle cpu-fashion --out runs/cpu-fashion
 
 bench: $(STAMP)
 	mkdir -p runs
