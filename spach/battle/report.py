@@ -315,9 +315,9 @@ def figure_forest(findings: list, path: Path) -> Path | None:
         ax.set_xlabel("top-1 difference (points)" if accuracy else "difference (loss units)", fontsize=7)
         ax.grid(alpha=0.3, axis="x")
     handles = [plt.Line2D([], [], color=c, linewidth=2, label=v) for v, c in colour.items()]
-    fig.legend(handles=handles, fontsize=6, loc="upper right", ncol=len(colour))
     fig.suptitle("effects with their (1 - alpha) intervals (unadjusted; verdicts use Holm-adjusted p)", fontsize=8)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.tight_layout(rect=(0, 0.06, 1, 0.96))
+    fig.legend(handles=handles, fontsize=6, loc="lower center", ncol=len(colour), frameon=False)
     _atomic_savefig(fig, path)
     plt.close(fig)
     return path
