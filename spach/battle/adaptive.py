@@ -1,7 +1,7 @@
 """``spach battle STUDY --until-decisive [--max-seeds N]``: seeds where they resolve something.
 
-After the study's own runs (look 1), every architecture in a comparison that is still unresolved gets
-its next seed (the next integer after its largest), the study runs again, and the comparisons are
+After the study's own runs (look 1), every architecture in a comparison that is still unresolved — and
+that N seeds per side could resolve, by its seeds-needed figure — gets its next seed (the next integer after its largest), the study runs again, and the comparisons are
 re-tested — until each one is resolved or its architectures have N seeds. The looks and their levels
 are those of `spach.battle.looks` (alpha spent equally over the looks, so the report's family-wise
 error stays at most alpha). Resumable like every battle: each round's decisions depend only on the
@@ -41,7 +41,7 @@ def run_until_decisive(study: Study, out_dir: str | Path, max_seeds: int, **run_
         data = load_results(out_dir)
         findings = replay(data["runs"], lambda rs: aggregate(rs, data["evidence"], data["mixer_facts"]),
                           settings, plan)
-        grow = sorted(g for g in unresolved_groups(findings) if len(by_group[g]) < max_seeds)
+        grow = sorted(g for g in unresolved_groups(findings, max_seeds) if len(by_group[g]) < max_seeds)
         if not grow or len(plan["rounds"]) + 1 >= plan["looks"]:
             break
         new = [with_seed(by_group[g][0], max(r.seed for r in by_group[g]) + 1) for g in grow]

@@ -120,6 +120,7 @@ class Comparison:
     p_equivalence_adj: float | None = None
     verdict: str = ""
     note: str = ""                # why the verdict is what it is (cost), or the seeds that would resolve it
+    needed: int | None = None     # seeds per side that would resolve an underpowered test (None: none feasible)
 
     @property
     def tested(self) -> bool:
@@ -199,7 +200,7 @@ def settle(tests: list[Comparison], settings: Settings) -> None:
     for t in tests:
         t.verdict, t.note = _verdict_of(t, settings.alpha)
         if t.verdict == "underpowered":
-            t.note = _seeds_needed(t, settings, max(1, len(ps)))
+            t.note, t.needed = _seeds_needed(t, settings, max(1, len(ps)))
 
 
 def _verdict_of(t: Comparison, alpha: float) -> tuple[str, str]:
@@ -217,11 +218,11 @@ def _verdict_of(t: Comparison, alpha: float) -> tuple[str, str]:
     return ("equivalent" if equivalent else "underpowered"), ""
 
 
-def _seeds_needed(t: Comparison, settings: Settings, n_tests: int) -> str:
-    """'N seeds per side would resolve ...': at level alpha / n_tests (the strictest level Holm may demand),
-    at the study's power, from the measured variances."""
+def _seeds_needed(t: Comparison, settings: Settings, n_tests: int) -> tuple[str, int | None]:
+    """('N seeds per side would resolve ...', N): at level alpha / n_tests (the strictest level Holm may demand),
+    at the study's power, from the measured variances; N is None when no feasible number would."""
     if not t.tested:
-        return "at least 2 seeds per side are needed for any test"
+        return "at least 2 seeds per side are needed for any test", 2
     level = settings.alpha / n_tests
     if t.expect == "=":
         effect, what = (settings.margin if t.quantity == "top-1" else settings.loss_margin), "a difference of"
@@ -230,7 +231,7 @@ def _seeds_needed(t: Comparison, settings: Settings, n_tests: int) -> str:
     else:
         effect, what = abs(t.result.diff), "the observed effect,"
     if not effect:
-        return "no equivalence margin is set for this quantity (statistics.loss_margin)"
+        return "no equivalence margin is set for this quantity (statistics.loss_margin)", None
     if t.quantity == "top-1" and t.a.correct is not None and t.b.correct is not None and t.evidence.startswith("per"):
         n = stats.seeds_needed(t.a.correct, t.b.correct, effect=effect, alpha=level, power=settings.power)
     else:
@@ -239,8 +240,9 @@ def _seeds_needed(t: Comparison, settings: Settings, n_tests: int) -> str:
                                      alpha=level, power=settings.power)
     size = f"{what} {effect:.3g}{t.unit}"
     if n is None:
-        return f"no feasible number of seeds resolves {size} at {settings.power:.0%} power (level {level:.2g})"
-    return f"~{n} seeds per side would resolve {size} at {settings.power:.0%} power (level alpha/{n_tests} = {level:.2g})"
+        return f"no feasible number of seeds resolves {size} at {settings.power:.0%} power (level {level:.2g})", None
+    return (f"~{n} seeds per side would resolve {size} at {settings.power:.0%} power (level alpha/{n_tests} = "
+            f"{level:.2g})", n)
 
 
 def combine(tests: list[Comparison]) -> str:

@@ -2,7 +2,8 @@
 look by look from the database.
 
 A sequential study starts from the study's seeds (look 1) and, after each look, adds one seed to every
-architecture of a comparison that is still unresolved, up to ``max_seeds`` per architecture: at most
+architecture of a comparison that is still unresolved and that ``max_seeds`` seeds per side could resolve
+by its seeds-needed figure (measured variances, the study's power), up to ``max_seeds`` per architecture: at most
 ``K = max_seeds - base + 1`` looks. Every look tests all the report's comparisons as one Holm family at
 level ``alpha_k`` from :func:`spach.battle.stats.spending` (alpha / K each). A comparison's verdict is
 the one of the first look that resolves it (supported, contradicted, equivalent); unresolved ones keep
@@ -72,6 +73,8 @@ def replay(runs: list[dict], groups_of: Callable[[list[dict]], list], settings: 
     return final or []
 
 
-def unresolved_groups(findings: list[Finding]) -> set[str]:
-    """Names of the architectures in a comparison that no look has resolved (the ones that get a seed)."""
-    return {g.name for f in findings for t in f.tests if t.verdict == "underpowered" for g in (t.a, t.b)}
+def unresolved_groups(findings: list[Finding], max_seeds: int) -> set[str]:
+    """Names of the architectures in a comparison that no look has resolved and that `max_seeds` seeds per side
+    could resolve, by its seeds-needed figure (the ones that get a seed: none go where they resolve nothing)."""
+    return {g.name for f in findings for t in f.tests if t.verdict == "underpowered"
+            and t.needed is not None and t.needed <= max_seeds for g in (t.a, t.b)}
