@@ -185,3 +185,53 @@ def test_a_typo_in_mixer_kwargs_rejects_the_study_with_the_registry_message(tmp_
     assert err.endswith("pool-ms-nano: mixer 'pool' does not take option(s) ['pool_sise']; its constructor "
                         "takes ['pool_size']")
     assert snapshot(out) == before
+
+
+# ---- defect 4: a key written twice is refused, with both lines ----------------------------------------
+
+DUPLICATE_INSIDE = """\
+name: tiny
+data: mnist5k
+img_size: 16
+recipe:
+  epochs: 1
+  batch_size: 32
+  epochs: 5
+grid: {family: [conv], layout: [ms], size: [xxs]}
+"""
+
+DUPLICATE_TOP = """\
+name: tiny
+data: mnist5k
+recipe: {epochs: 1, warmup_epochs: 0, cooldown_epochs: 0}
+grid: {family: [conv], layout: [ms], size: [xxs]}
+recipe: {lr: 1.0e-3}
+"""
+
+
+@pytest.mark.parametrize("text, key, lines", [(DUPLICATE_INSIDE, "epochs", (5, 7)),
+                                              (DUPLICATE_TOP, "recipe", (3, 5))], ids=["in-a-mapping", "top-level"])
+def test_a_key_written_twice_rejects_the_study_with_both_line_numbers(tmp_path, stored, capsys, text, key, lines):
+    out, before = stored
+    path = tmp_path / "study.yaml"
+    path.write_text(text)
+    code, err = battle(path, out, capsys)
+    assert code == 2
+    assert err == (f"spach battle: error: {path}: duplicate key {key!r} (lines {lines[0]} and {lines[1]}): YAML "
+                   "would keep the second silently; write each key once")
+    assert snapshot(out) == before
+
+
+def test_merge_keys_may_still_be_overridden_by_the_mappings_own():
+    from spach.yaml_file import load
+
+    assert load("a: &d {x: 1, y: 2}\nb:\n  <<: *d\n  x: 3\n") == {"a": {"x": 1, "y": 2}, "b": {"x": 3, "y": 2}}
+
+
+def test_a_training_config_file_refuses_duplicate_keys_too(tmp_path):
+    from spach.engine.config import load_yaml
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text("lr: 1.0e-3\nepochs: 2\nlr: 5.0e-4\n")
+    with pytest.raises(ValueError, match=r"recipe.yaml: duplicate key 'lr' \(lines 1 and 3\)"):
+        load_yaml(path)

@@ -65,6 +65,7 @@ import yaml
 
 from spach.battle import schema
 from spach.battle.schema import LAUNCHER_KINDS, LAYOUTS, Arch, HasArch
+from spach import yaml_file
 from spach.errors import ArchitectureRefusal, raised_at, user_exception
 from spach.models.registry import canonical_mixer, import_plugins, mixer_names, resolve_plugins
 
@@ -218,7 +219,9 @@ def load_study(path_or_preset: str | Path | dict, max_runs: int = MAX_RUNS) -> S
         raise FileNotFoundError(
             f"no study file {text_path!r} and no preset of that name (presets: {', '.join(list_presets())})")
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml_file.load(text)
+    except yaml_file.DuplicateKeyError as e:
+        raise ValueError(f"{where}: {e}") from None
     except yaml.YAMLError as e:
         raise ValueError(f"{where}: not valid YAML: {' '.join(str(e).split())}") from None
     except RecursionError:

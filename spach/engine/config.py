@@ -23,6 +23,8 @@ from typing import Any, Optional
 
 import yaml
 
+from spach import yaml_file
+
 # choices timm accepts (timm.data.transforms.str_to_interp_mode, timm.data.random_erasing.RandomErasing)
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 REMODES = ("const", "rand", "pixel")
@@ -261,7 +263,9 @@ def load_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     try:
-        d = yaml.safe_load(path.read_text()) or {}
+        d = yaml_file.load(path.read_text()) or {}
+    except yaml_file.DuplicateKeyError as e:
+        raise ValueError(f"{path}: {e}") from None
     except yaml.YAMLError as e:  # syntax errors, and tags such as !!python/object (safe_load never runs them)
         raise ValueError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(d, dict):
