@@ -158,6 +158,7 @@ def train_and_measure(config: dict[str, Any], output_dir: str | Path, threads: i
     local runs share the cores with other runs' training; a Slurm job has its node to itself.
     """
     from spach.engine import TrainConfig, train
+    from spach.engine.config import settings_language
     from spach.engine.distributed import process_rank
     from spach.models.registry import import_plugins
 
@@ -166,7 +167,9 @@ def train_and_measure(config: dict[str, Any], output_dir: str | Path, threads: i
     t0 = time.time()
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     # the engine's own lines go to the run's log; the study's progress stays readable
-    with open(Path(output_dir) / "train.log", "a") as log, contextlib.redirect_stdout(log):
+    # the engine's errors name options as the study file does (recipe: {lr: ...}), not as spach train's flags
+    with open(Path(output_dir) / "train.log", "a") as log, contextlib.redirect_stdout(log), \
+            settings_language("study"):
         result = train(TrainConfig.from_dict(cfg_dict), on_epoch_end=on_epoch_end, on_step=on_step)
     train_time = time.time() - t0
     history = result.get("history") or []

@@ -350,9 +350,10 @@ def _check_recipe(recipe: Any, where: str) -> dict:
     if owned:
         _fail(where, f"recipe key(s) {owned} are set by the study itself "
                      "(use data/img_size/threads at the top level, grid.seed for seeds)")
-    from spach.engine.config import TrainConfig  # the engine validates its own options
+    from spach.engine.config import TrainConfig, settings_language  # the engine validates its own options
     try:
-        TrainConfig.from_dict(dict(recipe, model="recipe-check", data="recipe-check", output="recipe-check"))
+        with settings_language("study"):
+            TrainConfig.from_dict(dict(recipe, model="recipe-check", data="recipe-check", output="recipe-check"))
     except (TypeError, ValueError) as e:
         _fail(where, f"recipe: {e}")
     return dict(recipe)
