@@ -1,6 +1,10 @@
-"""The spach error classes: a failure of the user's work that one line explains, and a model's typed refusal."""
+"""The spach error classes — a failure of the user's work that one line explains, a model's typed refusal, a full
+disk — and where an exception came from (the user's own code or not)."""
 from __future__ import annotations
 
+import errno
+import os
+import shutil
 import sysconfig
 import traceback
 from functools import lru_cache
@@ -72,3 +76,47 @@ def raised_at(exc: BaseException) -> str:
     user = [f for f in frames if is_user_file(f.filename)]
     frame = (user or frames)[-1]
     return f"{frame.filename}:{frame.lineno}"
+
+
+class NoSpaceError(SpachError):
+    """A write failed because the file system is full; nothing earlier was replaced (free space, then resume)."""
+
+
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# torch's zip writer reports a failed write as a RuntimeError without an errno
+TORCH_WRITE_FAILURES = ("inline_container", "unexpected pos", "PytorchStreamWriter failed")
+LOW_SPACE_BYTES = 64 * 2**20  # below this much free space, a failed write is taken to be a full disk
+
+
+def no_space(error: BaseException, path: str | os.PathLike,
+             then: str = "free some space and run again") -> NoSpaceError | None:
+    """A :class:`NoSpaceError` naming `path` when `error` (or an error it came from) is the file system being
+    full — an ENOSPC/EDQUOT errno, or torch's errno-less write failure while less than `LOW_SPACE_BYTES` are
+    free where `path` is written — else None. `then` says what to do. Call it before removing a partial file
+    (that file holds the space)."""
+    path = Path(path)
+    chain = _chain(error)
+    if any(getattr(e, "errno", None) in NO_SPACE_ERRNOS for e in chain):
+        return NoSpaceError(f"no space left on device at {path}{_free_text(path)}: {then}")
+    if any(isinstance(e, RuntimeError) and any(s in str(e) for s in TORCH_WRITE_FAILURES) for e in chain):
+        free = _free_bytes(path)
+        if free is not None and free < LOW_SPACE_BYTES:
+            return NoSpaceError(f"no space left on device at {path}{_free_text(path)}; writing it failed with "
+                                f"\"{' '.join(str(error).split())}\": {then}")
+    return None
+
+
+def _free_bytes(path: Path) -> int | None:
+    """Bytes free for this user on the file system holding `path` (or its nearest existing folder)."""
+    folder = path if path.is_dir() else path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def _free_text(path: Path) -> str:
+    free = _free_bytes(path)
+    return "" if free is None else f" ({free / 2**20:.1f} MiB free)"
