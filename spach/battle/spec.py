@@ -236,29 +236,18 @@ def parse_study(raw: dict, where: str = "study", max_runs: int = MAX_RUNS,
     """Validate and expand a study mapping. ``plugins:`` are imported first, relative to ``base_dir``
     (the study file's folder; default the working directory) — this runs their code."""
     _check_expansion(raw, where)  # first: everything below may expand aliases
-    unknown = set(raw) - TOP_KEYS
-    if unknown:
-        _fail(where, f"unknown key(s) {sorted(unknown)}; allowed: {sorted(TOP_KEYS)}")
-    for key in ("name", "data", "grid"):
-        if key not in raw and not (key == "grid" and raw.get("extra")):
-            _fail(where, f"missing required key {key!r}")
+    top = _section(schema.StudyFile, raw, None, where)  # unknown and missing keys, types and bounds
+    if top["grid"] is None and not top["extra"]:
+        _fail(where, "missing required key 'grid' (or give `extra:` entries)")
     name = check_name(raw["name"], "the study name", where)
     declared = _declared_runs(raw)
     if declared > max_runs:
         _fail(where, f"the study declares {declared:,} runs, more than the limit of {max_runs:,} (a typo in "
                      f"grid/seeds?); if you mean it, pass --max-runs {declared} (load_study(..., max_runs=...))")
-    img_size = raw.get("img_size", 224)
-    if not isinstance(img_size, int) or isinstance(img_size, bool) or img_size < 8:
-        _fail(where, f"img_size must be an integer >= 8, got {img_size!r}")
-    threads = raw.get("threads")
-    if threads is not None and (not _is_int(threads) or threads < 1):
-        _fail(where, f"threads (per run) must be a positive integer or null, got {threads!r}")
+    img_size, threads, runs_dir = top["img_size"], top["threads"], top["runs_dir"]
     recipe = _check_recipe(raw.get("recipe") or {}, where)
     measure = _check_measure(raw.get("measure") or {}, where)
     launcher = _check_launcher(raw.get("launcher") or {}, where)
-    runs_dir = raw.get("runs_dir")
-    if runs_dir is not None and (not isinstance(runs_dir, str) or not runs_dir.strip()):
-        _fail(where, f"runs_dir must be a directory path (string), got {runs_dir!r}")
     plugins = []
     if raw.get("plugins") is not None:
         try:
@@ -359,7 +348,7 @@ def _check_recipe(recipe: Any, where: str) -> dict:
     return dict(recipe)
 
 
-def _section(section: type, value: Any, name: str, where: str) -> dict:
+def _section(section: type, value: Any, name: str | None, where: str) -> dict:
     """A section of the study read by its schema (spach.battle.schema); errors name the study."""
     try:
         return schema.read_section(section, value, name)
