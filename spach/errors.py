@@ -50,7 +50,8 @@ def is_user_file(filename: str) -> bool:
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
-    """`exc` and the exceptions it was raised from or while handling (``__cause__`` / ``__context__``), outermost first."""
+    """`exc` and the exceptions it was raised from or while handling (``__cause__`` / ``__context__``),
+    outermost first."""
     chain: list[BaseException] = []
     while exc is not None and exc not in chain:
         chain.append(exc)

@@ -71,7 +71,6 @@ from spach.models.registry import canonical_mixer, import_plugins, mixer_names, 
 
 ZOO_SIZES = ("xxs", "xs", "s")
 
-TOP_KEYS = schema.keys(schema.StudyFile)
 GRID_KEYS = schema.keys(schema.Grid)
 MEASURE_DEFAULTS = schema.defaults(schema.Measure)
 LAUNCHER_DEFAULTS = schema.defaults(schema.Launcher)
@@ -514,8 +513,8 @@ def resolve_architecture(family: str, layout: str, size: str, cpe: bool, shared:
         if family == "hybrid" and size == "xxs":
             raise ArchitectureRefusal("the zoo has no XXS hybrid (hybrids exist at XS and S)")
         if _zoo_name(family, layout, size) not in ALL_MODELS:
-            raise ArchitectureRefusal(f"the zoo has no {_zoo_name(family, layout, size)} (define the size under `sizes:` "
-                        "to build this family at it)")
+            raise ArchitectureRefusal(f"the zoo has no {_zoo_name(family, layout, size)} (define the size under "
+                                      "`sizes:` to build this family at it)")
         return _zoo_name(family, layout, size), kwargs
     d = sizes[size].get(layout)
     if d is None:
