@@ -135,18 +135,39 @@ EPOCH_FIELDS = ("train_loss", "val_loss", "val_top1", "val_top5", "lr", "images_
 
 
 def connect(out_dir: str | Path, create: bool = False) -> sqlite3.Connection:
-    """Open OUT/battle.db (with `create`, make it or finish making it: a file that holds nothing — see
-    :func:`holds_nothing` — is a creation cut short, e.g. by a full disk, and is made anew; the coordinator,
-    holding the study lock, is the only caller with `create`). A full disk is a NoSpaceError."""
+    """Open OUT/battle.db; with `create`, make it (the coordinator, holding the study lock, is the only caller
+    with `create`). A file that holds nothing (:func:`holds_nothing`: a creation cut short, e.g. by a full
+    disk) is no study: made anew with `create`, FileNotFoundError without. A full disk is a NoSpaceError."""
     path = Path(out_dir) / DB_NAME
-    if path.is_file() and holds_nothing(path):
-        if not create:
-            raise FileNotFoundError(f"no study in {path} yet: the file holds nothing (its creation was cut short, "
-                                    f"e.g. by a full disk); run `spach battle --out {out_dir}` again")
-        remove_database(path)
     if not create and not path.is_file():
         raise FileNotFoundError(f"no study database at {path} (run `spach battle --out {out_dir}` first)")
-    new = not path.exists()
+    for attempt in (1, 2):
+        new = not path.exists()
+        try:
+            return _open(path, create)
+        except sqlite3.DatabaseError as e:
+            error = e
+        if is_disk_full(error):
+            if new:  # spach's own half-made file: gone, so the next run starts afresh
+                remove_database(path)
+            raise NoSpaceError(f"no space left on device at {path}{' (nothing was stored)' if new else ''}: "
+                               "free some space and run again") from None
+        # only now read the file itself: closing another descriptor of a database this process has open
+        # would drop SQLite's locks on it
+        if attempt == 1 and holds_nothing(path):
+            if not create:
+                raise FileNotFoundError(f"no study in {path} yet: the file holds nothing (its creation was cut "
+                                        f"short, e.g. by a full disk); run `spach battle --out {out_dir}` again")
+            remove_database(path)
+            continue
+        break
+    raise SpachError(f"{path} is not a study database ({error}); it was left as it is: move it aside, or use "
+                     "another --out")
+
+
+def _open(path: Path, create: bool) -> sqlite3.Connection:
+    """A connection to the study database at `path` (its schema made or completed with `create`), checked by
+    reading its runs table; sqlite3.DatabaseError (the connection closed) if it cannot be."""
     conn = sqlite3.connect(path, timeout=60.0, isolation_level=None)  # autocommit; explicit BEGIN below
     conn.row_factory = sqlite3.Row
     try:
@@ -157,15 +178,9 @@ def connect(out_dir: str | Path, create: bool = False) -> sqlite3.Connection:
             conn.executescript(SCHEMA)
             migrate(conn)
         conn.execute("SELECT key, status, config FROM runs LIMIT 1").fetchall()
-    except sqlite3.DatabaseError as e:
+    except sqlite3.DatabaseError:
         conn.close()
-        if is_disk_full(e):
-            if new:  # spach's own half-made file: gone, so the next run starts afresh
-                remove_database(path)
-            raise NoSpaceError(f"no space left on device at {path}{' (nothing was stored)' if new else ''}: "
-                               "free some space and run again") from None
-        raise SpachError(f"{path} is not a study database ({e}); it was left as it is: move it aside, or use "
-                         "another --out") from None
+        raise
     return conn
 
 
@@ -206,9 +221,6 @@ def connect_readonly(out_dir: str | Path) -> sqlite3.Connection:
     path = Path(out_dir) / DB_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no study database at {path} (run `spach battle --out {out_dir}` first)")
-    if holds_nothing(path):
-        raise FileNotFoundError(f"no study in {path} yet: the file holds nothing (its creation was cut short, "
-                                f"e.g. by a full disk); run `spach battle --out {out_dir}` again")
     error: Exception | None = None
     # WAL readers need the -shm file; where it cannot be created (read-only folder, nobody writing) read as immutable
     for mode in ("mode=ro", "immutable=1"):
@@ -222,6 +234,9 @@ def connect_readonly(out_dir: str | Path) -> sqlite3.Connection:
             error = e
             if not isinstance(e, sqlite3.OperationalError):  # "file is not a database"
                 break
+    if holds_nothing(path):
+        raise FileNotFoundError(f"no study in {path} yet: the file holds nothing (its creation was cut short, "
+                                f"e.g. by a full disk); run `spach battle --out {out_dir}` again")
     raise SpachError(f"{path} cannot be read as a study database ({error})")
 
 
