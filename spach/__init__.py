@@ -6,6 +6,7 @@
     model = timm.create_model("spach_ms_s_patch4_224_hybrid", num_classes=10)
     spach.load_checkpoint(model, "spach_ms_hybrid_s.pth")   # an original release file
 """
+from spach.errors import ArchitectureRefusal, SpachError  # noqa: F401
 from spach.models import (  # noqa: F401
     SMLPNet,
     ShiftViT,

@@ -89,6 +89,69 @@ def _num_classes(model: nn.Module, x: torch.Tensor) -> int:
         return model(x[:1]).shape[-1]
 
 
+def _throughput_settings(dtype: str, mode: str, protocol: str, bf16_impl: str | None, device: str,
+                         batch_size: int, img_size: int, warmup: int | None, repeats: int | None) -> tuple:
+    """The checked settings of :func:`measure_throughput`: (device, bf16_impl, warmup, repeats, statistic)."""
+    check_choice("dtype", dtype, DTYPES)
+    check_choice("mode", mode, MODES)
+    check_choice("protocol", protocol, PROTOCOLS)
+    if bf16_impl is None:
+        bf16_impl = "weights" if mode == "infer" else "autocast"
+    check_choice("bf16_impl", bf16_impl, BF16_IMPLS)
+    dev = check_device(device)
+    if batch_size < 1 or img_size < 1:
+        raise ValueError(f"batch_size and img_size must be >= 1, got {batch_size} and {img_size}")
+    if protocol == "swin" and mode != "infer":
+        raise ValueError("the Swin throughput protocol measures inference only (mode='infer')")
+    if mode == "train" and bf16_impl == "weights" and dtype == "bf16":
+        raise ValueError("bf16_impl='weights' is for inference; training uses autocast")
+    default_warmup, default_repeats, statistic = PROTOCOLS[protocol]
+    warmup = default_warmup if warmup is None else warmup
+    repeats = default_repeats if repeats is None else repeats
+    return dev, bf16_impl, warmup, repeats, statistic
+
+
+def _model_to_measure(model: nn.Module, dev: torch.device, mode: str, cast_weights: bool,
+                      channels_last: bool) -> tuple[nn.Module, bool]:
+    """(the model on `dev` in the measured dtype and layout, whether it is the caller's own object): a copy is
+    made whenever weights, layout or mode would change, so the model passed in is never modified."""
+    first = next(model.parameters(), None)
+    in_place = first is None or (first.device == dev and first.dtype == torch.float32
+                                 and mode == "infer" and not cast_weights and not channels_last)
+    if not in_place:
+        model = copy.deepcopy(model)
+    model = model.to(dev)
+    if cast_weights:
+        model = model.to(torch.bfloat16)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, in_place
+
+
+def _pass(model: nn.Module, x: torch.Tensor, mode: str, dev: torch.device, amp: str,
+          gen: torch.Generator) -> Callable[[], None]:
+    """One timed pass: inference (eval mode, `inference_mode`), or a training step (forward, cross-entropy on
+    random labels, backward, the engine's fused AdamW step)."""
+    if mode == "infer":
+        model.eval()
+
+        def step():
+            with torch.inference_mode(), amp_autocast(dev, amp):
+                model(x)
+        return step
+    model.train()
+    y = torch.randint(0, _num_classes(model, x), (x.shape[0],), generator=gen).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, **optimizer_kernel_kwargs("adamw"))
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with amp_autocast(dev, amp):
+            out = model(x)
+        F.cross_entropy(out.float(), y).backward()
+        opt.step()
+    return step
+
+
 def measure_throughput(model: nn.Module, batch_size: int = 16, img_size: int = 224, dtype: str = "fp32",
                        threads: int | None = None, mode: str = "infer", warmup: int | None = None,
                        repeats: int | None = None, device: str = "cpu", channels_last: bool = False,
@@ -106,36 +169,11 @@ def measure_throughput(model: nn.Module, batch_size: int = 16, img_size: int = 2
     `protocol="swin"`), the per-pass timing summary (`median_s`, `mean_s`,
     `min_s`, `max_s`, `spread` = (max-min)/median) and the settings used.
     """
-    check_choice("dtype", dtype, DTYPES)
-    check_choice("mode", mode, MODES)
-    check_choice("protocol", protocol, PROTOCOLS)
-    if bf16_impl is None:
-        bf16_impl = "weights" if mode == "infer" else "autocast"
-    check_choice("bf16_impl", bf16_impl, BF16_IMPLS)
-    dev = check_device(device)
-    if batch_size < 1 or img_size < 1:
-        raise ValueError(f"batch_size and img_size must be >= 1, got {batch_size} and {img_size}")
-    if protocol == "swin" and mode != "infer":
-        raise ValueError("the Swin throughput protocol measures inference only (mode='infer')")
-    if mode == "train" and bf16_impl == "weights" and dtype == "bf16":
-        raise ValueError("bf16_impl='weights' is for inference; training uses autocast")
-    default_warmup, default_repeats, statistic = PROTOCOLS[protocol]
-    warmup = default_warmup if warmup is None else warmup
-    repeats = default_repeats if repeats is None else repeats
-
+    dev, bf16_impl, warmup, repeats, statistic = _throughput_settings(
+        dtype, mode, protocol, bf16_impl, device, batch_size, img_size, warmup, repeats)
     cast_weights = dtype == "bf16" and bf16_impl == "weights"
-    first = next(model.parameters(), None)
-    in_place = first is None or (first.device == dev and first.dtype == torch.float32
-                                 and mode == "infer" and not cast_weights and not channels_last)
     was_training = model.training
-    if not in_place:
-        model = copy.deepcopy(model)
-    model = model.to(dev)
-    if cast_weights:
-        model = model.to(torch.bfloat16)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-
+    model, in_place = _model_to_measure(model, dev, mode, cast_weights, channels_last)
     if in_chans is None:
         in_chans = getattr(model, "in_chans", None) or 3
     gen = torch.Generator().manual_seed(0)
@@ -145,31 +183,9 @@ def measure_throughput(model: nn.Module, batch_size: int = 16, img_size: int = 2
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     amp = "bf16" if dtype == "bf16" and not cast_weights else "none"
-
-    def autocast():
-        return amp_autocast(dev, amp)
-
     try:
         with num_threads(threads) as used_threads:
-            if mode == "infer":
-                model.eval()
-
-                def step():
-                    with torch.inference_mode(), autocast():
-                        model(x)
-            else:
-                model.train()
-                y = torch.randint(0, _num_classes(model, x), (batch_size,), generator=gen).to(dev)
-                # the optimizer as the engine builds it (fused AdamW)
-                opt = torch.optim.AdamW(model.parameters(), lr=1e-6, **optimizer_kernel_kwargs("adamw"))
-
-                def step():
-                    opt.zero_grad(set_to_none=True)
-                    with autocast():
-                        out = model(x)
-                    F.cross_entropy(out.float(), y).backward()
-                    opt.step()
-
+            step = _pass(model, x, mode, dev, amp, gen)
             times = time_passes(step, warmup, repeats, dev, together=(protocol == "swin"))
     finally:
         if in_place:
@@ -329,27 +345,14 @@ def benchmark(models, batch_size: int = 16, img_size: int = 224, dtypes: Iterabl
                                              repeats=repeats, device=device, channels_last=channels_last,
                                              protocol=protocol, bf16_impl=bf16_impl if mode == "infer" else "autocast")
                     after = limit(dtype)
-                    best = max(before, after, key=lambda r: r["flops_per_s"])
-                    achieved = 2 * macs * (3 if mode == "train" else 1) * res["images_per_s"]
-                    row = {
-                        "model": name, "params": params, "gmacs": macs / 1e9,
-                        "dtype": dtype, "precision": res["precision"], "mode": mode,
-                        "batch": batch_size, "img_size": img_size, "threads": used_threads, "device": device,
-                        "images_per_s": res["images_per_s"],
-                        **{k: res[k] for k in ("median_s", "mean_s", "min_s", "max_s", "spread")},
-                        "achieved_gflops": achieved / 1e9,
-                        "limit_gflops": best["flops_per_s"] / 1e9,
-                        "limit_gflops_before": before["flops_per_s"] / 1e9,
-                        "limit_gflops_after": after["flops_per_s"] / 1e9,
-                        "limit_kernel": best["kernel"], "limit_shape": best["shape"],
-                        "fraction": achieved / best["flops_per_s"],
-                    }
+                    row = _row(name, params, macs, res, before, after, used_threads)
                     if device == "cuda":
-                        row.update(cuda_mfu(achieved, dtype))
+                        row.update(cuda_mfu(row["achieved_gflops"] * 1e9, dtype))
                     rows.append(row)
                     log(f"{name:40s} {dtype} {mode:5s} {row['images_per_s']:8.1f} img/s  "
                         f"{row['achieved_gflops']:6.1f} GFLOP/s  {100 * row['fraction']:5.1f}% of the limit "
-                        f"({row['limit_gflops']:.0f} GFLOP/s, {best['kernel']})  spread {100 * row['spread']:.0f}%")
+                        f"({row['limit_gflops']:.0f} GFLOP/s, {row['limit_kernel']})  "
+                        f"spread {100 * row['spread']:.0f}%")
             del model
 
     meta = {
@@ -364,6 +367,26 @@ def benchmark(models, batch_size: int = 16, img_size: int = 224, dtypes: Iterabl
         "cpu_allocator_tuned": cpu_allocator_tuned(),
     }
     return {"meta": meta, "rows": rows, "summary": summarize(rows)}
+
+
+def _row(name: str, params: int, macs: float, res: dict, before: dict, after: dict, threads: int) -> dict:
+    """One row of :func:`benchmark`: the throughput `res` of `measure_throughput`, the achieved FLOP/s and its
+    fraction of the better of the two machine limits measured around it (`before`, `after`)."""
+    best = max(before, after, key=lambda r: r["flops_per_s"])
+    achieved = 2 * macs * (3 if res["mode"] == "train" else 1) * res["images_per_s"]
+    return {
+        "model": name, "params": params, "gmacs": macs / 1e9,
+        "dtype": res["dtype"], "precision": res["precision"], "mode": res["mode"],
+        "batch": res["batch"], "img_size": res["img_size"], "threads": threads, "device": res["device"],
+        "images_per_s": res["images_per_s"],
+        **{k: res[k] for k in ("median_s", "mean_s", "min_s", "max_s", "spread")},
+        "achieved_gflops": achieved / 1e9,
+        "limit_gflops": best["flops_per_s"] / 1e9,
+        "limit_gflops_before": before["flops_per_s"] / 1e9,
+        "limit_gflops_after": after["flops_per_s"] / 1e9,
+        "limit_kernel": best["kernel"], "limit_shape": best["shape"],
+        "fraction": achieved / best["flops_per_s"],
+    }
 
 
 def summarize(rows: list[dict]) -> list[dict]:

@@ -35,9 +35,11 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from spach.errors import SpachError
+from spach.errors import NoSpaceError, SpachError
 
 DB_NAME = "battle.db"
+BLANK_FILE_BYTES = 1 << 20  # a file of only NUL bytes up to this size is a creation cut short (holds_nothing)
+SQLITE_FULL = getattr(sqlite3, "SQLITE_FULL", 13)  # "database or disk is full"
 RUN_LOCK = "run.lock"
 _held: dict[str, int] = {}   # key -> fd of the run lock this process holds
 
@@ -134,9 +136,39 @@ EPOCH_FIELDS = ("train_loss", "val_loss", "val_top1", "val_top5", "lr", "images_
 
 
 def connect(out_dir: str | Path, create: bool = False) -> sqlite3.Connection:
+    """Open OUT/battle.db; with `create`, make it (the coordinator, holding the study lock, is the only caller
+    with `create`). A file that holds nothing (:func:`holds_nothing`: a creation cut short, e.g. by a full
+    disk) is no study: made anew with `create`, FileNotFoundError without. A full disk is a NoSpaceError."""
     path = Path(out_dir) / DB_NAME
     if not create and not path.is_file():
         raise FileNotFoundError(f"no study database at {path} (run `spach battle --out {out_dir}` first)")
+    for attempt in (1, 2):
+        new = not path.exists()
+        try:
+            return _open(path, create)
+        except sqlite3.DatabaseError as e:
+            error = e
+        if is_disk_full(error):
+            if new:  # spach's own half-made file: gone, so the next run starts afresh
+                remove_database(path)
+            raise NoSpaceError(f"no space left on device at {path}{' (nothing was stored)' if new else ''}: "
+                               "free some space and run again") from None
+        # only now read the file itself: closing another descriptor of a database this process has open
+        # would drop SQLite's locks on it
+        if attempt == 1 and holds_nothing(path):
+            if not create:
+                raise FileNotFoundError(f"no study in {path} yet: the file holds nothing (its creation was cut "
+                                        f"short, e.g. by a full disk); run `spach battle --out {out_dir}` again")
+            remove_database(path)
+            continue
+        break
+    raise SpachError(f"{path} is not a study database ({error}); it was left as it is: move it aside, or use "
+                     "another --out")
+
+
+def _open(path: Path, create: bool) -> sqlite3.Connection:
+    """A connection to the study database at `path` (its schema made or completed with `create`), checked by
+    reading its runs table; sqlite3.DatabaseError (the connection closed) if it cannot be."""
     conn = sqlite3.connect(path, timeout=60.0, isolation_level=None)  # autocommit; explicit BEGIN below
     conn.row_factory = sqlite3.Row
     try:
@@ -147,11 +179,42 @@ def connect(out_dir: str | Path, create: bool = False) -> sqlite3.Connection:
             conn.executescript(SCHEMA)
             migrate(conn)
         conn.execute("SELECT key, status, config FROM runs LIMIT 1").fetchall()
-    except sqlite3.DatabaseError as e:
+    except sqlite3.DatabaseError:
         conn.close()
-        raise SpachError(f"{path} is not a study database ({e}); it was left as it is: move it aside, or use "
-                         "another --out") from None
+        raise
     return conn
+
+
+def is_disk_full(error: sqlite3.DatabaseError) -> bool:
+    """SQLite's SQLITE_FULL ("database or disk is full") or an ENOSPC underneath."""
+    return getattr(error, "sqlite_errorcode", None) == SQLITE_FULL or "disk is full" in str(error)
+
+
+def holds_nothing(path: Path) -> bool:
+    """True for a database file with nothing in it, as a creation cut short leaves it (no study is lost by
+    making it anew): empty or only NUL bytes (space allocated, never written) with no write-ahead log beside
+    it, or a valid SQLite database without a single table. Reads only."""
+    size = path.stat().st_size
+    if size <= BLANK_FILE_BYTES and not path.read_bytes().strip(b"\0"):
+        wal = path.with_name(path.name + "-wal")
+        return not wal.exists() or wal.stat().st_size == 0
+    with open(path, "rb") as f:
+        if f.read(16) != b"SQLite format 3\0":
+            return False
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5.0)
+        try:
+            return conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError:
+        return False
+
+
+def remove_database(path: Path) -> None:
+    """Remove a database file with its WAL and shared-memory files."""
+    for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        p.unlink(missing_ok=True)
 
 
 def connect_readonly(out_dir: str | Path) -> sqlite3.Connection:
@@ -172,6 +235,9 @@ def connect_readonly(out_dir: str | Path) -> sqlite3.Connection:
             error = e
             if not isinstance(e, sqlite3.OperationalError):  # "file is not a database"
                 break
+    if holds_nothing(path):
+        raise FileNotFoundError(f"no study in {path} yet: the file holds nothing (its creation was cut short, "
+                                f"e.g. by a full disk); run `spach battle --out {out_dir}` again")
     raise SpachError(f"{path} cannot be read as a study database ({error})")
 
 

@@ -2,13 +2,16 @@
 
 Plain lines (one per run start, epoch and run end) so that logs stay readable
 when stdout is not a terminal; on a terminal a tqdm bar also follows the steps
-of the current epoch. The ETA assumes the remaining runs cost what the finished
+of the current epoch. When the console goes away (a closed pipe: `spach battle | head`),
+the study goes on and the lines continue in OUT/progress.log. The ETA assumes the remaining runs cost what the finished
 work did on average (runs of a grid are of similar cost by design).
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
+from pathlib import Path
 from typing import Any, TextIO
 
 
@@ -21,9 +24,15 @@ def format_duration(seconds: float) -> str:
 
 
 class Progress:
-    def __init__(self, total: int, already_done: int = 0, stream: TextIO | None = None, quiet: bool = False):
+    """The study's console lines. If the console goes away (``spach battle ... | head`` exits: EPIPE), the
+    study keeps working and the lines go on into `log_path` (OUT/progress.log) instead."""
+
+    def __init__(self, total: int, already_done: int = 0, stream: TextIO | None = None, quiet: bool = False,
+                 log_path: str | os.PathLike | None = None):
         self.stream = stream or sys.stdout
         self.quiet = quiet
+        self.log_path = Path(log_path) if log_path is not None else None
+        self.stream_closed = False
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.total = total                # runs to execute in this invocation
         self.already_done = already_done  # runs finished by earlier invocations
@@ -36,10 +45,40 @@ class Progress:
     def _print(self, text: str) -> None:
         if self.quiet:
             return
-        if self._bar is not None:
-            self._bar.write(text, file=self.stream)
-        else:
-            print(text, file=self.stream, flush=True)
+        if not self.stream_closed:
+            try:
+                if self._bar is not None:
+                    self._bar.write(text, file=self.stream)
+                else:
+                    print(text, file=self.stream, flush=True)
+                return
+            except (OSError, ValueError):  # EPIPE: the reader exited; ValueError: the stream was closed
+                self._lost_stream()
+        self._log(text)
+
+    def _lost_stream(self) -> None:
+        """The console is gone: stop writing to it (also at exit, when Python flushes stdout) and say where the
+        lines go instead, in that file."""
+        self.stream_closed = True
+        self._bar = None
+        try:
+            fd = self.stream.fileno()
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, fd)  # what is still buffered for the closed pipe now goes nowhere, without an error
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):
+            pass  # not a file descriptor (a StringIO): nothing is flushed to it at exit
+        self._log(f"(the console was closed at {time.strftime('%H:%M:%S')}, e.g. by `| head`: the study goes on, "
+                  "its progress lines continue here)")
+
+    def _log(self, text: str) -> None:
+        if self.log_path is None:
+            return
+        try:
+            with open(self.log_path, "a") as f:
+                f.write(text + "\n")
+        except OSError:
+            pass  # the output directory is the study's to report on; a progress line is not worth failing it
 
     def eta(self) -> str:
         work = self.finished + sum(self.fraction.values())
@@ -93,6 +132,12 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def error_line(error: str | None) -> str:
+    """The first line of a run's recorded error ("Type: message"), for its console line."""
+    lines = (error or "").strip().splitlines()
+    return lines[0] if lines else "no error was recorded"
 
 
 def _f(x: Any, spec: str) -> str:

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from spach.battle import db
-from spach.battle.progress import Progress
+from spach.battle.progress import Progress, error_line
 from spach.battle.spec import Run, Study, check_runnable_here, load_study
 from spach.errors import SpachError
 from spach.io import check_writable_dir
@@ -158,6 +158,7 @@ def train_and_measure(config: dict[str, Any], output_dir: str | Path, threads: i
     local runs share the cores with other runs' training; a Slurm job has its node to itself.
     """
     from spach.engine import TrainConfig, train
+    from spach.engine.config import settings_language
     from spach.engine.distributed import process_rank
     from spach.models.registry import import_plugins
 
@@ -166,7 +167,9 @@ def train_and_measure(config: dict[str, Any], output_dir: str | Path, threads: i
     t0 = time.time()
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     # the engine's own lines go to the run's log; the study's progress stays readable
-    with open(Path(output_dir) / "train.log", "a") as log, contextlib.redirect_stdout(log):
+    # the engine's errors name options as the study file does (recipe: {lr: ...}), not as spach train's flags
+    with open(Path(output_dir) / "train.log", "a") as log, contextlib.redirect_stdout(log), \
+            settings_language("study"):
         result = train(TrainConfig.from_dict(cfg_dict), on_epoch_end=on_epoch_end, on_step=on_step)
     train_time = time.time() - t0
     history = result.get("history") or []
@@ -228,7 +231,7 @@ def execute_run(out_dir: str | Path, key: str, threads: int | None = None,
             error = f"{type(e).__name__}: {e}\n" + "".join(traceback.format_exc(limit=8))
             db.mark_failed(conn, key, error)
             if progress:
-                progress.run_finished(name, False, f"{type(e).__name__}: {e}")
+                progress.run_finished(name, False, error_line(error))
         conn.close()
         return False
     db.mark_done(conn, key, metrics)
@@ -352,7 +355,10 @@ def _run_in_subprocesses(out_dir: Path, pending: list[dict], workers: int, threa
                 else:
                     if final["status"] != "failed":  # the worker died without recording why
                         db.mark_failed(conn, key, f"worker exited with code {code}; see {row['output_dir']}/worker.log")
-                    progress.run_finished(row["name"], False, f"see {row['output_dir']}/worker.log")
+                        final = db.get_run(conn, key)
+                    detail = error_line(final["error"])
+                    log = f"{row['output_dir']}/worker.log"
+                    progress.run_finished(row["name"], False, detail if log in detail else f"{detail} (see {log})")
         interrupted = False
     finally:
         for slot in slots:  # interrupted: stop our children, their runs stay 'running'
@@ -503,6 +509,21 @@ def execute_pending(out_dir: Path, study: Study, pending: list[dict], workers: i
                              study.launcher, progress)
 
 
+def earlier_versions_note(out_dir: str | Path, keys: list[str]) -> str | None:
+    """A console line when OUT/battle.db holds done runs that are not this study's (an earlier version of it,
+    before a change of recipe or grid): the report leaves them out too."""
+    conn = db.connect(out_dir)
+    try:
+        mine = set(keys)
+        others = [r for r in db.runs(conn) if r["key"] not in mine and r["status"] == "done"]
+    finally:
+        conn.close()
+    if not others:
+        return None
+    return (f"note: {out_dir} also holds {len(others)} done run(s) of an earlier version of the study (another "
+            "recipe or grid); they are kept in the database, not rerun and not in this report")
+
+
 def run_study(spec: Study | str | Path | dict, out_dir: str | Path, workers: int | None = None,
               retry_failed: bool = False,
               threads: int | None = None, quiet: bool = False,
@@ -540,7 +561,9 @@ def run_study(spec: Study | str | Path | dict, out_dir: str | Path, workers: int
         counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "failed")}
         # threads per run: --threads split between the workers, else the study's setting, else the machine's share
         per_run = threads_per_run(study, workers, threads)
-        progress = Progress(total=len(pending), already_done=counts["done"], quiet=quiet)
+        earlier = earlier_versions_note(out_dir, keys)
+        progress = Progress(total=len(pending), already_done=counts["done"], quiet=quiet,
+                            log_path=Path(out_dir) / "progress.log")  # where lines go if the console is closed
         if on_progress:
             on_progress(progress)
         from spach.battle.spec import summary
@@ -550,6 +573,8 @@ def run_study(spec: Study | str | Path | dict, out_dir: str | Path, workers: int
                          f"{len(pending)} to run"
                          + (f"; resuming interrupted: {', '.join(interrupted)}" if interrupted else "")
                          + f"; {workers} worker(s) x {per_run} thread(s)")
+        if earlier:
+            progress.message(earlier)
         execute_pending(out_dir, study, pending, workers, per_run, progress, detach)
         measure_speeds(out_dir, keys, per_run, progress)
         result = finish_study(out_dir, study, progress, threads=threads or per_run, report=report)

@@ -193,13 +193,14 @@ class Tune:
 
 @dataclass(frozen=True)
 class StudyFile:
-    """The study's top level (``grid`` is required unless there are ``extra`` entries)."""
+    """The study's top level, read by :func:`read_section` (``grid`` is required unless there are ``extra``
+    entries; the sections are read by their own schemas, or by the code that expands them)."""
 
     name: str = key()
     data: Any = key()
     description: Any = key("")
-    img_size: int = key(224)
-    threads: Optional[int] = key(None)
+    img_size: int = key(224, ge=8, hint="the input size of every run, in pixels")
+    threads: Optional[int] = key(None, ge=1, hint="torch threads per run; null: the machine's share")
     recipe: Any = key(None)
     measure: Any = key(None)
     grid: Any = key(None)
@@ -207,7 +208,7 @@ class StudyFile:
     extra: Any = key(None)
     launcher: Any = key(None)
     analysis: Any = key(None)
-    runs_dir: Optional[str] = key(None)
+    runs_dir: Optional[str] = key(None, nonempty=True, hint="the folder for the run directories")
     plugins: Any = key(None)
     statistics: Any = key(None)
     tune: Any = key(None)
@@ -235,10 +236,11 @@ def defaults(section: type) -> dict[str, Any]:
     return out
 
 
-def unknown_keys(value: dict, section: type, name: str) -> str | None:
-    """The error for keys of `value` that `section` does not declare, or None."""
+def unknown_keys(value: dict, section: type, name: str | None) -> str | None:
+    """The error for keys of `value` that `section` does not declare, or None (`name` None: the top level)."""
     unknown = set(value) - keys(section)
-    return f"{name}: unknown key(s) {sorted(unknown)}; allowed: {sorted(keys(section))}" if unknown else None
+    prefix = f"{name}: " if name else ""
+    return f"{prefix}unknown key(s) {sorted(unknown)}; allowed: {sorted(keys(section))}" if unknown else None
 
 
 def describe(f: dataclasses.Field, tp: Any) -> str:
@@ -252,8 +254,10 @@ def describe(f: dataclasses.Field, tp: Any) -> str:
     elif typing.get_origin(inner) is dict:
         text = "a mapping"
     elif inner in (int, float):
-        sign = "non-negative" if meta.get("ge") == 0 else "positive"
-        text = f"a {sign} {'integer' if inner is int else 'number'}"
+        kind = "integer" if inner is int else "number"
+        ge = meta.get("ge")
+        text = f"an {kind} >= {ge}" if ge not in (None, 0, 1) else \
+            f"a {'non-negative' if ge == 0 else 'positive'} {kind}"
     elif inner is str:
         text = "a non-empty string" if meta.get("nonempty") else "a string"
     else:
@@ -273,21 +277,23 @@ def check_value(f: dataclasses.Field, tp: Any, value: Any) -> bool:
     return not ((meta.get("choices") and value not in meta["choices"])
                 or (meta.get("ge") is not None and value < meta["ge"])
                 or (meta.get("gt") is not None and not value > meta["gt"])
-                or (meta.get("nonempty") and not value))
+                or (meta.get("nonempty") and not (value.strip() if isinstance(value, str) else value)))
 
 
-def read_section(section: type, value: Any, name: str) -> dict[str, Any]:
-    """`value` (a mapping) completed by the section's defaults, every key checked; ValueError otherwise."""
+def read_section(section: type, value: Any, name: str | None) -> dict[str, Any]:
+    """`value` (a mapping) completed by the section's defaults, every key checked; ValueError otherwise.
+    `name` is the section's key in the study (None for the top level: errors name the bare key)."""
     if not isinstance(value, dict):
-        raise ValueError(f"{name} must be a mapping")
+        raise ValueError(f"{name or 'a study'} must be a mapping")
     if (why := unknown_keys(value, section, name)) is not None:
         raise ValueError(why)
     missing = required(section) - set(value)
     if missing:
-        raise ValueError(f"{name}: missing key(s) {sorted(missing)}")
+        raise ValueError(f"{f'{name}: ' if name else ''}missing required key(s) {sorted(missing)}")
     out = dict(defaults(section), **value)
     hints = typing.get_type_hints(section)
     for f in dataclasses.fields(section):
         if not check_value(f, hints[f.name], out[f.name]):
-            raise ValueError(f"{name}.{f.name} must be {describe(f, hints[f.name])}, got {out[f.name]!r}")
+            where = f"{name}.{f.name}" if name else f.name
+            raise ValueError(f"{where} must be {describe(f, hints[f.name])}, got {out[f.name]!r}")
     return out

@@ -30,11 +30,14 @@ A study is a YAML mapping (see docs/battle.md for the full reference)::
 
 Architecture rules live in the models, once: every grid cell is validated by
 building its model on the meta device (no memory, no compute; each mixer probed on
-an empty token grid); a cell the model refuses is *skipped*, with the model's own error
+an empty token grid); a cell the model refuses — its typed refusal,
+`spach.errors.ArchitectureRefusal` — is *skipped*, with the model's own message
 as the recorded reason (it appears in the database and the report) — e.g. CPE
 removed from a conv model, weight sharing of a mixer without weights, windows
 that do not tile the grid. The same refusal for an `extra` entry, which the user
-wrote by hand, *rejects* the study. The spec itself only knows what a family
+wrote by hand, *rejects* the study. Any other exception while a model is built
+(an unknown mixer option, a bug in a plugin mixer) rejects the study, naming the
+mixer, the exception and the line of the user's code that raised it. The spec itself only knows what a family
 name means: a registered mixer (stage 1 conv in the multi-stage layout, as in
 the paper), or `hybrid` (multi-stage only; zoo sizes XS and S).
 Every run has a key: a hash of its resolved configuration (stable JSON), so a
@@ -48,8 +51,10 @@ declare at most `MAX_RUNS` runs unless `max_runs` (`spach battle --max-runs`) sa
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
+import traceback
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from importlib import resources
@@ -60,11 +65,12 @@ import yaml
 
 from spach.battle import schema
 from spach.battle.schema import LAUNCHER_KINDS, LAYOUTS, Arch, HasArch
+from spach import yaml_file
+from spach.errors import ArchitectureRefusal, raised_at, user_exception
 from spach.models.registry import canonical_mixer, import_plugins, mixer_names, resolve_plugins
 
 ZOO_SIZES = ("xxs", "xs", "s")
 
-TOP_KEYS = schema.keys(schema.StudyFile)
 GRID_KEYS = schema.keys(schema.Grid)
 MEASURE_DEFAULTS = schema.defaults(schema.Measure)
 LAUNCHER_DEFAULTS = schema.defaults(schema.Launcher)
@@ -214,7 +220,9 @@ def load_study(path_or_preset: str | Path | dict, max_runs: int = MAX_RUNS, data
         raise FileNotFoundError(
             f"no study file {text_path!r} and no preset of that name (presets: {', '.join(list_presets())})")
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml_file.load(text)
+    except yaml_file.DuplicateKeyError as e:
+        raise ValueError(f"{where}: {e}") from None
     except yaml.YAMLError as e:
         raise ValueError(f"{where}: not valid YAML: {' '.join(str(e).split())}") from None
     except RecursionError:
@@ -231,29 +239,18 @@ def parse_study(raw: dict, where: str = "study", max_runs: int = MAX_RUNS,
     """Validate and expand a study mapping. ``plugins:`` are imported first, relative to ``base_dir``
     (the study file's folder; default the working directory) — this runs their code."""
     _check_expansion(raw, where)  # first: everything below may expand aliases
-    unknown = set(raw) - TOP_KEYS
-    if unknown:
-        _fail(where, f"unknown key(s) {sorted(unknown)}; allowed: {sorted(TOP_KEYS)}")
-    for key in ("name", "data", "grid"):
-        if key not in raw and not (key == "grid" and raw.get("extra")):
-            _fail(where, f"missing required key {key!r}")
+    top = _section(schema.StudyFile, raw, None, where)  # unknown and missing keys, types and bounds
+    if top["grid"] is None and not top["extra"]:
+        _fail(where, "missing required key 'grid' (or give `extra:` entries)")
     name = check_name(raw["name"], "the study name", where)
     declared = _declared_runs(raw)
     if declared > max_runs:
         _fail(where, f"the study declares {declared:,} runs, more than the limit of {max_runs:,} (a typo in "
                      f"grid/seeds?); if you mean it, pass --max-runs {declared} (load_study(..., max_runs=...))")
-    img_size = raw.get("img_size", 224)
-    if not isinstance(img_size, int) or isinstance(img_size, bool) or img_size < 8:
-        _fail(where, f"img_size must be an integer >= 8, got {img_size!r}")
-    threads = raw.get("threads")
-    if threads is not None and (not _is_int(threads) or threads < 1):
-        _fail(where, f"threads (per run) must be a positive integer or null, got {threads!r}")
+    img_size, threads, runs_dir = top["img_size"], top["threads"], top["runs_dir"]
     recipe = _check_recipe(raw.get("recipe") or {}, where)
     measure = _check_measure(raw.get("measure") or {}, where)
     launcher = _check_launcher(raw.get("launcher") or {}, where)
-    runs_dir = raw.get("runs_dir")
-    if runs_dir is not None and (not isinstance(runs_dir, str) or not runs_dir.strip()):
-        _fail(where, f"runs_dir must be a directory path (string), got {runs_dir!r}")
     plugins = []
     if raw.get("plugins") is not None:
         try:
@@ -345,15 +342,16 @@ def _check_recipe(recipe: Any, where: str) -> dict:
     if owned:
         _fail(where, f"recipe key(s) {owned} are set by the study itself "
                      "(use data/img_size/threads at the top level, grid.seed for seeds)")
-    from spach.engine.config import TrainConfig  # the engine validates its own options
+    from spach.engine.config import TrainConfig, settings_language  # the engine validates its own options
     try:
-        TrainConfig.from_dict(dict(recipe, model="recipe-check", data="recipe-check", output="recipe-check"))
+        with settings_language("study"):
+            TrainConfig.from_dict(dict(recipe, model="recipe-check", data="recipe-check", output="recipe-check"))
     except (TypeError, ValueError) as e:
         _fail(where, f"recipe: {e}")
     return dict(recipe)
 
 
-def _section(section: type, value: Any, name: str, where: str) -> dict:
+def _section(section: type, value: Any, name: str | None, where: str) -> dict:
     """A section of the study read by its schema (spach.battle.schema); errors name the study."""
     try:
         return schema.read_section(section, value, name)
@@ -478,25 +476,20 @@ def _expand_grid(study: Study, grid: Any, sizes: dict, where: str) -> None:
     for key, values in (("cpe", cpes), ("shared", shareds)):
         if not all(isinstance(v, bool) for v in values):
             _fail(where, f"grid.{key} must be a list of true/false, got {values}")
-    for family in grid_families:
-        for layout in layouts:
-            for size in size_names:
-                for cpe in cpes:
-                    for shared in shareds:
-                        arch = Arch(family, layout, size, cpe, shared)
-                        group = arch.name
-                        try:
-                            model, kwargs = resolve_architecture(family, layout, size, cpe, shared, sizes)
-                            refusal = model_refusal(model, dict(kwargs, img_size=study.img_size))
-                            if refusal:
-                                raise _Skip(refusal)
-                        except _Skip as skip:
-                            study.skipped.append((group, str(skip)))
-                            continue
-                        except ValueError as e:
-                            _fail(where, f"{group}: {e}")
-                        for seed in seeds:
-                            study.runs.append(_make_run(study, group, arch, seed, model, kwargs))
+    for family, layout, size, cpe, shared in itertools.product(grid_families, layouts, size_names, cpes, shareds):
+        arch = Arch(family, layout, size, cpe, shared)
+        try:
+            model, kwargs = resolve_architecture(family, layout, size, cpe, shared, sizes)
+            refusal = model_refusal(model, dict(kwargs, img_size=study.img_size))
+        except ArchitectureRefusal as e:  # the spec's own: no model of this family, layout and size
+            refusal = str(e)
+        except Exception as e:  # noqa: BLE001 — a user error or a bug (a plugin's): the study is rejected
+            _fail(where, f"{arch.name}: {build_error(e)}")
+        if refusal:
+            study.skipped.append((arch.name, refusal))
+            continue
+        for seed in seeds:
+            study.runs.append(_make_run(study, arch.name, arch, seed, model, kwargs))
 
 
 def _check_seeds(seeds: list, where: str) -> list[int]:
@@ -504,10 +497,6 @@ def _check_seeds(seeds: list, where: str) -> list[int]:
         if not _is_int(s) or s < 0:
             _fail(where, f"seeds must be non-negative integers, got {s!r}")
     return seeds
-
-
-class _Skip(Exception):
-    """A grid combination that is not meaningful; the message is the recorded reason."""
 
 
 def _zoo_name(family: str, layout: str, size: str) -> str:
@@ -530,12 +519,12 @@ def _per_family(value: Any, family: str, what: str) -> Any:
 
 def resolve_architecture(family: str, layout: str, size: str, cpe: bool, shared: bool,
                          sizes: dict) -> tuple[str, dict]:
-    """(zoo model name, create_model overrides) for one grid cell; raises _Skip where the family has no
-    model of that layout and size. Whether the model accepts the cell is :func:`model_refusal`'s question."""
+    """(zoo model name, create_model overrides) for one grid cell; raises ArchitectureRefusal where the family
+    has no model of that layout and size. Whether the model accepts the cell is :func:`model_refusal`'s question."""
     from spach.models import ALL_MODELS
 
     if family == "hybrid" and layout == "ss":
-        raise _Skip("hybrids are defined in the multi-stage layout only (conv early, attention late)")
+        raise ArchitectureRefusal("hybrids are defined in the multi-stage layout only (conv early, attention late)")
     kwargs: dict[str, Any] = {}
     if not cpe:
         kwargs["cpe"] = False
@@ -543,14 +532,14 @@ def resolve_architecture(family: str, layout: str, size: str, cpe: bool, shared:
         kwargs["shared_spatial_func"] = True
     if size in ZOO_SIZES:
         if family == "hybrid" and size == "xxs":
-            raise _Skip("the zoo has no XXS hybrid (hybrids exist at XS and S)")
+            raise ArchitectureRefusal("the zoo has no XXS hybrid (hybrids exist at XS and S)")
         if _zoo_name(family, layout, size) not in ALL_MODELS:
-            raise _Skip(f"the zoo has no {_zoo_name(family, layout, size)} (define the size under `sizes:` "
-                        "to build this family at it)")
+            raise ArchitectureRefusal(f"the zoo has no {_zoo_name(family, layout, size)} (define the size under "
+                                      "`sizes:` to build this family at it)")
         return _zoo_name(family, layout, size), kwargs
     d = sizes[size].get(layout)
     if d is None:
-        raise _Skip(f"size {size!r} defines no {layout!r} layout")
+        raise ArchitectureRefusal(f"size {size!r} defines no {layout!r} layout")
     w = f"sizes.{size}.{layout}"
     depth_key = "depth" if layout == "ss" else "depths"
     depth = _per_family(d[depth_key], family, f"{w}.{depth_key}")
@@ -593,8 +582,13 @@ def resolve_architecture(family: str, layout: str, size: str, cpe: bool, shared:
 
 
 def model_refusal(model: str, model_kwargs: dict) -> str | None:
-    """Why the model refuses this configuration — its own error, from building it on the meta device (no
-    memory, no compute; each mixer kind is probed once on an empty grid-sized input) — or None if it accepts it."""
+    """Why the model refuses this configuration — its typed refusal (:class:`spach.errors.ArchitectureRefusal`),
+    from building it on the meta device (no memory, no compute; each mixer kind is probed once on an empty
+    grid-sized input) — or None if it accepts it.
+
+    Any other exception propagates: an unknown mixer option, a mixer returning the wrong shape, or a bug in a
+    plugin's constructor or forward is not a refusal (:func:`build_error` says what and where).
+    """
     import torch
 
     from spach.engine.build import build_model
@@ -604,8 +598,42 @@ def model_refusal(model: str, model_kwargs: dict) -> str | None:
             build_model(model, num_classes=10, model_kwargs=model_kwargs)
     except NotImplementedError:
         return None  # an operator without a meta kernel: the run itself will tell
-    except Exception as e:  # noqa: BLE001 — any refusal of the model is the reason
+    except ArchitectureRefusal as e:
         return str(e) or type(e).__name__
+    return None
+
+
+def build_error(error: Exception) -> str:
+    """One line for an exception raised while a model was built (not a refusal).
+
+    spach's own ValueErrors (an unknown mixer option, a malformed size) keep their message. An exception raised
+    through the user's own code (a plugin mixer) names the mixer, the exception type and the innermost line of
+    the user's code that raised it (:func:`spach.errors.raised_at`); anything else names its type and place.
+    """
+    user = user_exception(error)
+    if user is None and isinstance(error, ValueError):
+        return str(error)
+    cause = user or error
+    mixer = _mixer_in_traceback(cause)
+    who = f"mixer {mixer!r}" if mixer else "building the model"
+    hint = (" — a bug in the mixer, not a refusal (a mixer refuses a configuration by raising "
+            "spach.ArchitectureRefusal: the cell is then skipped)" if user is not None else "")
+    return f"{who} raised {type(cause).__name__} at {raised_at(cause)}: {cause}{hint}"
+
+
+def _mixer_in_traceback(error: BaseException) -> str | None:
+    """The registered mixer whose constructor or forward `error` passed through (innermost first), if any."""
+    from spach.models.registry import MixerInfo, get_mixer
+
+    classes = [(get_mixer(name).cls, name) for name in mixer_names()]
+    frames = [frame for frame, _ in traceback.walk_tb(error.__traceback__)]
+    for frame in reversed(frames):
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, MixerInfo):
+            return owner.name
+        for cls, name in classes:
+            if isinstance(owner, cls):
+                return name
     return None
 
 
@@ -712,7 +740,10 @@ def _expand_extra(study: Study, entry: Any, where: str) -> list[Run]:
         kwargs["cpe"] = False
     if shared:
         kwargs["shared_spatial_func"] = True
-    refusal = model_refusal(model, dict(kwargs, img_size=study.img_size))
+    try:
+        refusal = model_refusal(model, dict(kwargs, img_size=study.img_size))
+    except Exception as e:  # noqa: BLE001 — a user error or a bug (a plugin's): the study is rejected
+        _fail(where, build_error(e))
     if refusal:
         _fail(where, f"the model refuses this entry: {refusal}")
     arch = Arch(family, layout, size, cpe, shared)

@@ -215,7 +215,7 @@ def tune_study(study: Study, out_dir: str | Path, workers: int, threads: int | N
     per_run = threads_per_run(study, workers, threads)
     left = sum(max(0, study.tune["trials"] - len(optuna_study(storage, study.tune, g).get_trials(deepcopy=False)))
                for g in groups)
-    progress = Progress(total=left, quiet=quiet)
+    progress = Progress(total=left, quiet=quiet, log_path=out_dir / "progress.log")  # if the console is closed
     progress.message(f"tuning {len(groups)} architecture(s) x {study.tune['trials']} trial(s) on a selection "
                      f"split of {study.tune['selection']:.0%} of the training data (seed {study.tune['seed']})")
     while True:

@@ -27,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from spach.errors import SpachError
+from spach.errors import SpachError, no_space
 from spach.io import fsync_dir
 
 LAST = "last.pt"
@@ -57,8 +57,12 @@ def save_checkpoint(state: dict, out_dir: str | Path) -> Path:
         if (out_dir / LAST).exists():
             os.replace(out_dir / LAST, out_dir / PREV)
         os.replace(tmp, out_dir / LAST)
-    except BaseException:
+    except BaseException as e:
+        full = no_space(e, out_dir / LAST, then=f"free some space, then resume: {LAST} / {PREV} were kept as they "
+                                               "were, the run continues from the newest of them")
         Path(tmp).unlink(missing_ok=True)
+        if full is not None:
+            raise full from e
         raise
     fsync_dir(out_dir)
     return out_dir / LAST

@@ -13,19 +13,65 @@ The `spach train` flags are generated from the fields below (`--batch-size` for
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import types
 import typing
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import yaml
+
+from spach import yaml_file
 
 # choices timm accepts (timm.data.transforms.str_to_interp_mode, timm.data.random_erasing.RandomErasing)
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 REMODES = ("const", "rand", "pixel")
+
+
+# where the user sets training options: "cli" (`spach train` flags) or "study" (a study file's `recipe:`)
+SETTINGS_LANGUAGES = ("cli", "study")
+_settings_language: ContextVar[str] = ContextVar("spach_settings_language", default="cli")
+
+
+@contextlib.contextmanager
+def settings_language(language: str) -> Iterator[None]:
+    """Within the block, errors and advice name options as the user writes them: ``--warmup-epochs 1`` for
+    `spach train` ("cli", the default), ``recipe: {warmup_epochs: 1}`` for a study file ("study")."""
+    if language not in SETTINGS_LANGUAGES:
+        raise ValueError(f"settings language must be one of {SETTINGS_LANGUAGES}, got {language!r}")
+    token = _settings_language.set(language)
+    try:
+        yield
+    finally:
+        _settings_language.reset(token)
+
+
+def settings_language_now() -> str:
+    """The language of the current block (:func:`settings_language`): "cli" or "study"."""
+    return _settings_language.get()
+
+
+def option_text(**values: Any) -> str:
+    """Options with values in the user's language (:func:`settings_language`), e.g. ``--lr 0.0001
+    --clip-grad 1.0`` or ``recipe: {lr: 0.0001, clip_grad: 1.0}``; options given ``...`` are named alone
+    (``--init-checkpoint``, ``recipe.init_checkpoint``)."""
+    if _settings_language.get() == "study":
+        if all(v is ... for v in values.values()):
+            return " ".join(f"recipe.{k}" for k in values)
+        return "recipe: {" + ", ".join(f"{k}: {_yaml_scalar(v)}" for k, v in values.items() if v is not ...) + "}"
+    flags = []
+    for k, v in values.items():
+        flag = "--" + k.replace("_", "-")
+        flags.append(flag if v is ... or v is True else f"{flag} {v}")
+    return " ".join(flags)
+
+
+def _yaml_scalar(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -190,17 +236,7 @@ class TrainConfig:
             bad("scale", "must be two numbers 0 < lo <= hi <= 1")
         if len(self.ratio) != 2 or not 0 < self.ratio[0] <= self.ratio[1]:
             bad("ratio", "must be two numbers 0 < lo <= hi")
-        if self.warmup_epochs + self.cooldown_epochs >= self.epochs:
-            bad("warmup_epochs", f"warmup_epochs + cooldown_epochs ({self.cooldown_epochs}) must be < epochs "
-                                 f"({self.epochs}); for a short run pass e.g. --warmup-epochs 1 --cooldown-epochs 0")
-        if self.mixup_active and self.batch_size % 2:
-            bad("batch_size", "must be even when mixup/cutmix is on (they pair samples)")
-        if self.pretrained and self.init_checkpoint:
-            bad("pretrained", "--pretrained and --init-checkpoint both set the initial weights: pass only one")
-        if self.pretrained_file is not None and not self.pretrained:
-            bad("pretrained_file", "needs --pretrained (or use --init-checkpoint FILE)")
-        if self.resume is not None and not self.resume:
-            bad("resume", "must be 'auto', a path, or None")
+        self._validate_combinations()
         return self.check_selection()
 
     def check_selection(self) -> "TrainConfig":
@@ -209,6 +245,28 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.selection_fraction: must be in (0, 1) or None "
                              f"(got {self.selection_fraction!r})")
         return self
+
+    def _validate_combinations(self) -> None:
+        """The rules between fields: the schedule fits in the epochs, mixup pairs samples, one set of initial
+        weights. Errors name the options as the user sets them (`settings_language`)."""
+        def bad(name: str, why: str) -> None:
+            raise ValueError(f"TrainConfig.{name}: {why}")
+
+        if self.warmup_epochs + self.cooldown_epochs >= self.epochs:
+            w, c = self.warmup_epochs, self.cooldown_epochs
+            bad("warmup_epochs", f"warmup_epochs + cooldown_epochs = {w:g} + {c:g} = {w + c:g} must be less than "
+                                 f"epochs ({self.epochs}); for a short run set e.g. "
+                                 f"{option_text(warmup_epochs=1 if self.epochs > 1 else 0, cooldown_epochs=0)}")
+        if self.mixup_active and self.batch_size % 2:
+            bad("batch_size", f"must be even when mixup/cutmix is on (they pair samples) (got {self.batch_size})")
+        if self.pretrained and self.init_checkpoint:
+            bad("pretrained", f"{option_text(pretrained=...)} and {option_text(init_checkpoint=...)} both set the "
+                              "initial weights: set only one")
+        if self.pretrained_file is not None and not self.pretrained:
+            bad("pretrained_file", f"needs {option_text(pretrained=True)} (or use {option_text(init_checkpoint=...)}) "
+                                   f"(got {self.pretrained_file!r})")
+        if self.resume is not None and not self.resume:
+            bad("resume", f"must be 'auto', a path, or None (got {self.resume!r})")
 
     @property
     def mixup_active(self) -> bool:
@@ -261,7 +319,9 @@ def load_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     try:
-        d = yaml.safe_load(path.read_text()) or {}
+        d = yaml_file.load(path.read_text()) or {}
+    except yaml_file.DuplicateKeyError as e:
+        raise ValueError(f"{path}: {e}") from None
     except yaml.YAMLError as e:  # syntax errors, and tags such as !!python/object (safe_load never runs them)
         raise ValueError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(d, dict):

@@ -53,7 +53,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from spach.engine import checkpoint as ckpt
 from spach.engine import distributed as D
 from spach.engine.build import build_model, check_model_input, optimizer_kernel_kwargs, pretrained_note
-from spach.engine.config import TrainConfig
+from spach.engine.config import TrainConfig, option_text, settings_language_now
 from spach.engine.device import autocast, cuda_math, peak_memory_mb, reset_peak_memory
 from spach.engine.evaluate import evaluate
 from spach.engine.evidence import write_evidence
@@ -99,7 +99,7 @@ def train(cfg: TrainConfig, on_epoch_end: Optional[Callable[[dict], None]] = Non
 
 
 @dataclass
-class Run:
+class TrainingRun:
     """What a training run holds from its set-up to its end (built by `setup`)."""
     cfg: TrainConfig
     env: D.DistEnv
@@ -125,6 +125,8 @@ class Run:
     stats: dict = field(default_factory=lambda: new_stats())
     history: list = field(default_factory=list)
     writer: Any = None
+    resumed: bool = False                # continued from a checkpoint
+    first_loss: Optional[torch.Tensor] = None  # this process's first training loss (on the device, no sync)
 
     @property
     def say(self) -> Callable[..., None]:
@@ -133,8 +135,8 @@ class Run:
 
 # ---- set-up ---------------------------------------------------------------------------------------
 
-def setup(cfg: TrainConfig, env: D.DistEnv) -> Run:
-    """Data, model, optimisation and, when resuming, the checkpoint's state: a `Run` ready to train."""
+def setup(cfg: TrainConfig, env: D.DistEnv) -> TrainingRun:
+    """Data, model, optimisation and, when resuming, the checkpoint's state: a `TrainingRun` ready to train."""
     out = Path(cfg.output)
     if cfg.amp == "fp16" and env.device.type != "cuda":
         raise ValueError("TrainConfig.amp: 'fp16' needs a CUDA device (loss scaling); on CPU use 'bf16'")
@@ -240,8 +242,8 @@ def _model(cfg: TrainConfig, env: D.DistEnv, img_size: int, num_classes: int, in
 
 
 def _optimisation(cfg: TrainConfig, env: D.DistEnv, out: Path, model: nn.Module, ema, train_set, val_set,
-                  num_classes: int) -> Run:
-    """Optimizer, schedule, loss scaling, loss, mixup, loaders and the wrapped models: a fresh `Run`."""
+                  num_classes: int) -> TrainingRun:
+    """Optimizer, schedule, loss scaling, loss, mixup, loaders and the wrapped models: a fresh `TrainingRun`."""
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
     from timm.optim import create_optimizer_v2
@@ -268,7 +270,7 @@ def _optimisation(cfg: TrainConfig, env: D.DistEnv, out: Path, model: nn.Module,
     train_model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None) \
         if env.distributed else model
     compile_ = torch.compile if cfg.compile else (lambda m: m)
-    return Run(cfg=cfg, env=env, out=out, model=model, train_model=compile_(train_model),
+    return TrainingRun(cfg=cfg, env=env, out=out, model=model, train_model=compile_(train_model),
                eval_model=compile_(model), ema=ema,
                ema_eval_model=compile_(ema.module) if ema is not None else None,
                optimizer=optimizer, scheduler=scheduler,
@@ -300,7 +302,7 @@ def _loaders(cfg: TrainConfig, env: D.DistEnv, train_set, val_set):
     return sampler, train_loader, val_loader, steps
 
 
-def _restore(run: Run, state: dict, path: Path) -> None:
+def _restore(run: TrainingRun, state: dict, path: Path) -> None:
     """Load a checkpoint's model, EMA, optimizer, scaler and position into `run`."""
     try:
         run.model.load_state_dict(state["model"])
@@ -312,7 +314,7 @@ def _restore(run: Run, state: dict, path: Path) -> None:
     if run.loss_scaler is not None and state.get("scaler"):
         run.loss_scaler.load_state_dict(state["scaler"])
     position, steps = state["position"], run.steps_per_epoch
-    run.start_epoch, run.start_step = position["epoch"], position["step"]
+    run.start_epoch, run.start_step, run.resumed = position["epoch"], position["step"], True
     run.best_top1 = state.get("best_top1", -math.inf)
     run.stats = new_stats(**(state.get("epoch_stats") or {}))
     if run.start_step and position.get("steps_per_epoch") != steps:
@@ -328,7 +330,7 @@ def _restore(run: Run, state: dict, path: Path) -> None:
 
 # ---- one epoch ------------------------------------------------------------------------------------
 
-def train_one_epoch(run: Run, epoch: int, on_step=None) -> dict:
+def train_one_epoch(run: TrainingRun, epoch: int, on_step=None) -> dict:
     """The optimizer steps of `epoch` (from `run.start_step` after a resume); returns the epoch's stats."""
     cfg, env = run.cfg, run.env
     reset_peak_memory(env.device)
@@ -368,7 +370,7 @@ def train_one_epoch(run: Run, epoch: int, on_step=None) -> dict:
     return clock.stats(done_training=True)
 
 
-def forward_backward(run: Run, batch, stats: dict, update: bool) -> None:
+def forward_backward(run: TrainingRun, batch, stats: dict, update: bool) -> None:
     """One micro-batch: forward, loss, backward; with `update`, the optimizer step (clipped, scaled).
 
     The loss is added to `stats["loss_sum"]` on the device: no host sync here."""
@@ -389,12 +391,14 @@ def forward_backward(run: Run, batch, stats: dict, update: bool) -> None:
         with autocast(env.device, cfg.amp):
             loss = run.criterion(run.train_model(images), targets)
         stats["loss_sum"] += loss.detach().double()
+        if run.first_loss is None:  # kept to tell a model that is non-finite from the start (check_finite)
+            run.first_loss = loss.detach().double().reshape(1)
         _backward_and_step(run, loss / cfg.accum_steps, update)
     stats["micro_steps"] += 1
     stats["images"] += len(images)
 
 
-def _backward_and_step(run: Run, loss: torch.Tensor, update: bool) -> None:
+def _backward_and_step(run: TrainingRun, loss: torch.Tensor, update: bool) -> None:
     """Backward; on the last micro-batch of a step, clip, step and zero the gradients (timm's way)."""
     cfg = run.cfg
     if run.loss_scaler is not None:  # fp16: scaled loss, unscaled before clipping, skipped steps on inf
@@ -411,23 +415,47 @@ def _backward_and_step(run: Run, loss: torch.Tensor, update: bool) -> None:
         run.optimizer.zero_grad(set_to_none=True)
 
 
-def check_finite(run: Run, stats: dict, epoch: int, step: int) -> float:
+def check_finite(run: TrainingRun, stats: dict, epoch: int, step: int) -> float:
     """The one host sync of training: every rank's loss sum so far, all-reduced; stop every rank
     together if any is NaN/inf. Returns the mean loss of the epoch so far (all ranks)."""
     local = stats["loss_sum"].reshape(1)
+    first = run.first_loss if run.first_loss is not None else torch.zeros(1, dtype=torch.float64, device=local.device)
     total = D.all_reduce_sum(torch.cat([(~torch.isfinite(local)).double(), local.nan_to_num(0.0, 0.0, 0.0),
                                         torch.tensor([float(stats["micro_steps"])], dtype=torch.float64,
-                                                     device=local.device)]))
-    bad, loss_sum, micro = total.tolist()
+                                                     device=local.device),
+                                        (~torch.isfinite(first)).double()]))
+    bad, loss_sum, micro, first_bad = total.tolist()
     if bad:
-        every = run.cfg.check_finite_every
-        where = f"step {step + 1}" if every <= 1 else f"step {step + 1} (checked every {every} steps)"
-        kept = (f"The last good checkpoint is kept in {run.out} (resume with --resume auto)."
-                if (run.out / ckpt.LAST).exists() else f"No checkpoint was written to {run.out} yet.")
-        raise NonFiniteLossError(
-            f"non-finite loss (nan or inf) at epoch {epoch + 1}, {where}; training stopped. {kept} "
-            f"Try a lower --lr, --clip-grad 1.0, or --amp bf16 instead of fp16.")
+        raise NonFiniteLossError(non_finite_message(run, epoch, step, from_first_step=bool(first_bad)))
     return loss_sum / max(1.0, micro)
+
+
+def non_finite_message(run: TrainingRun, epoch: int, step: int, from_first_step: bool) -> str:
+    """What went wrong, what is kept, and advice that fits the run: its own settings, named as the user sets
+    them (`--lr` for `spach train`, `recipe: {lr}` in a study file: `config.settings_language`)."""
+    cfg = run.cfg
+    every = cfg.check_finite_every
+    where = f"step {step + 1}" if every <= 1 else f"step {step + 1} (checked every {every} steps)"
+    resume = ("`spach battle ... --retry-failed` continues from it" if settings_language_now() == "study"
+              else f"resume with {option_text(resume='auto')}")
+    kept = (f"The last good checkpoint is kept in {run.out} ({resume})."
+            if (run.out / ckpt.LAST).exists() else f"No checkpoint was written to {run.out} yet.")
+    if from_first_step:
+        first = "first step" + (" after resuming" if run.resumed else "")
+        return (f"non-finite loss (nan or inf) at epoch {epoch + 1}, {where}; training stopped. {kept} The loss "
+                f"was already non-finite at the {first}, before the weights had changed: the model itself (its "
+                "forward pass, e.g. a plugin mixer) or the data produces nan/inf, so a lower learning rate will not "
+                "help; run the model on one batch to find where it appears.")
+    lr = run.optimizer.param_groups[0].get("initial_lr", run.optimizer.param_groups[0]["lr"])
+    advice = [f"a lower learning rate ({option_text(lr=float(f'{lr / 10:.3g}'))}; it is {lr:.3g})"]
+    if cfg.clip_grad is None:
+        advice.append(f"gradient clipping ({option_text(clip_grad=1.0)})")
+    if cfg.amp == "fp16":
+        advice.append(f"bf16 instead of fp16 autocast ({option_text(amp='bf16')}), whose range does not overflow")
+    elif cfg.amp == "bf16":
+        advice.append(f"full precision ({option_text(amp='none')}) to rule bf16 out")
+    return (f"non-finite loss (nan or inf) at epoch {epoch + 1}, {where}; training stopped. {kept} "
+            f"Try {', or '.join(advice)}.")
 
 
 class EpochClock:
@@ -468,7 +496,7 @@ def new_stats(loss_sum: float = 0.0, **counts) -> dict:
 
 # ---- end of epoch ------------------------------------------------------------------------------
 
-def end_of_epoch(run: Run, epoch: int, stats: dict, on_epoch_end=None) -> None:
+def end_of_epoch(run: TrainingRun, epoch: int, stats: dict, on_epoch_end=None) -> None:
     """Evaluate (and the EMA), log a record (metrics.jsonl, TensorBoard, a line), checkpoint; after the last
     epoch also the per-example evidence (OUT/evidence.npz, `spach.engine.evidence`)."""
     cfg, env, t_eval = run.cfg, run.env, time.perf_counter()
@@ -510,7 +538,7 @@ def end_of_epoch(run: Run, epoch: int, stats: dict, on_epoch_end=None) -> None:
         on_epoch_end(record)
 
 
-def save(run: Run, epoch: int, step: int, stats: dict) -> None:
+def save(run: TrainingRun, epoch: int, step: int, stats: dict) -> None:
     """Checkpoint the run at (epoch, step) with every rank's RNG state (written by rank 0)."""
     rngs = D.all_gather_objects(get_rng_state())  # every rank's RNG, collected on all ranks
     if not run.env.is_main:
@@ -531,7 +559,7 @@ def save(run: Run, epoch: int, step: int, stats: dict) -> None:
     }, run.out)
 
 
-def finish(run: Run) -> dict:
+def finish(run: TrainingRun) -> dict:
     """Export the weights (and the EMA's) as safetensors; the run's summary on every rank."""
     cfg, out = run.cfg, run.out
     if run.writer is not None:

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, register_notrace_function, use_fused_attn
 
+from spach.errors import ArchitectureRefusal
 from spach.models.kernels import Linear, token_matmul, use_fused_mlp, use_sdpa, use_token_matmul
 from spach.models.ops import check_grid
 
@@ -57,7 +58,7 @@ class ConvStem(nn.Module):
             self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
         elif stem_type == "conv4":
             if patch_size % 2:
-                raise ValueError(f"stem_type='conv4' needs an even patch_size, got {patch_size}")
+                raise ArchitectureRefusal(f"stem_type='conv4' needs an even patch_size, got {patch_size}")
             mid = 64
             self.proj = nn.Sequential(
                 nn.Conv2d(in_chans, mid, 7, stride=2, padding=3, bias=False),
@@ -135,7 +136,7 @@ class Attention(nn.Module):
                  attn_drop: float = 0.0, proj_drop: float = 0.0):
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"num_heads={num_heads} does not divide the width {dim}")
+            raise ArchitectureRefusal(f"num_heads={num_heads} does not divide the width {dim}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = qk_scale or self.head_dim ** -0.5
@@ -184,8 +185,8 @@ class TokenMlp(nn.Module):
         self.grid_size = (int(grid_size[0]), int(grid_size[1]))
         num_tokens = self.grid_size[0] * self.grid_size[1]
         if int(num_tokens * token_ratio) < 1:
-            raise ValueError(f"a token-mixing MLP over {num_tokens} tokens with token_ratio={token_ratio} has no "
-                             f"hidden units: use a larger img_size (or fewer stages) for MLP models")
+            raise ArchitectureRefusal(f"a token-mixing MLP over {num_tokens} tokens with token_ratio={token_ratio} "
+                                      f"has no hidden units: use a larger img_size (or fewer stages) for MLP models")
         self.fc1 = nn.Linear(num_tokens, int(num_tokens * token_ratio))
         self.act = nn.GELU()
         self.drop1 = nn.Dropout(drop)

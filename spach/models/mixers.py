@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_function, trunc_normal_, use_fused_attn
 
+from spach.errors import ArchitectureRefusal
 from spach.models.kernels import use_sdpa
 from spach.models.layers import nchw_to_nhwc, nhwc_to_nchw
 from spach.models.ops import SparseMLP, check_grid, partial_shift
@@ -50,8 +51,9 @@ class Shift(nn.Module):
     def __init__(self, dim: int, n_div: int = 12):
         super().__init__()
         if n_div < 4 or dim // n_div < 1:
-            raise ValueError(f"shift: moving 4 groups of C//{n_div} channels needs n_div >= 4 and a width of at "
-                             f"least {n_div}, got width {dim} (use hidden_dim >= {n_div}, or a smaller n_div)")
+            raise ArchitectureRefusal(f"shift: moving 4 groups of C//{n_div} channels needs n_div >= 4 and a width "
+                                      f"of at least {n_div}, got width {dim} (use hidden_dim >= {n_div}, or a "
+                                      f"smaller n_div)")
         self.n_div = n_div
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -160,20 +162,20 @@ class WindowAttention(nn.Module):
                  attn_drop: float = 0.0, drop: float = 0.0):
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"window: num_heads={num_heads} does not divide the width {dim}")
+            raise ArchitectureRefusal(f"window: num_heads={num_heads} does not divide the width {dim}")
         if shared:
-            raise ValueError("window attention shifts its windows in every other block, so one module cannot "
-                             "serve a whole stage: weight sharing does not apply to the window mixer")
+            raise ArchitectureRefusal("window attention shifts its windows in every other block, so one module cannot "
+                                      "serve a whole stage: weight sharing does not apply to the window mixer")
         grid = (int(grid_size[0]), int(grid_size[1]))
         if min(grid) <= window_size:  # Swin: the window covers the grid, nothing to shift
             window_size, shift = min(grid), 0
         else:
             shift = window_size // 2 if block_index % 2 else 0
         if grid[0] % window_size or grid[1] % window_size:
-            raise ValueError(f"window attention with {window_size}x{window_size} windows does not tile the "
-                             f"{grid[0]}x{grid[1]} token grid: build the model with an input size where the windows "
-                             f"fit (224 for 7x7 windows) or set mixer_kwargs={{'window': {{'window_size': k}}}} with "
-                             f"k dividing the grid")
+            raise ArchitectureRefusal(f"window attention with {window_size}x{window_size} windows does not tile the "
+                                      f"{grid[0]}x{grid[1]} token grid: build the model with an input size where the "
+                                      f"windows fit (224 for 7x7 windows) or set "
+                                      f"mixer_kwargs={{'window': {{'window_size': k}}}} with k dividing the grid")
         self.window_size = window_size
         self.shift_size = shift
         self.num_heads = num_heads

@@ -26,6 +26,7 @@ from timm.layers import to_2tuple
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
+from spach.errors import ArchitectureRefusal
 from spach.models.layers import ConvStem, Downsample, LayerNorm, MixingBlock
 from spach.models.registry import canonical_mixer, check_mixer_output, get_mixer
 from spach.models.staged import (StagedNet, check_global_pool, linear_drop_path_rates, original_layout_filter,
@@ -80,8 +81,8 @@ class SpachStage(nn.Module):
 
         shared_mixer = make_mixer(mixers[0], 0) if shared else None
         if shared and shared_mixer is not None and not any(True for _ in shared_mixer.parameters()):
-            raise ValueError(f"shared_spatial_func=True: stage {stage_index + 1}'s mixer {mixers[0]!r} has no "
-                             "weights, so there is nothing to share")
+            raise ArchitectureRefusal(f"shared_spatial_func=True: stage {stage_index + 1}'s mixer {mixers[0]!r} has no "
+                                      "weights, so there is nothing to share")
         self.blocks = nn.Sequential(*[
             MixingBlock(dim, kind, shared_mixer if shared else make_mixer(kind, i), channel_ratio=channel_ratio,
                         cpe=cpe, scaled=scaled, init_values=init_values, drop=drop, drop_path=drop_path[i])
@@ -133,19 +134,21 @@ class SpachNet(StagedNet):
         self.fixed_input_size = any(get_mixer(k).fixed_input_size for k in all_mixers)
         cpe_mixers = {k for k in all_mixers if get_mixer(k).cpe_is_mixer}
         if not cpe and set(all_mixers) <= cpe_mixers:
-            raise ValueError("cpe=False on a conv-only network: the depthwise conv is the conv family's "
-                             "spatial mixer, so CPE cannot be removed (it would leave no spatial mixing at all)")
+            raise ArchitectureRefusal("cpe=False on a conv-only network: the depthwise conv is the conv family's "
+                                      "spatial mixer, so CPE cannot be removed (it would leave no spatial mixing "
+                                      "at all)")
         if "attn" in all_mixers and hidden_dim % num_heads:
-            raise ValueError(f"num_heads={num_heads} does not divide hidden_dim={hidden_dim}")
+            raise ArchitectureRefusal(f"num_heads={num_heads} does not divide hidden_dim={hidden_dim}")
         if self.fixed_input_size and any(s % self.stride for s in self.img_size):
-            raise ValueError(f"img_size={img_size} is not divisible by the network's total stride {self.stride}")
+            raise ArchitectureRefusal(f"img_size={img_size} is not divisible by the network's total stride "
+                                      f"{self.stride}")
         for i in shared_stages:
             kinds = sorted(set(stage_mixers[i]))
             if len(kinds) > 1 or kinds[0] in cpe_mixers:
                 why = ("weight sharing needs one mixer per shared stage" if len(kinds) > 1 else
                        f"{kinds[0]} has no spatial module to share: its mixer is the block's depthwise conv")
-                raise ValueError(f"shared_spatial_func=True needs every shared stage to use one non-conv mixer; "
-                                 f"stage {i + 1} uses {'+'.join(kinds)} ({why})")
+                raise ArchitectureRefusal(f"shared_spatial_func=True needs every shared stage to use one non-conv "
+                                          f"mixer; stage {i + 1} uses {'+'.join(kinds)} ({why})")
         if drop_path_rates is None:
             drop_path_rates = [drop_path_rate] * len(all_mixers)
 
