@@ -9,7 +9,7 @@ RUN_STAMP := $(VENV)/.installed-run
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e '.[dev,export]'
+	$(PY) -m pip install -e '.[dev,export,mlflow]'
 	touch $(STAMP) $(RUN_STAMP)
 
 $(RUN_STAMP): pyproject.toml

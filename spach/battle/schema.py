@@ -13,11 +13,12 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
+from spach.battle.launchers import LAUNCHERS
 from spach.engine.config import coerce
 
 LAYOUTS = ("ss", "ms")
 MEASURE_DTYPES = ("fp32", "bf16")  # the precisions spach.bench measures
-LAUNCHER_KINDS = ("local", "torchrun", "slurm")
+LAUNCHER_KINDS = LAUNCHERS  # the launcher registry itself (spach.battle.launchers): its kinds, live
 REQUIRED = dataclasses.MISSING
 
 
@@ -102,6 +103,22 @@ class Launcher:
 
 
 @dataclass(frozen=True)
+class MlflowTracking:
+    """``tracking.mlflow``: log every run to MLflow (spach.battle.tracking.mlflow)."""
+
+    uri: str = key(nonempty=True, hint="a tracking URI, e.g. sqlite:///runs/mlflow.db")
+    experiment: Optional[str] = key(None, nonempty=True, hint="default: the study name")
+
+
+@dataclass(frozen=True)
+class Tracking:
+    """``tracking:``: where runs are logged besides the study database (which stays the source of truth)."""
+
+    mlflow: Any = key(None)
+    tensorboard: bool = key(True, hint="write each run's TensorBoard HParams summary to RUN_DIR/tb")
+
+
+@dataclass(frozen=True)
 class Grid:
     """``grid:``: the axes, each a value or a list of values (checked as the grid expands)."""
 
@@ -180,6 +197,7 @@ class StudyFile:
     sizes: Any = key(None)
     extra: Any = key(None)
     launcher: Any = key(None)
+    tracking: Any = key(None)
     analysis: Any = key(None)
     runs_dir: Optional[str] = key(None)
     plugins: Any = key(None)
