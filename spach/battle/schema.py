@@ -100,6 +100,9 @@ class Launcher:
     max_jobs: Optional[int] = key(None, ge=1)
     max_attempts: int = key(3, ge=1)
     poll_s: float = key(30.0, gt=0)
+    address: str = key("auto", nonempty=True, hint="ray: auto, HOST:PORT or ray://HOST:PORT")
+    cpus_per_run: float = key(1.0, gt=0, hint="ray: the CPUs each run's task reserves")
+    gpus_per_run: float = key(0.0, ge=0, hint="ray: the GPUs each run's task reserves")
 
 
 @dataclass(frozen=True)

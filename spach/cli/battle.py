@@ -36,7 +36,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--launcher", choices=list(KINDS), default=None,
                    help="run with this launcher instead of the study's (the study's other launcher settings apply)")
     p.add_argument("--detach", action="store_true",
-                   help="cluster launchers (slurm): submit the jobs of the runs not done and return "
+                   help="cluster launchers (slurm, ray): submit the jobs of the runs not done and return "
                         "(re-run to collect)")
     p.add_argument("--mlflow", default=None, metavar="URI",
                    help="also log every run to this MLflow tracking store, e.g. sqlite:///runs/mlflow.db "

@@ -30,6 +30,7 @@ LAUNCHERS: dict[str, Any] = {
     "local": "spach.battle.launchers.local:LocalLauncher",
     "torchrun": "spach.battle.launchers.torchrun:TorchrunLauncher",
     "slurm": "spach.battle.launchers.slurm:SlurmLauncher",
+    "ray": "spach.battle.launchers.ray:RayLauncher",
 }
 KINDS = tuple(LAUNCHERS)  # the built-in kinds (a test or plugin may register more in LAUNCHERS)
 BARE_JOB_IDS = "slurm"  # the kind whose job ids the database holds bare; every other kind's are "KIND:ID"
