@@ -94,9 +94,10 @@ def test_a_killed_coordinator_reattaches_and_no_run_starts_twice(tmp_path, capsy
         job = json.loads((Path(row["output_dir"]) / "job.json").read_text())
         assert job["attempt"] == 1 and row["attempts"] == 1  # each run trained by one attempt
         assert row["final_top1"] is not None and row["images_per_s"] > 0
-    # both actors were ended once their runs were recorded
+    # both actors were ended once their runs were recorded (other tests' actors may be alive meanwhile)
     import ray
-    assert not [a for a in ray.util.list_named_actors() if str(a).startswith("spach-")]
+    stems = tuple(f"spach-{r['key'][:16]}-" for r in final.values())
+    assert not [a for a in ray.util.list_named_actors() if str(a).startswith(stems)]
 
 
 @pytest.mark.ray
@@ -129,21 +130,18 @@ def test_a_killed_worker_is_retried_and_its_run_finishes_from_its_checkpoint(tmp
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_status_and_cancel_of_a_detached_ray_study(tmp_path, capsys):
+def test_status_and_cancel_of_a_detached_ray_study(tmp_path, capsys, monkeypatch):
     study_file = write(tmp_path / "s.yaml", study(seeds=(0,), epochs=50, max_train_samples=1200))
     out = tmp_path / "out"
     assert main(["battle", str(study_file), "--out", str(out), "--detach", "--quiet"]) == 0
     (row,) = rows(out).values()
     assert row["status"] == "running" and row["job_id"].startswith("ray:")
     capsys.readouterr()
-    os.environ["RAY_ADDRESS"] = ADDRESS
-    try:
-        assert main(["battle", "status", str(out)]) == 0
-        assert "running" in capsys.readouterr().out
-        assert main(["battle", "cancel", str(out)]) == 0
-        assert f"cancelled {row['name']}" in capsys.readouterr().out
-    finally:
-        del os.environ["RAY_ADDRESS"]
+    monkeypatch.setenv("RAY_ADDRESS", ADDRESS)
+    assert main(["battle", "status", str(out)]) == 0
+    assert "running" in capsys.readouterr().out
+    assert main(["battle", "cancel", str(out)]) == 0
+    assert f"cancelled {row['name']}" in capsys.readouterr().out
     assert main(["battle", str(study_file), "--out", str(out), "--quiet"]) == 1  # recorded as failed
     failed = rows(out)[row["name"]]
     assert failed["status"] == "failed" and "is gone without a result" in failed["error"]
