@@ -2,6 +2,7 @@
 
     python benchmarks/loader_throughput.py --images 256 --json runs/loader.json
     python benchmarks/loader_throughput.py --gpu-bench runs/gpu-check-X/bench-bf16.json   # measured GPU speeds
+    python benchmarks/loader_throughput.py --folder /tmp/cifar10k --img-size 32 --json runs/loader-32.json
 
 It writes `--images` synthetic JPEGs shaped like ImageNet's (500x375 and 375x500, quality 90,
 smooth natural-image-like content with grain: ~100 KB, like the real files), then times one
@@ -15,6 +16,13 @@ Workers per GPU = a model's training images/s per GPU / one worker's train image
 side comes from `spach bench --mode train` rows (`--gpu-bench`); without them it is estimated
 from the model's MACs at an assumed MFU on an H100/H200 (`--assume-mfu`, bf16 dense peak 989
 TFLOP/s; training = 3 x 2 x MACs FLOPs per image) and labelled as an estimate.
+
+`--folder ROOT` times an existing ImageFolder of small images instead (e.g. a CIFAR-10 subset
+from `../shared/data/cifar10_folder.py`): its train split read per item from the files (open +
+decode for every item, as before `spach.data.memory`) against decoded once and kept in memory
+(`build_dataset`'s path for splits under `MEMORY_LIMIT_BYTES`), through the train transform
+(random-resized crop, flip, RandAugment; uint8 out) and through a decode-only transform
+(uint8 tensor, no resizing), in images/s per CPU second; the one-time decoding is timed too.
 """
 from __future__ import annotations
 
@@ -65,6 +73,38 @@ def images_per_s(dataset, seconds_min: float = 5.0) -> float:
             return n / (time.process_time() - t0)
 
 
+def folder_rates(root: str, img_size: int, seconds: float) -> dict:
+    """Images/s per CPU second of ROOT's train split: per item from the files vs decoded once in memory."""
+    import spach.data as data
+    from spach.data import SafeDataset, build_dataset, load_in_memory, open_source
+
+    def to_tensor(img):
+        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+
+    base = open_source(root, "train")
+    indices = list(range(len(base)))
+    t0 = time.process_time()
+    in_memory = load_in_memory(base, indices, data.MEMORY_LIMIT_BYTES)
+    load_s = time.process_time() - t0
+    train = build_dataset(root, "train", img_size, train=True, seed=0, uint8=True)
+    limit, data.MEMORY_LIMIT_BYTES = data.MEMORY_LIMIT_BYTES, 0
+    try:
+        train_files = build_dataset(root, "train", img_size, train=True, seed=0, uint8=True)
+    finally:
+        data.MEMORY_LIMIT_BYTES = limit
+    rates = {"images": len(base), "decoded_mb": in_memory.nbytes / 1e6, "load_once_s": load_s,
+             "train_files": images_per_s(train_files, seconds), "train_memory": images_per_s(train, seconds),
+             "decode_files": images_per_s(SafeDataset(base, to_tensor), seconds),
+             "decode_memory": images_per_s(SafeDataset(in_memory, to_tensor), seconds)}
+    print(f"{root}: {rates['images']} train images, {rates['decoded_mb']:.0f} MB decoded, decoded once in "
+          f"{load_s:.1f} CPU s; images/s per core:")
+    print("| transform | per item from the files | decoded once, in memory | speed-up |\n|---|---|---|---|")
+    for kind, label in (("train", f"train ({img_size}px crop, flip, RandAugment)"), ("decode", "decode only")):
+        files, memory = rates[f"{kind}_files"], rates[f"{kind}_memory"]
+        print(f"| {label} | {files:,.0f} | {memory:,.0f} | {memory / files:.2f}x |")
+    return rates
+
+
 def gpu_train_rates(path: str | None, assume_mfu: float) -> dict[str, tuple[float, str]]:
     """{model: (training images/s per GPU, where the figure comes from)}."""
     if path:
@@ -88,8 +128,15 @@ def main() -> None:
     p.add_argument("--gpu-bench", default=None, help="a `spach bench --mode train --json` file from a GPU")
     p.add_argument("--assume-mfu", type=float, default=0.4)
     p.add_argument("--json", default=None)
+    p.add_argument("--folder", default=None, help="time this ImageFolder of small images (see above) instead")
+    p.add_argument("--img-size", type=int, default=32, help="--folder: the train transform's crop size")
     args = p.parse_args()
     torch.set_num_threads(1)
+    if args.folder:
+        rates = folder_rates(args.folder, args.img_size, args.seconds)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rates, indent=2) + "\n")
+        return
 
     from spach.data import build_dataset
 

@@ -336,9 +336,11 @@ def test_findings_cite_the_measurements_without_changing_verdicts():
     evidence = analysis_evidence(groups, summary)
     assert sorted(evidence) == [2, 3, 4]
     assert evidence[2][0] == ("analysis: 50% ERF area by stage (stride /4, /8), attn-ms-tiny [2.1, 21.0]% vs "
-                              "attn-ms-tiny-nocpe [2.0, 51.0]%: with CPE decisively larger at 0, smaller at 1 of 2 stages")
-    assert "mean attention distance attn-ms-tiny 5.10 ± 0.14 px" in evidence[2][1]
-    assert "mCE conv 100.5 ± 0.7% vs attn 121.0 ± 1.4%" in evidence[4][0]
+                              "attn-ms-tiny-nocpe [2.0, 51.0]%: with CPE larger at 0, smaller at 1 of 2 stages (Welch p < 0.05 per "
+                              "stage, unadjusted)")
+    assert "mean attention distance attn-ms-tiny 5.10 ± 0.14 px (sd, 2 seeds)" in evidence[2][1]
+    assert "Welch p = " in evidence[2][1] and "(across seeds, unadjusted)" in evidence[2][1]
+    assert "mCE conv 100.5 ± 0.7% (sd, 2 seeds) vs attn 121.0 ± 1.4% (sd, 2 seeds)" in evidence[4][0]
     assert "CKA of the final blocks 0.42" in evidence[4][0]
     assert "conv vs mlp" in evidence[3][0]
     assert [f.verdict for f in evaluate_findings(groups)] == before

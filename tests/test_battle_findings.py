@@ -1,89 +1,131 @@
-"""The verdict rules of the findings, on hand-made per-seed numbers (no training)."""
+"""The verdict rules of the findings on hand-made groups (no training): per-example evidence drawn from a
+known generator, Holm over the whole report, the four verdicts, costs, seeds needed, older databases."""
 from __future__ import annotations
 
-from spach.battle.findings import Group, Stat, compare, evaluate_findings
+import zlib
+
+import numpy as np
+import pytest
+
+from spach.battle.findings import Group, Settings, Stat, evaluate_findings
 from spach.battle.schema import Arch
 
-
-def group(family, layout, top1, params=100e3, macs=1e6, cpe=True, shared=False, size="tiny",
-          train_loss=(0.1, 0.1), val_loss=(0.2, 0.2)):
-    gaps = [v - t for v, t in zip(val_loss, train_loss)]
-    name = f"{family}-{layout}-{size}" + ("" if cpe else "-nocpe") + ("-shared" if shared else "")
-    return Group(name=name, arch=Arch(family, layout, size, cpe, shared),
-                 seeds=list(range(len(top1))), params=params, macs=macs, images_per_s=Stat.of([1000.0]),
-                 top1=Stat.of(list(top1)), best_top1=Stat.of(list(top1)), train_loss=Stat.of(list(train_loss)),
-                 val_loss=Stat.of(list(val_loss)), gap=Stat.of(gaps))
+M = 2000  # validation images
 
 
-def verdicts(groups):
-    return {f.number: f.verdict for f in evaluate_findings(groups)}
+def correct(acc: float, seeds: int, rng, seed_sd: float = 0.05) -> np.ndarray:
+    """(seeds, M) correctness: example difficulty shared by every architecture, a seed shift per run."""
+    difficulty = np.random.default_rng(123).normal(0.0, 1.5, M)  # the same images for every group
+    logit = np.log(acc / (1 - acc)) + difficulty[None, :] + rng.normal(0.0, seed_sd, (seeds, 1))
+    return rng.random((seeds, M)) < 1 / (1 + np.exp(-logit))
 
 
-def test_compare_needs_two_seeds_and_a_difference_beyond_the_spread():
-    assert compare(Stat.of([90, 92]), Stat.of([80, 82]), "x").decisive
-    assert not compare(Stat.of([90, 92]), Stat.of([89, 93]), "x").decisive
-    one = compare(Stat.of([90]), Stat.of([80, 81]), "x")
-    assert not one.decisive and "one seed" in one.text
+def group(family, layout, acc, seeds=3, params=100e3, macs=1e6, cpe=True, shared=False, size="tiny",
+          gap=(0.1, 0.02), train=(0.5, 0.02), evidence=True, weight_free=None, rng=None):
+    rng = rng or np.random.default_rng(zlib.crc32(f"{family}{layout}{cpe}{shared}{size}{acc}".encode()))
+    c = correct(acc, seeds, rng)
+    gaps = list(rng.normal(gap[0], gap[1], seeds))
+    trains = list(rng.normal(train[0], train[1], seeds))
+    name = Arch(family, layout, size, cpe, shared).name
+    return Group(name=name, arch=Arch(family, layout, size, cpe, shared), seeds=list(range(seeds)),
+                 params=params, macs=macs, images_per_s=Stat.of([1000.0]), top1=Stat.of(list(100 * c.mean(1))),
+                 best_top1=Stat.of(list(100 * c.mean(1))), train_loss=Stat.of(trains),
+                 val_loss=Stat.of([t + g for t, g in zip(trains, gaps)]), gap=Stat.of(gaps),
+                 correct=c if evidence else None, targets_sha="same" if evidence else None, weight_free=weight_free)
 
 
-def test_multistage_verdicts():
-    ss = group("conv", "ss", (80, 81), params=100e3, macs=5e6)
-    assert verdicts([ss, group("conv", "ms", (90, 91), params=90e3, macs=1e6)])[1] == "holds"
-    assert verdicts([ss, group("conv", "ms", (70, 71), params=90e3, macs=1e6)])[1] == "inconclusive"  # SS costlier
-    assert verdicts([group("conv", "ss", (80, 81), params=50e3, macs=1e6),
-                     group("conv", "ms", (70, 71), params=90e3, macs=2e6)])[1] == "does not hold"
-    assert verdicts([ss, group("conv", "ms", (80, 82), params=90e3, macs=1e6)])[1] == "inconclusive"  # noise
-    costly = verdicts([ss, group("conv", "ms", (90, 91), params=300e3, macs=1e6)])[1]
-    assert costly == "inconclusive"  # more accurate but 3x the params: no trade-off verdict
-    mixed = [ss, group("conv", "ms", (90, 91), params=90e3, macs=1e6),
-             group("attn", "ss", (80, 81), params=50e3, macs=1e6), group("attn", "ms", (70, 71), params=50e3, macs=1e6)]
-    assert verdicts(mixed)[1].startswith("mixed: holds in 1, does not hold in 1")
+def findings(groups, **settings):
+    return {f.number: f for f in evaluate_findings(groups, Settings(**settings))}
+
+
+def test_multistage_verdicts_follow_the_tests_and_the_costs():
+    ss = group("conv", "ss", 0.70, params=100e3, macs=5e6)
+    assert findings([ss, group("conv", "ms", 0.85, params=90e3, macs=1e6)])[1].verdict == "supported"
+    assert findings([group("conv", "ss", 0.85, params=50e3, macs=1e6),
+                     group("conv", "ms", 0.70, params=90e3, macs=2e6)])[1].verdict == "contradicted"
+    costly = findings([ss, group("conv", "ms", 0.85, params=300e3, macs=1e6)])[1]
+    assert costly.verdict == "not comparable" and "also the costlier" in costly.lines[0]
+    mixed = findings([ss, group("conv", "ms", 0.85, params=90e3, macs=1e6),
+                      group("attn", "ss", 0.85, params=50e3, macs=1e6),
+                      group("attn", "ms", 0.70, params=50e3, macs=1e6)])[1].verdict
+    assert mixed == "mixed: supported in 1, contradicted in 1 of 2 comparisons"
+
+
+def test_every_line_carries_effect_interval_adjusted_p_and_seeds():
+    f = findings([group("conv", "ss", 0.70, macs=5e6), group("conv", "ms", 0.85, macs=1e6)])[1]
+    line = f.lines[0]
+    for part in ("top-1 MS - SS: +", "95% CI [", "p = ", "(Holm ", "seeds 3+3", "per-example on 2000 validation images"):
+        assert part in line, (part, line)
+    t = f.tests[0]
+    assert t.result.ci[0] < t.result.diff < t.result.ci[1] and t.p_adj >= t.result.p
+
+
+def test_no_difference_is_equivalent_with_enough_evidence_and_underpowered_without():
+    rng = np.random.default_rng(5)
+    a = group("attn", "ms", 0.80, seeds=8, rng=rng)
+    b = group("attn", "ms", 0.80, seeds=8, cpe=False, params=99e3, macs=0.99e6, rng=rng)
+    eq = findings([a, b], margin=2.0)[2]
+    assert eq.verdict == "equivalent", eq.lines
+    few = findings([group("attn", "ms", 0.80, seeds=2), group("attn", "ms", 0.80, seeds=2, cpe=False)], margin=0.2)[2]
+    assert few.verdict == "underpowered"
+    assert "seeds per side would resolve" in few.lines[0] or "no feasible number of seeds" in few.lines[0]
+
+
+def test_holm_adjusts_over_every_test_of_the_report():
+    groups = [group(f, layout, acc, macs=m) for f, acc in (("conv", 0.8), ("attn", 0.79), ("mlp", 0.75))
+              for layout, m, acc in (("ss", 5e6, acc), ("ms", 1e6, acc + 0.01))]
+    tests = [t for f in evaluate_findings(groups, Settings()) for t in f.tests if t.tested]
+    ps = np.array([t.result.p for t in tests] + [t.result.p_equivalence for t in tests if t.result.p_equivalence])
+    adjusted = np.array([t.p_adj for t in tests])
+    assert np.all(adjusted >= np.array([t.result.p for t in tests]) - 1e-12)
+    k = len(ps)  # the smallest p is multiplied by the number of tests in the family
+    smallest = min(range(len(tests)), key=lambda i: tests[i].result.p)
+    if ps.min() == tests[smallest].result.p:
+        assert adjusted[smallest] == pytest.approx(min(1.0, k * tests[smallest].result.p))
+
+
+def test_one_seed_on_a_side_is_no_test():
+    f = findings([group("conv", "ss", 0.7, seeds=1, macs=5e6), group("conv", "ms", 0.85, macs=1e6)])[1]
+    assert f.verdict == "underpowered" and "no test, at least 2 seeds per side" in f.lines[0]
+
+
+def test_without_per_example_evidence_the_test_is_across_seeds_and_says_so():
+    f = findings([group("conv", "ss", 0.70, macs=5e6, evidence=False), group("conv", "ms", 0.85, macs=1e6)])[1]
+    assert "across seeds only (no per-example evidence" in f.lines[0]
 
 
 def test_uncovered_findings_say_so():
-    v = verdicts([group("conv", "ss", (80, 81)), group("conv", "ms", (90, 91))])
-    assert v[2] == v[5] == "not covered by this study"  # no CPE ablation, no hybrid
-    assert v[4] == "not covered by this study"          # no attention to compare conv with
+    v = findings([group("conv", "ss", 0.7), group("conv", "ms", 0.8)])
+    assert v[2].verdict == v[5].verdict == v[4].verdict == "not covered by this study"
 
 
-def test_cpe_sharing_and_generalisation():
-    groups = [group("mlp", "ms", (95, 96), params=100e3, macs=1e6),
-              group("mlp", "ms", (85, 86), params=99.5e3, macs=0.99e6, cpe=False),
-              group("mlp", "ms", (95, 96), shared=True, train_loss=(0.1, 0.1), val_loss=(0.12, 0.13)),
-              group("conv", "ss", (90, 91), train_loss=(0.3, 0.31), val_loss=(0.32, 0.33)),
-              group("attn", "ss", (90, 91), train_loss=(0.1, 0.11), val_loss=(0.4, 0.41))]
-    findings = {f.number: f for f in evaluate_findings(groups)}
-    assert findings[2].verdict == "holds" and "0.50% of params" in findings[2].lines[0]
-    assert findings[3].verdict == "holds"  # sharing shrinks the MLP's gap
-    assert findings[4].verdict == "holds"  # attn: lower train loss; conv: smaller gap
+def test_gap_and_train_loss_are_tested_across_seeds():
+    conv = group("conv", "ss", 0.8, seeds=4, gap=(0.05, 0.01), train=(0.60, 0.01))
+    attn = group("attn", "ss", 0.8, seeds=4, gap=(0.30, 0.01), train=(0.30, 0.01))
+    f = findings([conv, attn])[4]
+    assert f.verdict == "supported" and all("across seeds only" in line for line in f.lines)
 
 
-def test_newcomers_are_placed_on_each_side_of_the_findings():
-    conv = group("conv", "ms", (95, 95.2), train_loss=(0.10, 0.11), val_loss=(0.20, 0.21))
-    attn = group("attn", "ms", (96, 96.2), train_loss=(0.05, 0.06), val_loss=(0.25, 0.26))
-    mlp = group("mlp", "ms", (94, 94.2), train_loss=(0.05, 0.05), val_loss=(0.45, 0.46))
-    pool = group("pool", "ms", (97, 97.1), train_loss=(0.10, 0.11), val_loss=(0.30, 0.31))
-    smlp = group("smlp", "ms", (95, 95.1), train_loss=(0.05, 0.05), val_loss=(0.15, 0.16))
-    finding = evaluate_findings([conv, attn, mlp, pool, smlp])[5]
-    assert finding.number == 6
-    text = "\n".join(finding.lines)
-    # pool is weight-free: it is compared with attention (and wins decisively here); smlp is not
-    assert "pool ms tiny — a weight-free mixer plus CPE matches attention: top-1 pool - attn: +0.950" in text
-    assert "smlp ms tiny — a weight-free" not in text
-    # the axial MLP overfits less than the full token MLP: gap 0.105 vs 0.405
-    assert "smlp ms tiny — the axial MLP overfits less than the full token MLP: gap mlp - smlp: +0.300" in text
-    assert "pool ms tiny — conv generalises best (its gap is smaller): gap pool - conv: +0.100" in text
-    assert all(line.endswith(("holds", "does not hold", "inconclusive")) for line in finding.lines)
-    assert verdicts([conv, attn, mlp])[6] == "not covered by this study"
+def test_newcomers_use_the_recorded_mixer_facts_not_the_registry():
+    attn = group("attn", "ms", 0.80, seeds=6)
+    pool = group("pool", "ms", 0.80, seeds=6, weight_free=True)
+    f = findings([attn, pool], margin=5.0)[6]
+    assert any("a weight-free mixer plus CPE matches attention; top-1 pool - attn" in line and "=> supported" in line
+               for line in f.lines), f.lines
+    unknown = findings([attn, group("pool", "ms", 0.80, seeds=6, weight_free=None)])[6]
+    assert any("was not recorded in the database" in line for line in unknown.lines)
+    assert not any("matches attention" in line for line in unknown.lines)
 
 
 def test_pareto_fronts_against_macs_and_throughput():
     from spach.battle.findings import macs_of, pareto_front, speed_of
 
-    a = group("conv", "ms", (90, 90), macs=1e6)        # cheapest
-    b = group("attn", "ms", (95, 95), macs=2e6)        # more accurate, costlier: on the front
-    c = group("mlp", "ms", (93, 93), macs=3e6)         # dominated by b
-    d = group("pool", "ms", (95, 95), macs=2e6, size="x")  # ties b on both: both stay
+    a = group("conv", "ms", 0.90, macs=1e6)
+    b = group("attn", "ms", 0.95, macs=2e6)
+    c = group("mlp", "ms", 0.93, macs=3e6)
+    d = group("pool", "ms", 0.95, macs=2e6, size="x")
+    d.top1, b.top1 = Stat.of([95.0, 95.0]), Stat.of([95.0, 95.0])  # an exact tie on both axes keeps both
+    a.top1, c.top1 = Stat.of([90.0, 90.0]), Stat.of([93.0, 93.0])
     assert pareto_front([a, b, c, d], macs_of) == {a.name, b.name, d.name}
     a.images_per_s, b.images_per_s, c.images_per_s, d.images_per_s = (Stat.of([v]) for v in (100, 50, 200, 10))
     assert pareto_front([a, b, c, d], speed_of, lower_is_better=False) == {b.name, c.name}

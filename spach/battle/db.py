@@ -6,6 +6,9 @@ Tables:
 - `epochs`: the per-epoch curves of every run.
 - `skipped`: grid combinations that were not run, with the reason.
 - `meta`: the study as last launched (its spec and the keys of its runs).
+- `evidence`: per done run, its per-example outcome on the validation set (bit-packed correct/wrong
+  and the predicted class of every image, in the dataset's order, with a hash of the targets so
+  that only runs scored on the same images are paired); runs of older spach versions have none.
 - `analysis`: measurements after training (`spach.analysis`): one row per subject (a run key, or
   "study" for cross-run ones) and measurement, with the settings it was computed with.
 
@@ -20,13 +23,17 @@ battle is pid 1), a lock dies with its process.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import sqlite3
 import time
 from pathlib import Path
 from typing import Any, Iterable
+
+import numpy as np
 
 from spach.errors import SpachError
 
@@ -89,6 +96,24 @@ CREATE TABLE IF NOT EXISTS meta (
     k TEXT PRIMARY KEY,
     v TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS evidence (
+    key         TEXT PRIMARY KEY REFERENCES runs(key),
+    n           INTEGER NOT NULL,    -- validation images
+    targets_sha TEXT NOT NULL,       -- sha256 of the int64 targets in order: runs pair only when equal
+    correct     BLOB NOT NULL,       -- numpy.packbits(prediction == target), big-endian bit order
+    predictions BLOB NOT NULL,       -- the predicted class of every image, as pred_dtype
+    pred_dtype  TEXT NOT NULL        -- uint8 | uint16 | int32
+);
+CREATE TABLE IF NOT EXISTS trials (
+    grp      TEXT NOT NULL,          -- the architecture tuned (the group of its final runs)
+    number   INTEGER NOT NULL,       -- Optuna's trial number, from 0
+    key      TEXT NOT NULL,          -- the trial's run (runs.key)
+    params   TEXT NOT NULL,          -- JSON: the recipe keys the trial sets
+    state    TEXT NOT NULL,          -- Optuna's state: running | complete | fail
+    value    REAL,                   -- its final top-1 on the selection split
+    budget   INTEGER NOT NULL,       -- trials per architecture
+    PRIMARY KEY (grp, number)
+);
 CREATE TABLE IF NOT EXISTS analysis (
     subject    TEXT NOT NULL,        -- a run key, or 'study'
     kind       TEXT NOT NULL,        -- erf | cka | corruption | fourier | attn-distance
@@ -102,7 +127,9 @@ CREATE TABLE IF NOT EXISTS analysis (
 METRICS = ("params", "macs", "images_per_s", "best_top1", "final_top1", "final_top5", "final_val_loss",
            "final_train_loss", "train_time_s")
 # columns added after the first release: (name, SQL type), added to older databases by `migrate`
-ADDED_COLUMNS = (("job_id", "TEXT"), ("job_attempt", "INTEGER"), ("node", "TEXT"), ("submitted_at", "REAL"))
+ADDED_COLUMNS = (("job_id", "TEXT"), ("job_attempt", "INTEGER"), ("node", "TEXT"), ("submitted_at", "REAL"),
+                 ("cpu_time_s", "REAL"),  # CPU seconds of the run's finished epochs (all threads of its process)
+                 ("data_fingerprint", "TEXT"))   # JSON {split: spach.data.fingerprint} of the data it trains on
 EPOCH_FIELDS = ("train_loss", "val_loss", "val_top1", "val_top5", "lr", "images_per_s", "epoch_time_s")
 
 
@@ -174,16 +201,32 @@ class _Tx:
 
 def register_study(conn: sqlite3.Connection, study, run_dir: Any) -> None:
     """Record the study and insert its runs that the database does not have yet (as queued)."""
-    from spach.battle.spec import stable_json
+    from spach.battle.findings import mixer_facts
 
-    now = time.time()
     with _Tx(conn):
         conn.execute("INSERT OR REPLACE INTO meta VALUES ('study', ?)", (json.dumps(study.source),))
         conn.execute("INSERT OR REPLACE INTO meta VALUES ('name', ?)", (study.name,))
         conn.execute("INSERT OR REPLACE INTO meta VALUES ('keys', ?)", (json.dumps([r.key for r in study.runs]),))
+        # what the report needs to know of each mixer, recorded while its plugin is imported: a report is
+        # computed from the database alone, in any process
+        facts = json.loads((conn.execute("SELECT v FROM meta WHERE k = 'mixer_facts'").fetchone() or ["{}"])[0])
+        facts.update(mixer_facts(sorted({r.family for r in study.runs} - set(facts))))
+        conn.execute("INSERT OR REPLACE INTO meta VALUES ('mixer_facts', ?)", (json.dumps(facts, sort_keys=True),))
         conn.execute("DELETE FROM skipped")
         conn.executemany("INSERT INTO skipped VALUES (?, ?)", study.skipped)
-        for r in study.runs:
+        insert_runs(conn, study.runs, run_dir)
+
+
+def insert_runs(conn: sqlite3.Connection, runs: Iterable, run_dir: Any) -> None:
+    """Insert the runs (spec.Run) the database does not have yet, as queued (inside the caller's transaction,
+    or one of its own); their names are kept current."""
+    from spach.battle.spec import stable_json
+
+    now = time.time()
+    with contextlib.ExitStack() as stack:
+        if not conn.in_transaction:
+            stack.enter_context(_Tx(conn))
+        for r in runs:
             conn.execute(
                 "INSERT OR IGNORE INTO runs (key, name, grp, family, layout, size, cpe, shared, seed, model, config,"
                 " output_dir, status, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?, 'queued', ?)",
@@ -191,6 +234,34 @@ def register_study(conn: sqlite3.Connection, study, run_dir: Any) -> None:
                  stable_json(r.resolved()), str(run_dir(r)), now))
             # names are presentation: keep them current if the study file renamed a run
             conn.execute("UPDATE runs SET name = ?, grp = ? WHERE key = ?", (r.name, r.group, r.key))
+
+
+def runs_on_other_data(conn: sqlite3.Connection, keys: Iterable[str], fingerprint: str) -> list[dict[str, Any]]:
+    """The done runs among `keys` that were trained on data with another fingerprint (unknown ones excepted)."""
+    wanted = set(keys)
+    rows = conn.execute("SELECT key, name, data_fingerprint FROM runs WHERE status = 'done'"
+                        " AND data_fingerprint IS NOT NULL AND data_fingerprint != ?", (fingerprint,))
+    return [dict(r) for r in rows if r["key"] in wanted]
+
+
+def record_data_fingerprint(conn: sqlite3.Connection, keys: Iterable[str], fingerprint: str,
+                            accepted: str | None = None) -> None:
+    """The runs among `keys` that will train (not done), and done ones without a fingerprint (written by an
+    older spach), train on data of `fingerprint`. `accepted`: done runs on other data are kept (the
+    `--accept-changed-data` of `spach battle`): they take the new fingerprint, and `accepted` (what changed)
+    is stored for the report (`data_change_accepted`)."""
+    with _Tx(conn):
+        done = "" if accepted else " AND (status != 'done' OR data_fingerprint IS NULL)"
+        conn.executemany(f"UPDATE runs SET data_fingerprint = ? WHERE key = ?{done}",
+                         [(fingerprint, k) for k in keys])
+        if accepted:
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('data_change_accepted', ?)", (accepted,))
+
+
+def data_change_accepted(conn: sqlite3.Connection) -> str | None:
+    """What changed in the data of done runs that were kept anyway (`record_data_fingerprint`), or None."""
+    row = conn.execute("SELECT v FROM meta WHERE k = 'data_change_accepted'").fetchone()
+    return row["v"] if row else None
 
 
 def reset_interrupted(conn: sqlite3.Connection) -> tuple[list[str], list[tuple[str, int]]]:
@@ -242,11 +313,44 @@ def mark_job_attempt(conn: sqlite3.Connection, key: str, job_id: str, attempt: i
 
 
 def mark_done(conn: sqlite3.Connection, key: str, metrics: dict[str, Any]) -> None:
+    """The one way a run becomes 'done': its metrics, and its per-example evidence when its output
+    directory holds one (`spach.engine.evidence`), in one transaction."""
+    from spach.engine.evidence import read_evidence
+
     cols = ", ".join(f"{m} = ?" for m in METRICS)
+    evidence = read_evidence(get_run(conn, key)["output_dir"])
     with _Tx(conn):
         conn.execute(f"UPDATE runs SET status = 'done', finished_at = ?, owner_pid = NULL, {cols} WHERE key = ?",
                      (time.time(), *[metrics.get(m) for m in METRICS], key))
+        if evidence is not None:
+            conn.execute("INSERT OR REPLACE INTO evidence VALUES (?, ?, ?, ?, ?, ?)", (key, *pack_evidence(*evidence)))
     _release_run_lock(key)
+
+
+def pack_evidence(predictions: np.ndarray, targets: np.ndarray) -> tuple[int, str, bytes, bytes, str]:
+    """(n, targets_sha, correct bits, predictions bytes, their dtype): a run's evidence as stored."""
+    top = int(max(predictions.max(initial=0), targets.max(initial=0)))
+    dtype = "uint8" if top < 2 ** 8 else "uint16" if top < 2 ** 16 else "int32"
+    sha = hashlib.sha256(np.ascontiguousarray(targets, dtype=np.int64).tobytes()).hexdigest()
+    return (len(targets), sha, np.packbits(predictions == targets).tobytes(),
+            predictions.astype(dtype).tobytes(), dtype)
+
+
+def evidence(conn: sqlite3.Connection, keys: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """{key: {"n", "targets_sha", "correct" (bool array), "predictions"}} for those of `keys` that have
+    evidence (an older database may have none: an empty dict)."""
+    if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'evidence'").fetchone():
+        return {}
+    keys = list(keys)
+    out = {}
+    for i in range(0, len(keys), 500):  # SQLite's bound on host parameters
+        chunk = keys[i:i + 500]
+        for r in conn.execute(f"SELECT * FROM evidence WHERE key IN ({','.join('?' * len(chunk))})", chunk):
+            n = r["n"]
+            out[r["key"]] = {"n": n, "targets_sha": r["targets_sha"],
+                             "correct": np.unpackbits(np.frombuffer(r["correct"], np.uint8), count=n).astype(bool),
+                             "predictions": np.frombuffer(r["predictions"], r["pred_dtype"])}
+    return out
 
 
 def record_speed(conn: sqlite3.Connection, key: str, images_per_s: float) -> None:
@@ -276,6 +380,12 @@ def _num(x: Any) -> float | None:
 def study_keys(conn: sqlite3.Connection) -> list[str]:
     row = conn.execute("SELECT v FROM meta WHERE k = 'keys'").fetchone()
     return json.loads(row["v"]) if row else []
+
+
+def mixer_facts_of(conn: sqlite3.Connection) -> dict[str, dict[str, Any]] | None:
+    """{family: {"weight_free": bool | None}} as recorded when the study was registered; None for a
+    database written before spach recorded them."""
+    return get_meta(conn, "mixer_facts")
 
 
 def study_name(conn: sqlite3.Connection) -> str:
@@ -380,3 +490,40 @@ def pid_alive(pid: int | None) -> bool:
         except OSError:
             return False
     return True
+
+
+# --------------------------------------------------------------------------- tuning (spach.battle.tune)
+
+def add_cpu_time(conn: sqlite3.Connection, key: str, seconds: float) -> None:
+    """Add CPU seconds spent on a run (counted per finished epoch by its executing process)."""
+    with _Tx(conn):
+        conn.execute("UPDATE runs SET cpu_time_s = COALESCE(cpu_time_s, 0) + ? WHERE key = ?", (seconds, key))
+
+
+def set_meta(conn: sqlite3.Connection, k: str, value: Any) -> None:
+    """Store `value` (JSON) under meta key `k`."""
+    with _Tx(conn):
+        conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (k, json.dumps(value)))
+
+
+def get_meta(conn: sqlite3.Connection, k: str) -> Any:
+    """The JSON value stored under meta key `k`, or None."""
+    row = conn.execute("SELECT v FROM meta WHERE k = ?", (k,)).fetchone()
+    return json.loads(row["v"]) if row else None
+
+
+def record_trial(conn: sqlite3.Connection, grp: str, number: int, key: str, params: dict, state: str,
+                 value: float | None, budget: int) -> None:
+    """Store (or update) trial `number` of architecture `grp`: its run, parameters, state and score."""
+    with _Tx(conn):
+        conn.execute("INSERT OR REPLACE INTO trials VALUES (?, ?, ?, ?, ?, ?, ?)",
+                     (grp, number, key, json.dumps(params, sort_keys=True), state, value, budget))
+
+
+def trials(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    """Every recorded trial (params parsed), by architecture and number; [] for a database without them."""
+    try:
+        rows = list(conn.execute("SELECT * FROM trials ORDER BY grp, number"))
+    except sqlite3.OperationalError:  # a database written before tuning existed
+        return []
+    return [dict(r, params=json.loads(r["params"])) for r in rows]

@@ -26,7 +26,8 @@ def build_run_model(config: dict[str, Any]):
     from spach.engine.build import build_model
 
     train = config["train"]
-    num_classes = train.get("num_classes") or len(open_source(train["data"], "val").classes)
+    # the train split's classes (the same as val's): a tuning trial never opens the validation split
+    num_classes = train.get("num_classes") or len(open_source(train["data"], "train").classes)
     img_size = int(train["img_size"])
     return build_model(config["model"], num_classes=num_classes, img_size=img_size,
                        model_kwargs=config["model_kwargs"]), img_size
@@ -114,10 +115,13 @@ def execute_run(out_dir: str | Path, key: str, threads: int | None = None,
         db.mark_running(conn, key, os.getpid())
         if progress:
             progress.run_started(name, epochs, index)
+    cpu_clock = [time.process_time()]  # this process's CPU time, all its threads
 
     def on_epoch_end(record: dict[str, Any]) -> None:
         if rank == 0:
             db.record_epoch(conn, key, record)
+            db.add_cpu_time(conn, key, time.process_time() - cpu_clock[0])
+            cpu_clock[0] = time.process_time()
             if progress:
                 progress.epoch_done(name, record, epochs)
 

@@ -1,7 +1,8 @@
 """The study report: `report.md` and PNG figures in the output directory, from the database alone.
 
 - Table (like the paper's Table 3): one row per family × layout × size ×
-  ablation with params, MACs, inference images/s and top-1 as mean ± std over seeds,
+  ablation with params, MACs, inference images/s and top-1 as mean with its 95% confidence interval
+  (seed and validation-sample noise, `spach.battle.stats.accuracy_interval`),
   and its place on the Pareto fronts of top-1 against MACs and against throughput;
   a ranking of the architectures by top-1.
 - Figures: top-1 vs params, vs MACs and vs throughput, one line per family and
@@ -10,7 +11,10 @@
   training (the overfitting analysis); the training curves of every run.
 - Analysis (when the study asks for it): ERF maps, CKA, corruption and Fourier robustness, attention
   distance (see `spach.battle.analysis_section`); the findings cite these measurements.
-- Findings: each of the paper's claims (docs/battle.md, "The report") tested on the data (see `spach.battle.findings`).
+- Findings: each of the paper's claims (docs/battle.md, "The report") tested on the data, every test with
+  its effect, interval, raw and Holm-adjusted p-value and seeds (see `spach.battle.findings`), and a
+  forest plot of every test's effect and interval.
+- Tuning (a study with `tune:`): budget, selection split, cost and budget curves (`spach.battle.tune_report`).
 - Failed runs with their errors, and the skipped grid combinations with reasons.
 
 Every file is written to a temporary name and moved into place, so a reader
@@ -24,10 +28,14 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from spach.battle import db
+import numpy as np
+
+from spach.battle import db, stats
 from spach.io import atomic_savefig, atomic_write
-from spach.battle.findings import Group, Stat, evaluate_findings, macs_of, pareto_front, speed_of
+from spach.battle.findings import Group, Settings, Stat, evaluate_findings, macs_of, pareto_front, speed_of
+from spach.battle.looks import replay
 from spach.battle.schema import Arch
+from spach.battle.tune_report import tune_section
 
 SIZE_ORDER = {"xxs": 0, "xs": 1, "s": 2, "s_plus": 3}
 FAMILY_COLOR = {"conv": "tab:blue", "attn": "tab:red", "mlp": "tab:green", "hybrid": "tab:purple",
@@ -73,14 +81,25 @@ def load_results(out_dir: str | Path) -> dict[str, Any]:
     runs = db.runs(conn, keys)
     for run in runs:
         run["epochs"] = db.epochs(conn, run["key"])
+    study = db.get_meta(conn, "study") or {}
+    trial_keys = {t["key"] for t in db.trials(conn)}  # tuning trials: reported in their own section
     result = {"name": db.study_name(conn), "runs": runs, "skipped": db.skipped(conn),
-              "stale": len(db.runs(conn)) - len(runs)}
+              "stale": len({r["key"] for r in db.runs(conn)} - set(keys) - trial_keys),
+              "evidence": db.evidence(conn, [r["key"] for r in runs]), "mixer_facts": db.mixer_facts_of(conn),
+              "sequential": db.get_meta(conn, "sequential"), "statistics": study.get("statistics") or {},
+              "data_change_accepted": db.data_change_accepted(conn)}
     conn.close()
     return result
 
 
-def aggregate(runs: list[dict]) -> list[Group]:
-    """Done runs -> one Group per architecture (same group name), ordered like the paper's table."""
+def aggregate(runs: list[dict], evidence: dict[str, dict] | None = None,
+              mixer_facts: dict[str, dict] | None = None) -> list[Group]:
+    """Done runs -> one Group per architecture (same group name), ordered like the paper's table.
+
+    `evidence` (db.evidence): a group gets its (seeds, examples) correctness matrix when every one of its
+    runs has evidence on the same validation images; `mixer_facts` (db.mixer_facts_of): what the
+    findings need to know of each mixer, as recorded in the database."""
+    evidence, mixer_facts = evidence or {}, mixer_facts or {}
     by_group: dict[str, list[dict]] = defaultdict(list)
     for r in runs:
         if r["status"] == "done":
@@ -97,10 +116,21 @@ def aggregate(runs: list[dict]) -> list[Group]:
             images_per_s=Stat.of([r["images_per_s"] for r in rs]),
             top1=Stat.of([r["final_top1"] for r in rs]), best_top1=Stat.of([r["best_top1"] for r in rs]),
             train_loss=Stat.of([r["final_train_loss"] for r in rs]),
-            val_loss=Stat.of([r["final_val_loss"] for r in rs]), gap=Stat.of(gaps), runs=rs))
+            val_loss=Stat.of([r["final_val_loss"] for r in rs]), gap=Stat.of(gaps), runs=rs,
+            weight_free=(mixer_facts.get(first["family"]) or {}).get("weight_free"),
+            **_evidence_of(rs, evidence)))
     groups.sort(key=lambda g: (family_rank(g.family), g.layout != "ss", SIZE_ORDER.get(g.size, 5),
                                g.params or 0, not g.cpe, g.shared, g.name))
     return groups
+
+
+def _evidence_of(rs: list[dict], evidence: dict[str, dict]) -> dict[str, Any]:
+    """{"correct": (seeds, examples) bool, "targets_sha"} when every run of the group has evidence on the
+    same images; {} otherwise."""
+    found = [evidence.get(r["key"]) for r in sorted(rs, key=lambda r: r["seed"])]
+    if not found or any(e is None for e in found) or len({(e["targets_sha"], e["n"]) for e in found}) != 1:
+        return {}
+    return {"correct": np.stack([e["correct"] for e in found]), "targets_sha": found[0]["targets_sha"]}
 
 
 # --------------------------------------------------------------------------- the table
@@ -110,9 +140,30 @@ def _fmt(x: float | None, fmt: str) -> str:
 
 
 def _stat(s: Stat | None, fmt: str = ".2f") -> str:
+    """mean [95% CI] of a per-seed quantity (Student's t across seeds); the mean alone with one seed."""
     if s is None:
         return "—"
-    return f"{s.mean:{fmt}} ± {s.std:{fmt}}" if s.std is not None else f"{s.mean:{fmt}}"
+    if s.n < 2:
+        return f"{s.mean:{fmt}}"
+    mean, lo, hi = stats.mean_interval(s.values)
+    return f"{mean:{fmt}} [{lo:{fmt}}, {hi:{fmt}}]"
+
+
+def top1_interval(g: Group) -> tuple[float, float, float] | None:
+    """(mean, low, high) of the group's top-1, 95%: from the per-example evidence when the group has it
+    (seed and validation-sample noise), across seeds otherwise; None with fewer than two seeds."""
+    if g.top1 is None or g.top1.n < 2:
+        return None
+    if g.correct is not None:
+        return stats.accuracy_interval(g.correct)
+    return stats.mean_interval(g.top1.values)
+
+
+def _top1(g: Group) -> str:
+    ci = top1_interval(g)
+    if ci is None:
+        return _stat(g.top1)
+    return f"{ci[0]:.2f} [{ci[1]:.2f}, {ci[2]:.2f}]" + ("" if g.correct is not None else "*")
 
 
 def table(groups: list[Group]) -> str:
@@ -127,7 +178,7 @@ def table(groups: list[Group]) -> str:
             f"| {g.family} | {g.layout.upper()} | {g.size} | {'on' if g.cpe else 'off'} | "
             f"{'yes' if g.shared else 'no'} | {len(g.seeds)} | {_fmt(g.params and g.params / 1e6, '.3f')} | "
             f"{_fmt(g.macs and g.macs / 1e6, '.1f')} | {_fmt(g.images_per_s and g.images_per_s.mean, '.0f')} | "
-            f"{_stat(g.top1)} | {_stat(g.best_top1)} | {_stat(g.train_loss, '.3f')} | {_stat(g.val_loss, '.3f')} | "
+            f"{_top1(g)} | {_stat(g.best_top1)} | {_stat(g.train_loss, '.3f')} | {_stat(g.val_loss, '.3f')} | "
             f"{pareto} |")
     return "\n".join(lines)
 
@@ -139,7 +190,7 @@ def ranking(groups: list[Group]) -> str:
     lines = []
     for i, g in enumerate(ranked, 1):
         on = [k for k, names in fronts.items() if g.name in names]
-        lines.append(f"{i}. `{g.name}` — top-1 {_stat(g.top1)}%, {_fmt(g.macs and g.macs / 1e6, '.1f')} MMACs, "
+        lines.append(f"{i}. `{g.name}` — top-1 {_top1(g)}%, {_fmt(g.macs and g.macs / 1e6, '.1f')} MMACs, "
                      f"{_fmt(speed_of(g), '.0f')} images/s" + (f"; Pareto-optimal for {' and '.join(on)}" if on else ""))
     return "\n".join(lines)
 
@@ -167,20 +218,24 @@ def figure_tradeoff(groups: list[Group], x_of: str, xlabel: str, path: Path, fro
         v = getattr(g, x_of)
         return (v.mean if isinstance(v, Stat) else v) / (1e6 if x_of in ("params", "macs") else 1.0)
 
+    def yerr(gs: list[Group]) -> list[list[float]]:  # asymmetric 95% CI bars (none with one seed)
+        cis = [top1_interval(g) or (g.top1.mean,) * 3 for g in gs]
+        return [[ci[0] - ci[1] for ci in cis], [ci[2] - ci[0] for ci in cis]]
+
     lines: dict[tuple[str, str], list[Group]] = defaultdict(list)
     for g in points:
         if g.baseline:
             lines[(g.family, g.layout)].append(g)
     for (family, layout), gs in sorted(lines.items(), key=lambda kv: (family_rank(kv[0][0]), kv[0][1])):
         gs.sort(key=xval)
-        ax.errorbar([xval(g) for g in gs], [g.top1.mean for g in gs], yerr=[g.top1.std or 0 for g in gs],
+        ax.errorbar([xval(g) for g in gs], [g.top1.mean for g in gs], yerr=yerr(gs),
                     color=family_color(family), linestyle="-" if layout == "ms" else "--",
                     marker="o" if layout == "ms" else "s", capsize=3, label=f"{family}-{layout.upper()}")
         for g in gs:
             ax.annotate(g.size, (xval(g), g.top1.mean), textcoords="offset points", xytext=(4, 4), fontsize=7)
     for g in points:
         if not g.baseline:
-            ax.errorbar([xval(g)], [g.top1.mean], yerr=[g.top1.std or 0], color=family_color(g.family),
+            ax.errorbar([xval(g)], [g.top1.mean], yerr=yerr([g]), color=family_color(g.family),
                         marker="^", mfc="none", linestyle="none", capsize=3, label=g.name)
     on_front = sorted((g for g in points if front and g.name in front), key=xval)
     if on_front:
@@ -192,7 +247,7 @@ def figure_tradeoff(groups: list[Group], x_of: str, xlabel: str, path: Path, fro
     if min(xs) > 0 and max(xs) / min(xs) > 20:
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("top-1 (%)  (mean ± std over seeds)")
+    ax.set_ylabel("top-1 (%)  (mean, 95% CI)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     _atomic_savefig(fig, path)
@@ -229,6 +284,40 @@ def figure_overfitting(groups: list[Group], path: Path) -> Path | None:
     ax.set_title("generalisation: higher curve at equal training loss = less overfitting", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
+    _atomic_savefig(fig, path)
+    plt.close(fig)
+    return path
+
+
+def figure_forest(findings: list, path: Path) -> Path | None:
+    """Per finding, every test's effect (a - b as the claim orders it) and its interval against zero — one
+    panel per finding and unit — coloured by verdict."""
+    rows = [(f.number, t) for f in findings for t in f.tests if t.tested]
+    if not rows:
+        return None
+    plt = _plt()
+    panels = sorted({(n, t.quantity == "top-1") for n, t in rows}, key=lambda k: (k[0], not k[1]))
+    heights = [sum(1 for n, t in rows if (n, t.quantity == "top-1") == k) for k in panels]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7.5, 1.0 + 0.32 * sum(heights) + 0.5 * len(panels)),
+                             gridspec_kw={"height_ratios": heights}, squeeze=False)
+    colour = {"supported": "tab:green", "contradicted": "tab:red", "equivalent": "tab:blue",
+              "underpowered": "tab:gray", "not comparable": "tab:orange"}
+    for ax, (number, accuracy) in zip(axes[:, 0], panels):
+        ts = [t for n, t in rows if (n, t.quantity == "top-1") == (number, accuracy)]
+        for y, t in enumerate(ts):
+            r = t.result
+            ax.plot(r.ci, [y, y], color=colour.get(t.verdict, "black"), linewidth=2)
+            ax.plot([r.diff], [y], "o", color=colour.get(t.verdict, "black"))
+        ax.axvline(0.0, color="black", linewidth=0.8)
+        ax.set_yticks(range(len(ts)), [f"{t.a.name} vs {t.b.name}: {t.label}" for t in ts], fontsize=6)
+        ax.invert_yaxis()
+        ax.set_title(f"finding {number}", fontsize=8, loc="left")
+        ax.set_xlabel("top-1 difference (points)" if accuracy else "difference (loss units)", fontsize=7)
+        ax.grid(alpha=0.3, axis="x")
+    handles = [plt.Line2D([], [], color=c, linewidth=2, label=v) for v, c in colour.items()]
+    fig.legend(handles=handles, fontsize=6, loc="upper right", ncol=len(colour))
+    fig.suptitle("effects with their (1 - alpha) intervals (unadjusted; verdicts use Holm-adjusted p)", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     _atomic_savefig(fig, path)
     plt.close(fig)
     return path
@@ -312,19 +401,80 @@ def runs_sections(runs: list[dict], skipped: list, curves: list[tuple], out_dir:
     return md
 
 
+def method_text(settings: Settings, findings: list, groups: list[Group]) -> list[str]:
+    """The paragraph that says how the verdicts were reached, how many tests they resolve, and which groups lack
+    per-example evidence."""
+    tests = [t for f in findings for t in f.tests]
+    resolved = sum(t.verdict in ("supported", "contradicted", "equivalent") for t in tests)
+    lacking = [g.name for g in groups if g.correct is None]
+    n_p = sum(1 + (t.result.p_equivalence is not None) for t in tests if t.tested)
+    text = (f"Every claim is tested as one or more comparisons of two architectures (a - b). Top-1 is compared on "
+            "the per-example evidence: the same validation images score both sides, and the interval counts both "
+            "seed-to-seed variation and the sampling of the validation images (paired two-level t with Satterthwaite "
+            "degrees of freedom); the train loss and the generalisation gap are compared across seeds only (Welch's "
+            f"t), which needs larger effects. The {n_p} p-values of the report (differences"
+            + (f", and equivalence within ±{settings.margin:g} pt top-1 by two one-sided tests" if settings.margin else "")
+            + f") form one family, adjusted by Holm's method: the chance that any verdict below is a false difference "
+            f"or a false equivalence is at most alpha = {settings.alpha:g}. Intervals are {100 * (1 - settings.alpha):g}% "
+            "and unadjusted. *Supported* / *contradicted*: Holm-adjusted p < alpha in / against the claimed direction; "
+            "*equivalent*: the equivalence test rejects at the adjusted level; *underpowered*: neither, with the seeds "
+            f"per side that would resolve it at {settings.power:.0%} power. {resolved} of {len(tests)} comparisons are "
+            "resolved. Verdicts are about this study's data, recipe and sizes, not about ImageNet "
+            "(docs/battle.md, \"How verdicts are computed\").")
+    out = [text, ""]
+    if lacking:
+        out += [f"These architectures lack per-example evidence for some seed (runs of an older spach, or unreadable "
+                f"validation images): {', '.join(f'`{n}`' for n in lacking)}; their top-1 comparisons are tested across "
+                "seeds only.", ""]
+    return out
+
+
+def sequential_plan(data: dict[str, Any]) -> dict[str, Any] | None:
+    """The design of a sequential study (`spach.battle.looks`) when the runs shown are the ones it made."""
+    plan = data.get("sequential")
+    keys = {r["key"] for r in data["runs"]}
+    if not plan or not all(k in keys for keys_ in plan["rounds"] for k in keys_):
+        return None
+    return plan
+
+
+def sequential_text(plan: dict[str, Any], runs: list[dict]) -> list[str]:
+    """What `--until-decisive` did: its looks and levels, the seeds it added, and what that saved."""
+    names = {r["key"]: r["name"] for r in runs}
+    added = [names[k] for keys in plan["rounds"] for k in keys]
+    groups = {r["grp"] for r in runs}
+    everywhere = len(groups) * plan["max_seeds"]
+    out = [f"Seeds were added adaptively (`--until-decisive --max-seeds {plan['max_seeds']}`): after each look, one "
+           "more seed for every architecture of an unresolved comparison. Each of at most "
+           f"{plan['looks']} looks tests at level {plan['alpha_per_look'][0]:.3g} (alpha {plan['alpha']:g} spent "
+           f"equally over the looks: by the union bound the family-wise error stays at most {plan['alpha']:g}); a "
+           f"comparison keeps the verdict of the first look that resolves it. {len(plan['rounds']) + 1} look(s) made, "
+           f"{len(added)} run(s) added: {', '.join(f'`{n}`' for n in added) or 'none'}. "
+           f"{len(runs)} runs in all, against {everywhere} for {plan['max_seeds']} seeds everywhere.", ""]
+    return out
+
+
 def write_report(out_dir: str | Path, to: str | Path | None = None) -> Path:
     """(Re)write OUT/report.md and OUT/figures/*.png from OUT/battle.db; returns the report's path.
 
     `to`: write report.md and figures/ into that directory instead (e.g. when OUT is read-only).
+    Everything comes from the database: runs, per-example evidence, mixer facts and the study's
+    `statistics:` settings — never from what this process has imported.
     """
     data = load_results(out_dir)
     source = Path(out_dir)
     out_dir = Path(to if to is not None else out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = data["runs"]
-    groups = aggregate(runs)
+    groups = aggregate(runs, data["evidence"], data["mixer_facts"])
+    settings = Settings.of(data["statistics"])
     figures, curves = write_figures(groups, runs, out_dir / "figures")
-    findings = evaluate_findings(groups)
+    plan = sequential_plan(data)
+    if plan is None:
+        findings = evaluate_findings(groups, settings)
+    else:
+        findings = replay(runs, lambda rs: aggregate(rs, data["evidence"], data["mixer_facts"]), settings, plan)
+    figures["findings: effects and intervals (forest plot)"] = figure_forest(findings, out_dir / "figures" / "forest.png")
     analysis_md, _ = analysis_part(source, out_dir, groups, findings)
 
     status = {s: sum(r["status"] == s for r in runs) for s in ("done", "failed", "running", "queued")}
@@ -340,21 +490,26 @@ def write_report(out_dir: str | Path, to: str | Path | None = None) -> Path:
         md.append(f"Data `{t['data']}` at {t['img_size']}px, {t.get('epochs', '?')} epochs; images/s measured "
                   f"for inference, batch {m['batch_size']}, {m['dtype']}, {m.get('device', 'cpu')}"
                   f"{', ' + str(m['threads']) + ' threads' if m.get('threads') else ''}. "
-                  "Top-1 is the final epoch's validation accuracy, mean ± std over seeds.")
+                  "Top-1 is the final epoch's validation accuracy: mean and 95% confidence interval over seeds and "
+                  "validation images (marked * where a group lacks per-example evidence: over seeds only); losses: "
+                  "mean and 95% interval over seeds.")
+    if data.get("data_change_accepted"):
+        md += ["", f"**Changed data kept** (`--accept-changed-data`): {data['data_change_accepted']}."]
     md += ["", "## Results", "", table(groups) if groups else "No finished runs yet.", ""]
     if groups:
         md += ["Pareto: on the front of top-1 against MACs (no other architecture is at least as accurate for "
-               "fewer MACs) and/or against inference images/s.", "", "## Ranking", "", ranking(groups), ""]
+               "fewer MACs) and/or against inference images/s (by mean top-1).", "", "## Ranking", "",
+               ranking(groups), ""]
     md += ["## Figures", ""]
     for title, path in figures.items():
         if path is not None:
             md.append(f"![{title}]({path.relative_to(out_dir).as_posix()})")
             md.append("")
     md += analysis_md
-    md += ["## Findings (the paper's claims, tested on this study's data)", "",
-           "A comparison is *decisive* when both sides have ≥ 2 seeds and the difference of means exceeds the "
-           "combined seed spread sqrt(std_a² + std_b²); verdicts come only from decisive comparisons. They are "
-           "about this study's data, recipe and sizes, not about ImageNet.", ""]
+    md += tune_section(source, out_dir)  # with `tune:`: budget, selection split, cost, budget curves
+    md += ["## Findings (the paper's claims, tested on this study's data)", ""] + method_text(settings, findings, groups)
+    if plan is not None:
+        md += sequential_text(plan, runs)
     for f in findings:
         md.append(f"{f.number}. **{f.claim}** — verdict: **{f.verdict}**")
         for line in f.lines:

@@ -107,13 +107,21 @@ def default_workers(study: Study, threads: int | None = None) -> int:
     return max(1, (threads or available_threads()) // study.threads)
 
 
-def queue_study(out_dir: Path, study: Study, retry_failed: bool) -> tuple[list[dict], list[str]]:
+def queue_study(out_dir: Path, study: Study, retry_failed: bool,
+                accept_changed_data: bool = False) -> tuple[list[dict], list[str]]:
     """Register the study's runs in OUT/battle.db and requeue interrupted (and, if asked, failed) ones.
 
-    Returns (the runs' rows, names of the interrupted runs); refuses while a run still executes elsewhere.
+    Returns (the runs' rows, names of the interrupted runs); refuses while a run still executes elsewhere,
+    and when done runs were trained on data that has changed since (`check_data_unchanged`).
     """
     conn = db.connect(out_dir, create=True)
+    try:
+        fingerprint, accepted = check_data_unchanged(conn, out_dir, study, accept_changed_data)
+    except SpachError:
+        conn.close()
+        raise
     db.register_study(conn, study, lambda r: run_dir(out_dir, r, study.runs_dir))
+    db.record_data_fingerprint(conn, [r.key for r in study.runs], fingerprint, accepted=accepted)
     interrupted, alive = db.reset_interrupted(conn)
     if alive:
         conn.close()
@@ -126,6 +134,27 @@ def queue_study(out_dir: Path, study: Study, retry_failed: bool) -> tuple[list[d
     rows = db.runs(conn, keys)
     conn.close()
     return rows, interrupted
+
+
+def check_data_unchanged(conn, out_dir: Path, study: Study, accept: bool) -> tuple[str, str | None]:
+    """Done runs are reused only on the data they were trained on (its `spach.data.fingerprint`): refuse
+    (SpachError, saying what changed) when the study's data differs now, unless `accept` (then the runs are
+    kept, and the report says so). Returns (the data's fingerprint now, what changed for kept runs or None)."""
+    from spach.battle.spec import stable_json
+    from spach.data import describe_change, source_fingerprint
+
+    now = source_fingerprint(study.data)
+    keys = [r.key for r in study.runs]
+    changed = db.runs_on_other_data(conn, keys, stable_json(now))
+    what = None
+    if changed:
+        what = (f"{len(changed)} done run(s) were trained on data {study.data} as it was before "
+                f"({describe_change(json.loads(changed[0]['data_fingerprint']), now)})")
+        if not accept:
+            raise SpachError(f"{out_dir}: {what}; their results would not describe the data as it is now. "
+                             "Use another --out (or move this one aside) to train on the current data, or pass "
+                             "--accept-changed-data to keep them (the report will say so)")
+    return stable_json(now), what
 
 
 def finish_study(out_dir: Path, study: Study, progress: Progress, threads: int, report: bool) -> dict[str, Any]:
@@ -146,16 +175,35 @@ def finish_study(out_dir: Path, study: Study, progress: Progress, threads: int, 
     return result
 
 
+def execute_pending(out_dir: Path, study: Study, pending: list[dict], workers: int, per_run: int | None,
+                    progress: Progress, detach: bool = False, first: int = 1,
+                    launcher: Launcher | None = None) -> None:
+    """Execute the queued rows `pending` of the study's runs on its launcher (`make_launcher`, or the one
+    given), `workers` at a time, `per_run` threads each, and follow the runs of `study.runs` an earlier
+    coordinator left executing elsewhere (status 'running': `queue_study` requeued every other);
+    `first`: the progress number of the first run."""
+    chosen = launcher or make_launcher(study, out_dir, workers=workers, threads=per_run)
+    conn = db.connect(out_dir)
+    try:
+        attached = [r for r in db.runs(conn, [r.key for r in study.runs]) if r["status"] == "running"]
+        if pending or attached:
+            drive(chosen, conn, pending, attached, progress, detach=detach, first=first)
+    finally:
+        conn.close()
+
+
 def run_study(spec: Study | str | Path | dict, out_dir: str | Path, workers: int | None = None,
               retry_failed: bool = False,
               threads: int | None = None, quiet: bool = False,
               report: bool = True, on_progress: Callable[[Progress], None] | None = None,
-              launcher: str | None = None, detach: bool = False, mlflow: str | None = None) -> dict[str, Any]:
+              launcher: str | None = None, detach: bool = False, mlflow: str | None = None,
+              accept_changed_data: bool = False) -> dict[str, Any]:
     """Run every run of the study that is not done yet; write the report. Returns the status counts.
 
     `launcher` overrides the study's launcher kind (a kind of the launcher registry); with a launcher that
     `can_detach`, `detach` submits the missing runs' jobs and returns without waiting for them. `mlflow`
-    (a tracking URI) also logs the runs to MLflow (spach.battle.tracking).
+    (a tracking URI) also logs the runs to MLflow (spach.battle.tracking). `accept_changed_data` keeps
+    done runs whose data changed since they were trained (the report says so).
     """
     study = spec if isinstance(spec, Study) else load_study(spec)
     if launcher:
@@ -168,6 +216,8 @@ def run_study(spec: Study | str | Path | dict, out_dir: str | Path, workers: int
     if detach and not kind.can_detach:
         raise ValueError(f"--detach needs a launcher whose jobs run on without a coordinator "
                          f"({[k for k in LAUNCHERS if launcher_class(k).can_detach]}); this study uses {kind.kind}")
+    if detach and study.tune:
+        raise ValueError("--detach cannot run a study with tune: (each trial waits for the previous ones' scores)")
     if workers is None:
         workers = default_workers(study, threads)
     if workers < 1:
@@ -176,7 +226,10 @@ def run_study(spec: Study | str | Path | dict, out_dir: str | Path, workers: int
     check_runnable_here(study)
     check_writable_dir(out_dir, "--out")
     with StudyLock(out_dir):
-        rows, interrupted = queue_study(out_dir, study, retry_failed)
+        if study.tune:  # the trials first; the study's runs become each architecture's best configuration
+            from spach.battle.tune import tune_study
+            study = tune_study(study, out_dir, workers, threads, quiet)
+        rows, interrupted = queue_study(out_dir, study, retry_failed, accept_changed_data)
         per_run = threads_per_run(study.threads, total=threads, workers=workers)
         chosen = make_launcher(study, out_dir, workers=workers, threads=per_run)
         progress = Progress(total=sum(r["status"] == "queued" for r in rows),
@@ -189,7 +242,8 @@ def run_study(spec: Study | str | Path | dict, out_dir: str | Path, workers: int
         try:
             progress.message(summary(study))
             progress.message(status_line(out_dir, rows, interrupted, retry_failed, chosen.describe()))
-            execute_study(chosen, out_dir, rows, progress, detach)
+            execute_pending(out_dir, study, [r for r in rows if r["status"] == "queued"], workers, per_run,
+                            progress, detach, launcher=chosen)
             measure_speeds(out_dir, [r.key for r in study.runs], per_run, progress)
             # the analyses run one at a time: the whole --threads, else the study's threads, else every core
             result = finish_study(out_dir, study, progress, threads=threads_per_run(study.threads, total=threads),
@@ -213,20 +267,6 @@ def status_line(out_dir: Path, rows: list[dict], interrupted: list[str], retry_f
             f"{counts['queued']} to run"
             + (f"; resuming interrupted: {', '.join(interrupted)}" if interrupted else "")
             + f"; {how}")
-
-
-def execute_study(chosen: Launcher, out_dir: Path, rows: list[dict], progress: Progress, detach: bool) -> None:
-    """Drive the launcher through the queued runs, and the runs an earlier coordinator left executing
-    elsewhere (status 'running' with a job id: `queue_study` requeued every other)."""
-    pending = [r for r in rows if r["status"] == "queued"]
-    attached = [r for r in rows if r["status"] == "running"]
-    if not (pending or attached):
-        return
-    conn = db.connect(out_dir)
-    try:
-        drive(chosen, conn, pending, attached, progress, detach=detach)
-    finally:
-        conn.close()
 
 
 def _elapsed(t0: float) -> str:

@@ -186,6 +186,32 @@ class Extra:
 
 
 @dataclass(frozen=True)
+class Statistics:
+    """``statistics:`` — how the report tests its comparisons (docs/battle.md, "How verdicts are computed")."""
+
+    alpha: float = key(0.05, gt=0, hint="the family-wise error rate of all the report's tests, e.g. 0.05")
+    margin: Optional[float] = key(1.0, gt=0, hint="top-1 equivalence margin in points; null: no equivalence tests")
+    loss_margin: Optional[float] = key(None, gt=0, hint="equivalence margin for train loss and gap; null: none")
+    power: float = key(0.8, gt=0, hint="the power of the seeds-needed figures, e.g. 0.8")
+    min_effect: Optional[float] = key(None, gt=0, hint="top-1 effect (points) the seeds-needed figures aim at; "
+                                                      "null: the observed one")
+
+
+@dataclass(frozen=True)
+class Tune:
+    """``tune:``: an equal tuning budget per architecture (spach.battle.tune). `space` maps recipe keys to
+    ``{low, high, log}`` or ``{choices}`` (checked by spach.battle.tune_space); `seed` fixes the sampler,
+    the selection split and the trials' training seed; `selection` is the fraction of each class of the
+    training data held out to score the trials."""
+
+    trials: int = key(ge=1, hint="per architecture, the same for every family")
+    space: Any = key()
+    seed: int = key(0, ge=0)
+    selection: float = key(0.2, gt=0, hint="a fraction of the training data, below 1")
+    startup_trials: int = key(10, ge=1, hint="TPE's random trials before it models the results")
+
+
+@dataclass(frozen=True)
 class StudyFile:
     """The study's top level (``grid`` is required unless there are ``extra`` entries)."""
 
@@ -204,6 +230,8 @@ class StudyFile:
     analysis: Any = key(None)
     runs_dir: Optional[str] = key(None)
     plugins: Any = key(None)
+    statistics: Any = key(None)
+    tune: Any = key(None)
 
 
 def keys(section: type) -> set[str]:

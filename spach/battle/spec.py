@@ -183,6 +183,8 @@ class Study:
     source: dict[str, Any] = field(default_factory=dict)          # the raw mapping, for the record
     analysis: dict[str, dict] = field(default_factory=dict)       # measurement -> settings, run after training
     tracking: dict[str, Any] = field(default_factory=dict)        # `tracking:` checked (spach.battle.tracking)
+    statistics: dict[str, Any] = field(default_factory=dict)      # how the report tests (schema.Statistics)
+    tune: dict[str, Any] | None = None  # `tune:` checked (spach.battle.tune_space); None: the recipe as written
 
 
 # --------------------------------------------------------------------------- loading
@@ -192,13 +194,15 @@ def list_presets() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in root.iterdir() if p.name.endswith(".yaml"))
 
 
-def load_study(path_or_preset: str | Path | dict, max_runs: int = MAX_RUNS) -> Study:
+def load_study(path_or_preset: str | Path | dict, max_runs: int = MAX_RUNS, data: str | None = None) -> Study:
     """Load a study from a YAML file, a preset name (e.g. "cpu-mini") or a mapping; validate and expand it.
 
     `max_runs`: refuse a study that declares more runs (a typo such as 100,000 seeds); raise it on purpose.
+    `data`: a SOURCE replacing the study's `data:` (`spach battle --data ROOT`), before the runs are expanded.
     """
     if isinstance(path_or_preset, dict):
-        return parse_study(path_or_preset, where="study", max_runs=max_runs)  # plugins: relative to the cwd
+        raw = dict(path_or_preset, data=data) if data is not None else path_or_preset
+        return parse_study(raw, where="study", max_runs=max_runs)  # plugins: relative to the cwd
     text_path = str(path_or_preset)
     path = Path(text_path)
     if path.is_file():
@@ -218,6 +222,8 @@ def load_study(path_or_preset: str | Path | dict, max_runs: int = MAX_RUNS) -> S
         raise ValueError(f"{where}: nested too deeply to be a study") from None
     if not isinstance(raw, dict):
         _fail(where, "a study must be a YAML mapping")
+    if data is not None:
+        raw["data"] = data
     return parse_study(raw, where=where, max_runs=max_runs, base_dir=path.parent if path.is_file() else None)
 
 
@@ -279,7 +285,21 @@ def parse_study(raw: dict, where: str = "study", max_runs: int = MAX_RUNS,
     if dup:
         _fail(where, f"duplicate run name(s) {dup}; give extra entries distinct names")
     study.analysis = check_analysis(raw.get("analysis"), {r.group for r in study.runs}, where)
+    study.statistics = check_statistics(raw.get("statistics"), where)
+    if raw.get("tune") is not None:
+        from spach.battle.tune_space import check_tune
+        study.tune = check_tune(raw["tune"], recipe, STUDY_OWNED, where)
     return study
+
+
+def check_statistics(value: Any, where: str) -> dict[str, Any]:
+    """`statistics:` completed by its defaults (schema.Statistics); alpha and power must be below 1/2 and 1."""
+    out = _section(schema.Statistics, value or {}, "statistics", where)
+    if not out["alpha"] < 0.5:
+        _fail(where, f"statistics.alpha must be below 0.5 (a family-wise error rate), got {out['alpha']!r}")
+    if not out["power"] < 1:
+        _fail(where, f"statistics.power must be below 1, got {out['power']!r}")
+    return out
 
 
 def check_analysis(value: Any, groups: set[str], where: str) -> dict[str, dict]:
@@ -348,10 +368,12 @@ def _check_measure(measure: Any, where: str) -> dict:
 
 
 def check_runnable_here(study: Study) -> None:
-    """Before any training: runs launched on this machine are measured on it, so a CUDA measurement needs
-    CUDA here (a study is still loadable, listable and launchable elsewhere without it)."""
+    """Before any training: the study's data (`check_study_data`); runs launched on this machine are
+    measured on it, so a CUDA measurement needs CUDA here (a study is still loadable, listable and
+    launchable elsewhere without it)."""
     from spach.battle.launchers import launcher_class
 
+    check_study_data(study)
     if study.measure["device"] == "cuda" and launcher_class(study.launcher["kind"]).runs_here:
         import torch
 
@@ -359,6 +381,21 @@ def check_runnable_here(study: Study) -> None:
             _fail(f"study {study.name}", "measure.device is cuda but this machine has no CUDA device "
                   "(torch.cuda.is_available() is false): every run would train and then fail to be measured; "
                   "use measure: {device: cpu}, or run the study on a GPU machine")
+
+
+def check_study_data(study: Study) -> dict:
+    """The study's `data:` checked once for all its runs (spach.data.checks.check_source): at least two
+    classes, the same classes in train and val, one optimizer step of training images. Returns its summary."""
+    from spach.data.checks import check_source
+    from spach.engine.config import TrainConfig
+
+    cfg = TrainConfig.from_dict(dict(study.recipe, model="data-check", data=study.data, output="data-check"))
+    try:
+        return check_source(study.data, batch_size=cfg.batch_size, accum_steps=cfg.accum_steps,
+                            max_train_samples=cfg.max_train_samples, max_val_samples=cfg.max_val_samples,
+                            setting="recipe.batch_size")
+    except ValueError as e:
+        _fail(f"study {study.name}", str(e))
 
 
 def _check_launcher(launcher: Any, where: str) -> dict:
@@ -601,6 +638,12 @@ def _make_run(study: Study, group: str, arch: Arch, seed: int, model: str, kwarg
                train=train, measure=dict(study.measure), plugins=tuple(study.plugins))
 
 
+def with_seed(run: Run, seed: int) -> Run:
+    """The same architecture and recipe as `run`, trained with another seed (e.g. a seed added by
+    ``spach battle --until-decisive``)."""
+    return replace(run, name=f"{run.group}-s{seed}", seed=seed, train=dict(run.train, seed=seed))
+
+
 def _check_net_arch(arch: Any, layout: str, where: str) -> list:
     def check_stage(stage: Any, w: str) -> list:
         if not isinstance(stage, list) or not stage:
@@ -730,5 +773,5 @@ def summary(study: Study) -> str:
 
 
 __all__ = ["Run", "Study", "load_study", "parse_study", "check_runnable_here", "check_name", "list_presets",
-           "stable_json", "summary", "check_analysis", "with_launcher", "with_tracking", "check_tracking", "resolve_architecture", "model_refusal",
-           "families", "LAYOUTS", "ZOO_SIZES"]
+           "stable_json", "summary", "check_analysis", "with_launcher", "with_tracking", "check_tracking",
+           "resolve_architecture", "model_refusal", "families", "with_seed", "LAYOUTS", "ZOO_SIZES"]

@@ -1,4 +1,4 @@
-"""`spach battle [STUDY] [--out DIR] [--workers N] [--retry-failed]`: run a study, resumably, then report.
+"""`spach battle [STUDY] [--out DIR] [--workers N] [--retry-failed] [--data SOURCE]`: run a study, then report.
 
 STUDY is a YAML file or a preset name (default: cpu-mini); see docs/battle.md. On a Slurm cluster
 (docs/cluster.md): `--launcher slurm`, `--detach`, and the sub-commands
@@ -41,6 +41,17 @@ def add_parser(subparsers) -> None:
     p.add_argument("--mlflow", default=None, metavar="URI",
                    help="also log every run to this MLflow tracking store, e.g. sqlite:///runs/mlflow.db "
                         "(needs pip install 'spach[mlflow]'; the study's `tracking:` section does the same)")
+    p.add_argument("--until-decisive", action="store_true",
+                   help="after the study's runs, add seeds only to the architectures of unresolved comparisons, "
+                        "re-testing after each round (alpha spent over the looks; docs/battle.md)")
+    p.add_argument("--max-seeds", type=int, default=None, metavar="N",
+                   help="--until-decisive: at most N seeds per architecture (default: the study's seeds + 3)")
+    p.add_argument("--data", default=None, metavar="SOURCE",
+                   help="train on this data instead of the study's `data:` (an ImageFolder root, mnist5k, "
+                        "fashion-mnist, NAME:ROOT)")
+    p.add_argument("--accept-changed-data", action="store_true",
+                   help="keep done runs although their data changed since they were trained (the report says "
+                        "so); without it such a study is refused")
     p.add_argument("--dry-run", action="store_true", help="validate the study and list its runs; train nothing")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=run)
@@ -53,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"one study at a time, got {args.study} (sub-commands: status OUT, cancel OUT [RUN ...])")
     if args.study and args.preset:
         raise ValueError("give a study file or --preset, not both")
-    study = load_study(args.preset or (args.study[0] if args.study else "cpu-mini"), max_runs=args.max_runs)
+    study = load_study(args.preset or (args.study[0] if args.study else "cpu-mini"), max_runs=args.max_runs,
+                       data=args.data)
     if args.dry_run:
         print(summary(study))
         for r in study.runs:
@@ -62,8 +74,21 @@ def run(args: argparse.Namespace) -> int:
             print(f"  skipped {name}: {reason}")
         return 0
     out = args.out or f"runs/{study.name}"
+    if args.max_seeds is not None and not args.until_decisive:
+        raise ValueError("--max-seeds goes with --until-decisive")
+    if args.until_decisive:
+        from spach.battle.adaptive import run_until_decisive
+
+        if args.detach:
+            raise ValueError("--until-decisive decides after each round: it cannot --detach")
+        base = max(sum(r.group == g for r in study.runs) for g in {r.group for r in study.runs})
+        result = run_until_decisive(study, out, args.max_seeds or base + 3, workers=args.workers,
+                                    retry_failed=args.retry_failed, threads=args.threads, quiet=args.quiet,
+                                    launcher=args.launcher, accept_changed_data=args.accept_changed_data)
+        return 1 if result["failed"] else 0
     result = run_study(study, out, workers=args.workers, retry_failed=args.retry_failed, threads=args.threads,
-                       quiet=args.quiet, launcher=args.launcher, detach=args.detach, mlflow=args.mlflow)
+                       quiet=args.quiet, launcher=args.launcher, detach=args.detach,
+                       accept_changed_data=args.accept_changed_data, mlflow=args.mlflow)
     return 1 if result["failed"] else 0
 
 

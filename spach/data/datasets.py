@@ -1,6 +1,8 @@
 """Data SOURCEs -> datasets that never crash on a bad image.
 
     base = open_source("mnist5k", "train")             # built-in digits
+    base = open_source("fashion-mnist", "train")       # built-in Fashion-MNIST subset (10,000 / 2,000)
+    base = open_source("fashion-mnist:/usr/share/datasets/fashion-mnist", "val")   # the full idx files
     base = open_source("~/data/imagenet", "val")       # ImageFolder: ROOT/train/CLASS/*.jpg, ROOT/val/...
     base = open_source("cifar10:~/data", "train")      # torchvision dataset already on disk
     ds = SafeDataset(base, transform, indices=class_balanced_indices(base.targets, 1000), seed=0)
@@ -8,8 +10,9 @@
 
 An ImageFolder root is read by `SafeImageFolder`: hidden entries (`.ipynb_checkpoints`,
 `._x.jpg`) are skipped, every folder is read once however many symlinks lead to it (no
-loops), 16-bit images keep their values, and what was skipped is counted (`.skipped`) and
-said in one warning. `SafeDataset` returns None for an image that cannot be read (with a warning);
+loops), 16-bit images keep their values, empty (0-byte) files are no images, and what was
+skipped is counted (`.skipped`) and said in one warning. An image over `MAX_IMAGE_PIXELS`
+is refused before decoding (and skipped, with a warning saying what was refused). `SafeDataset` returns None for an image that cannot be read (with a warning);
 `collate_skip` drops those and counts them. With a `seed`, the augmentation of item
 `i` in epoch `e` is drawn from RNGs seeded by (seed, e, i) alone: independent of
 worker processes, ranks and resumption (the caller's RNG state is left untouched).
@@ -27,9 +30,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
+from spach.data.fashion_mnist import FashionMnist
 from spach.data.mnist5k import Mnist5k
 from spach.rng import seeded
 
+# images larger than this (width x height) are refused before decoding, as PIL.Image.MAX_IMAGE_PIXELS does
+MAX_IMAGE_PIXELS = 50_000_000
 # torchvision datasets usable as NAME:ROOT (train/val flavour of their constructor)
 TORCHVISION = {
     "mnist": ("MNIST", "train"), "fashionmnist": ("FashionMNIST", "train"), "kmnist": ("KMNIST", "train"),
@@ -44,7 +50,11 @@ def open_source(source: str, split: str):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if source == "mnist5k":
         return Mnist5k(split)
+    if source == "fashion-mnist":
+        return FashionMnist(split)
     name, sep, root = source.partition(":")
+    if sep and name == "fashion-mnist":
+        return FashionMnist(split, root=Path(root).expanduser())
     if sep and name.lower() in TORCHVISION:
         return _torchvision(name.lower(), os.path.expanduser(root), split)
     return _image_folder(Path(source).expanduser(), split)
@@ -73,8 +83,9 @@ def _torchvision(name: str, root: str, split: str):
 
 def _image_folder(root: Path, split: str):
     if not root.exists():
-        raise FileNotFoundError(f"data not found: {root} (expected 'mnist5k', NAME:ROOT for a torchvision "
-                                f"dataset, or an ImageFolder root with train/ and val/)")
+        raise FileNotFoundError(f"data not found: {root} (expected 'mnist5k', 'fashion-mnist', NAME:ROOT for a "
+                                f"torchvision dataset or fashion-mnist:ROOT, or an ImageFolder root with train/ "
+                                f"and val/)")
     missing = [s for s in ("train", "val") if not (root / s).is_dir()]
     if missing:
         raise FileNotFoundError(f"{root}: missing {' and '.join(s + '/' for s in missing)} — an ImageFolder "
@@ -82,9 +93,24 @@ def _image_folder(root: Path, split: str):
     ds = _image_folder_class()(str(root / split))
     if ds.skipped:
         warnings.warn(f"{root / split}: {ds.skipped_summary()}", stacklevel=3)
-    if class_folders(root / ("val" if split == "train" else "train")) != ds.classes:
-        raise ValueError(f"{root}: train/ and val/ have different class folders")
+    other = "val" if split == "train" else "train"
+    other_classes = class_folders(root / other)
+    if other_classes != ds.classes:
+        raise ValueError(f"{root}: train/ and val/ have different class folders: "
+                         + class_difference({split: ds.classes, other: other_classes}))
     return ds
+
+
+def class_difference(classes: dict[str, list[str]]) -> str:
+    """'only in train/: x, y; only in val/: z' for the class lists of two splits (at most 5 names each)."""
+    (a, ca), (b, cb) = sorted(classes.items(), key=lambda kv: kv[0] != "train")
+    parts = []
+    for name, mine, theirs in ((a, ca, cb), (b, cb, ca)):
+        only = sorted(set(mine) - set(theirs))
+        if only:
+            shown = ", ".join(only[:5]) + (f", ... ({len(only)} in all)" if len(only) > 5 else "")
+            parts.append(f"only in {name}/: {shown}")
+    return "; ".join(parts) or "the same names in another order"
 
 
 def class_folders(directory: str | os.PathLike) -> list[str]:
@@ -112,11 +138,28 @@ def to_8bit(img):
 
 
 def load_image(path: str):
-    """Open and decode an image file (8-bit or 16-bit; mode kept, see `to_8bit`)."""
+    """Open and decode an image file (8-bit or 16-bit; mode kept, see `to_8bit`).
+
+    An image of more than `MAX_IMAGE_PIXELS` pixels is refused before it is decoded (ValueError
+    saying its size and the limit): a 12000x12000 PNG would take 432 MB and seconds per read.
+    PIL's own decompression-bomb warning (above 89 MP) is replaced by this error.
+    """
     from PIL import Image
 
     with open(path, "rb") as f:
-        img = Image.open(f)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            try:
+                img = Image.open(f)
+            except Image.DecompressionBombError:  # over twice PIL's limit: PIL refuses to open it
+                raise ValueError(f"{path}: more than {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} MP, over the "
+                                 f"limit of {MAX_IMAGE_PIXELS / 1e6:.0f} MP per image "
+                                 "(spach.data.datasets.MAX_IMAGE_PIXELS); not decoded") from None
+        width, height = img.size
+        if width * height > MAX_IMAGE_PIXELS:
+            raise ValueError(f"{path}: {width}x{height} = {width * height / 1e6:.0f} MP, over the limit of "
+                             f"{MAX_IMAGE_PIXELS / 1e6:.0f} MP per image (spach.data.datasets.MAX_IMAGE_PIXELS); "
+                             "not decoded")
         img.load()
     return img
 
@@ -128,11 +171,12 @@ def _image_folder_class():
 
     class SafeImageFolder(ImageFolder):
         """torchvision's ImageFolder, same samples in the same order for a clean folder, but: hidden
-        entries skipped, each folder read once (symlink loops, two links to one folder), 16-bit images
-        loaded correctly; `skipped` counts what was left out, by reason."""
+        entries and empty files skipped, each folder read once (symlink loops, two links to one folder),
+        16-bit images loaded correctly; `skipped` counts what was left out, by reason."""
 
-        HIDDEN, TWICE, NOT_IMAGE, SPECIAL = ("hidden", "folder(s) already visited through a symlink (a loop?)",
-                                             "not image file(s)", "broken link(s) or special file(s)")
+        HIDDEN, TWICE, NOT_IMAGE, SPECIAL, EMPTY = (
+            "hidden", "folder(s) already visited through a symlink (a loop?)", "not image file(s)",
+            "broken link(s) or special file(s)", "empty (0-byte) file(s)")
 
         def __init__(self, root: str):
             self.skipped: Counter = Counter()
@@ -190,7 +234,10 @@ def _image_folder_class():
                     elif e.is_dir():
                         (links if e.is_symlink() else queue).append((idx, Path(e.path)))
                     elif e.is_file():
-                        names.append(e.name)
+                        if e.stat().st_size == 0:  # not an image: neither read nor counted
+                            self._skip(self.EMPTY, e.name)
+                        else:
+                            names.append(e.name)
                     else:
                         self._skip(self.SPECIAL, e.name)
                 found.append((idx, str(folder), sorted(names)))
@@ -234,6 +281,34 @@ def class_balanced_indices(targets: Sequence[int], n: Optional[int]) -> list[int
                 out.append(q[depth])
         depth += 1
     return sorted(out)
+
+
+def selection_split(targets: Sequence[int], fraction: float, seed: int,
+                    pool: Optional[Sequence[int]] = None) -> tuple[list[int], list[int]]:
+    """(fit indices, selection indices): a stratified hold-out of `fraction` of each class of `pool`.
+
+    Method: within each class (of the items in `pool`, default every item), the indices are shuffled by
+    a NumPy generator seeded with `seed` and the first ``max(1, round(fraction * n_class))`` of them are
+    held out; a class of one item is never held out whole. Both lists are sorted and disjoint, and
+    their union is `pool`: the class proportions of the selection split are those of the pool
+    (class-balanced in the stratified sense). The same (targets, fraction, seed, pool) always gives the
+    same split. Used for model selection on training data (hyper-parameter search) so that the
+    validation split is never read before the final runs.
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"selection fraction must be in (0, 1), got {fraction!r}")
+    pool = list(range(len(targets))) if pool is None else list(pool)
+    per_class: dict[int, list[int]] = {}
+    for i in pool:
+        per_class.setdefault(int(targets[i]), []).append(i)
+    rng = np.random.default_rng(seed)
+    held: list[int] = []
+    for c in sorted(per_class):
+        members = np.asarray(per_class[c])
+        n_held = min(len(members) - 1, max(1, round(fraction * len(members))))
+        held.extend(int(i) for i in rng.permutation(members)[:n_held])
+    held_set = set(held)
+    return sorted(i for i in pool if i not in held_set), sorted(held)
 
 
 class SafeDataset(Dataset):

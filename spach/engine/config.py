@@ -52,6 +52,10 @@ class TrainConfig:
                                                 "(an original release file, a state dict, .safetensors)")
     max_train_samples: Optional[int] = _opt(None, "use a deterministic class-balanced slice of the train split")
     max_val_samples: Optional[int] = _opt(None, "use a deterministic class-balanced slice of the val split")
+    selection_fraction: Optional[float] = _opt(None, "model selection: hold out this fraction of each class of the "
+                                                     "train split, train on the rest and evaluate on it; the val "
+                                                     "split is not read (spach.data.selection_split)")
+    selection_seed: int = _opt(0, "the seed that draws the held-out selection split")
 
     # --- schedule and optimiser ---------------------------------------------------------
     epochs: int = _opt(300, "number of epochs (cool-down epochs included)")
@@ -197,6 +201,13 @@ class TrainConfig:
             bad("pretrained_file", "needs --pretrained (or use --init-checkpoint FILE)")
         if self.resume is not None and not self.resume:
             bad("resume", "must be 'auto', a path, or None")
+        return self.check_selection()
+
+    def check_selection(self) -> "TrainConfig":
+        """The selection split's option (part of `validate`): a fraction strictly between 0 and 1, or None."""
+        if self.selection_fraction is not None and not 0 < self.selection_fraction < 1:
+            raise ValueError(f"TrainConfig.selection_fraction: must be in (0, 1) or None "
+                             f"(got {self.selection_fraction!r})")
         return self
 
     @property

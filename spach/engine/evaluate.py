@@ -4,6 +4,7 @@
     metrics = evaluate(model, loader)                          # any loader of (images, targets[, skipped])
     metrics = evaluate_checkpoint("spach_ms_xxs_patch4_224_conv", "spach_ms_conv_xxs.pth", "path/to/imagenet")
     # -> {"top1": 73.1, "top5": 91.2, "loss": 1.13, "n": 50000, "skipped": 0}
+    metrics = evaluate(model, loader, predictions=True)       # + "predictions", "targets" (numpy, dataset order)
 
 Under a process group each rank evaluates its own shard (`ShardSampler`: no padding)
 and the sums of loss, hits and counts are all-reduced, so every image counts once.
@@ -18,7 +19,7 @@ from torch import nn
 
 from spach.data.loader import DeviceLoader, make_loader
 from spach.engine.device import autocast
-from spach.engine.distributed import ShardSampler, all_reduce_sum, world
+from spach.engine.distributed import ShardSampler, all_gather_objects, all_reduce_sum, world
 from spach.errors import SpachError
 
 
@@ -45,8 +46,13 @@ def evaluate(model: nn.Module, loader_or_source: Iterable | str, *, img_size: Op
              batch_size: int = 128, max_samples: Optional[int] = None, workers: int = 0,
              device: Optional[torch.device | str] = None, amp: str = "none", channels_last: bool = False,
              crop_pct: float = 0.875, interpolation: str = "bicubic",
-             distributed: Optional[bool] = None, progress: bool = False) -> dict:
+             distributed: Optional[bool] = None, progress: bool = False, predictions: bool = False) -> dict:
     """Evaluate `model` -> {"top1", "top5", "loss", "n", "skipped"} (accuracies in %).
+
+    `predictions=True` adds "predictions" and "targets": the predicted and true class of every
+    validation image as int64 numpy arrays in the dataset's order (the per-example evidence of the
+    battle's statistics), or None for both when some images were unreadable (skipped), since the
+    order of the rest is then not the dataset's.
 
     `loader_or_source`: a SOURCE string (its val split, transformed with the model's
     mean/std, `img_size` (default: the model's) and `crop_pct`), or an iterable of
@@ -72,7 +78,8 @@ def evaluate(model: nn.Module, loader_or_source: Iterable | str, *, img_size: Op
     was_training = model.training
     model.eval()
     try:
-        sums, n, skipped = _eval_sums(model, loader, device, amp, channels_last)
+        kept: Optional[list] = [] if predictions else None
+        sums, n, skipped = _eval_sums(model, loader, device, amp, channels_last, kept)
     finally:
         model.train(was_training)
     totals = torch.cat([sums, torch.tensor([n, skipped], dtype=torch.float64).to(device)])
@@ -81,15 +88,35 @@ def evaluate(model: nn.Module, loader_or_source: Iterable | str, *, img_size: Op
     loss, top1, top5, n, skipped = totals.tolist()  # the one host sync of the evaluation
     if n == 0:
         raise SpachError("evaluation saw no readable images")
-    return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "loss": loss / n, "n": int(n),
-            "skipped": int(skipped)}
+    out = {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "loss": loss / n, "n": int(n),
+           "skipped": int(skipped)}
+    if predictions:
+        out["predictions"], out["targets"] = _in_dataset_order(kept, int(skipped), distributed)
+    return out
+
+
+def _in_dataset_order(kept: list, skipped: int, distributed: bool):
+    """(predictions, targets) of the whole validation set in dataset order, from this rank's batches.
+
+    Under a process group rank r holds items r, r+W, r+2W, ... (`ShardSampler`): gather and interleave.
+    None, None when images were skipped (their places in the order are unknown)."""
+    import numpy as np
+
+    pairs = torch.cat([torch.stack([p, t], 1) for p, t in kept]).cpu().numpy() if kept else np.zeros((0, 2), np.int64)
+    shards = all_gather_objects(pairs) if distributed else [pairs]
+    if skipped:
+        return None, None
+    order = np.empty((sum(len(s) for s in shards), 2), dtype=np.int64)
+    for rank, shard in enumerate(shards):
+        order[rank::len(shards)] = shard
+    return order[:, 0], order[:, 1]
 
 
 @torch.inference_mode()
 def _eval_sums(model: nn.Module, batches: Iterable, device: torch.device, amp: str,
-               channels_last: bool) -> tuple[torch.Tensor, int, int]:
+               channels_last: bool, kept: Optional[list] = None) -> tuple[torch.Tensor, int, int]:
     """(device tensor [loss sum, top-1 hits, top-5 hits], images seen, images skipped): no host sync
-    per batch."""
+    per batch. `kept`: a list that receives (predicted class, target) tensors of every batch."""
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     n = skipped = 0
     for batch in batches:
@@ -105,8 +132,11 @@ def _eval_sums(model: nn.Module, batches: Iterable, device: torch.device, amp: s
             logits = model(images)
         logits = logits.float()
         top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+        predicted = logits.argmax(-1)  # ties -> first index
+        if kept is not None:
+            kept.append((predicted, targets))
         sums += torch.stack([F.cross_entropy(logits, targets, reduction="sum").double(),
-                             (logits.argmax(-1) == targets).sum().double(),  # argmax: ties -> first index
+                             (predicted == targets).sum().double(),
                              (top == targets[:, None]).any(-1).sum().double()])
         n += targets.numel()
     return sums, n, skipped

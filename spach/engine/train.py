@@ -56,6 +56,7 @@ from spach.engine.build import build_model, check_model_input, optimizer_kernel_
 from spach.engine.config import TrainConfig
 from spach.engine.device import autocast, cuda_math, peak_memory_mb, reset_peak_memory
 from spach.engine.evaluate import evaluate
+from spach.engine.evidence import write_evidence
 from spach.errors import SpachError
 from spach.io import atomic_write
 from spach.models import count_params, save_safetensors
@@ -196,9 +197,15 @@ def _datasets(cfg: TrainConfig):
     img_size = cfg.img_size or _default_img_size(cfg.model)
     data_kw = dict(img_size=img_size, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation, uint8=True)
     aug = dict(auto_augment=cfg.auto_augment, hflip=cfg.hflip, scale=cfg.scale, ratio=cfg.ratio)
+    selection = cfg.selection_fraction, cfg.selection_seed  # model selection: evaluate on held-out train images
     train_set = build_dataset(cfg.data, "train", train=cfg.augment, max_samples=cfg.max_train_samples,
-                              seed=cfg.seed, **data_kw, **(aug if cfg.augment else {}))
-    val_set = build_dataset(cfg.data, "val", max_samples=cfg.max_val_samples, **data_kw)
+                              seed=cfg.seed, selection=(*selection, "fit") if cfg.selection_fraction else None,
+                              **data_kw, **(aug if cfg.augment else {}))
+    if cfg.selection_fraction:
+        val_set = build_dataset(cfg.data, "train", max_samples=cfg.max_train_samples,
+                                selection=(*selection, "selection"), **data_kw)
+    else:
+        val_set = build_dataset(cfg.data, "val", max_samples=cfg.max_val_samples, **data_kw)
     num_classes = len(train_set.classes)
     if cfg.num_classes is not None and cfg.num_classes != num_classes:
         raise ValueError(f"TrainConfig.num_classes: {cfg.num_classes} but the data has {num_classes} classes")
@@ -462,14 +469,18 @@ def new_stats(loss_sum: float = 0.0, **counts) -> dict:
 # ---- end of epoch ------------------------------------------------------------------------------
 
 def end_of_epoch(run: Run, epoch: int, stats: dict, on_epoch_end=None) -> None:
-    """Evaluate (and the EMA), log a record (metrics.jsonl, TensorBoard, a line), checkpoint."""
+    """Evaluate (and the EMA), log a record (metrics.jsonl, TensorBoard, a line), checkpoint; after the last
+    epoch also the per-example evidence (OUT/evidence.npz, `spach.engine.evidence`)."""
     cfg, env, t_eval = run.cfg, run.env, time.perf_counter()
     totals = D.all_reduce_sum(torch.stack([stats["loss_sum"].to(env.device)] + [
         torch.tensor(float(stats[k]), dtype=torch.float64, device=env.device)
         for k in ("micro_steps", "images", "skipped")])).tolist()
     train_time = D.all_reduce_max(torch.tensor([stats["train_time"]], device=env.device)).item()  # slowest rank
     kw = dict(device=env.device, amp=cfg.amp, channels_last=cfg.channels_last)
-    val = evaluate(run.eval_model, run.val_loader, **kw)
+    last = epoch + 1 == cfg.epochs
+    val = evaluate(run.eval_model, run.val_loader, predictions=last, **kw)
+    if last and env.is_main and val["predictions"] is not None:  # before the checkpoint that ends the run
+        write_evidence(run.out, val["predictions"], val["targets"])
     record = {
         "epoch": epoch + 1,
         "train_loss": totals[0] / max(1.0, totals[1]),
@@ -551,8 +562,9 @@ def finish(run: Run) -> dict:
 
 def _check_same_run(saved: dict, cfg: TrainConfig, path) -> None:
     """A checkpoint only continues the same model on the same data."""
-    for key in ("model", "model_kwargs", "data", "img_size", "max_train_samples", "num_classes"):
-        if saved.get(key) != cfg.to_dict()[key]:
+    defaults = {"selection_fraction": None, "selection_seed": 0}  # checkpoints written before these options
+    for key in ("model", "model_kwargs", "data", "img_size", "max_train_samples", "num_classes", *defaults):
+        if saved.get(key, defaults.get(key)) != cfg.to_dict()[key]:
             raise ckpt.CheckpointError(f"{path} was saved with {key}={saved.get(key)!r}, this run has "
                                        f"{key}={cfg.to_dict()[key]!r}; use another --output or the same options")
 

@@ -15,16 +15,17 @@ from spach.battle.progress import Progress
 
 
 def drive(launcher: Launcher, conn, pending: list[dict], attached: list[dict], progress: Progress,
-          detach: bool = False) -> None:
+          detach: bool = False, first: int = 1) -> None:
     """Execute `pending` (queued rows, in order) and follow `attached` (rows in flight since an earlier
-    coordinator) until none is left; the caller holds the study lock and `conn` (its database)."""
+    coordinator) until none is left; the caller holds the study lock and `conn` (its database). `first`:
+    the progress number of the first run submitted."""
     launcher.check()
     queue = list(pending)
     active = {row["key"]: row for row in attached}
     if attached:
         progress.total += len(attached)
         launcher.attach(conn, attached, progress)
-    started = 0
+    started = first - 1
     interrupted = True
     try:
         while queue or active:
