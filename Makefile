@@ -4,12 +4,12 @@ STAMP := $(VENV)/.installed
 # what `spach` itself needs (make demo); the full install above adds the test and export extras
 RUN_STAMP := $(VENV)/.installed-run
 
-.PHONY: install test demo bench bench-gpu bench-original gpu-check clean slurm-up slurm-down
+.PHONY: install test demo bench bench-gpu bench-original gpu-check clean slurm-up slurm-down ray-up ray-down
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e '.[dev,export]'
+	$(PY) -m pip install -e '.[dev,export,mlflow,ray]'
 	touch $(STAMP) $(RUN_STAMP)
 
 $(RUN_STAMP): pyproject.toml
@@ -48,6 +48,13 @@ slurm-up:
 
 slurm-down:
 	tools/slurm-local.sh down
+
+# a one-node Ray cluster on 127.0.0.1:6390 (the venv's ray, `pip install 'spach[ray]'`); see docs/cluster.md
+ray-up: $(STAMP)
+	tools/ray-local.sh up
+
+ray-down:
+	tools/ray-local.sh down
 
 clean:
 	rm -rf $(VENV) build *.egg-info runs

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import json
 import math
 import os
 import statistics
@@ -41,7 +40,7 @@ import torch.nn.functional as F
 
 from spach.engine.device import autocast as amp_autocast
 from spach.engine.build import optimizer_kernel_kwargs
-from spach.io import atomic_write
+from spach.io import write_json as io_write_json
 from spach.models import count_macs, count_params
 from spach.runtime import cpu_allocator_tuned, num_threads
 from spach.timing import (DEVICES, DTYPES, GEMM_SHAPES, check_choice, check_device, loadavg, machine_info,
@@ -452,9 +451,6 @@ def format_table(result: dict) -> str:
 
 
 def write_json(result: dict, path: str | os.PathLike) -> None:
-    """Write `result` as JSON atomically (a temporary file in the same folder, then rename)."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with atomic_write(path, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
+    """Write `result` as JSON to `path` (its folder made if missing) with `spach.io.write_json` (atomic)."""
+    os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
+    io_write_json(path, result, indent=2)

@@ -2,6 +2,7 @@
 
     with atomic_write(path) as f:          # binary by default; atomic_write(path, "w") for text
         f.write(data)
+    write_json(path, obj, indent=1)        # the one JSON writer: atomic, a trailing newline
     check_output_file(path, "--json")      # before long work: ValueError if `path` cannot be a file
     check_writable_dir(path, "--output")   # PermissionError (one clear line) if nothing can be written there
 
@@ -15,11 +16,13 @@ For outputs that must never replace anything (exports; files or whole folders)::
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 def fsync_dir(directory: str | os.PathLike) -> None:
@@ -60,6 +63,15 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb"):
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def write_json(path: str | os.PathLike, obj: Any, indent: int | None = None) -> Path:
+    """Write ``obj`` as JSON to ``path`` through :func:`atomic_write` (a reader sees the old file or the
+    new one, never half of one); ends with a newline. Returns the path."""
+    with atomic_write(path, "w") as f:
+        json.dump(obj, f, indent=indent)
+        f.write("\n")
+    return Path(path)
 
 
 def check_output_file(path: str | os.PathLike, flag: str) -> None:

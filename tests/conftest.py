@@ -1,10 +1,11 @@
-"""Shared test set-up: the `slurm` marker's cluster check and the `one_thread` fixture."""
+"""Shared test set-up: the `slurm` and `ray` markers' cluster checks and the `one_thread` fixture."""
 from __future__ import annotations
 
 import fcntl
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,61 @@ def _slurm_cluster(request):
         return
     if os.environ.get("SPACH_REQUIRE_SLURM") == "1":
         pytest.fail(f"SPACH_REQUIRE_SLURM=1 but the slurm tests cannot run: {reason}")
+    pytest.skip(reason)
+
+
+RAY_ADDRESS = "127.0.0.1:" + os.environ.get("SPACH_RAY_PORT", "6390")
+_ray_state: dict[str, str | None] = {}
+
+
+def _ray_command() -> str | None:
+    """The `ray` command of this Python's environment (where `pip install 'spach[ray]'` puts it)."""
+    return shutil.which("ray", path=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
+
+
+def _ray_answers() -> bool:
+    ray = _ray_command()
+    if ray is None:
+        return False
+    try:
+        proc = subprocess.run([ray, "status", "--address", RAY_ADDRESS], capture_output=True, timeout=60,
+                              env=dict(os.environ, RAY_USAGE_STATS_ENABLED="0"))
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return proc.returncode == 0
+
+
+def ray_unavailable() -> str | None:
+    """Why the `ray` tests cannot run here, or None when a Ray cluster answers at RAY_ADDRESS
+    (started here with `tools/ray-local.sh up` when Ray is installed but no cluster answers)."""
+    if "reason" in _ray_state:
+        return _ray_state["reason"]
+    reason = None
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        reason = "Ray is not installed (pip install 'spach[ray]')"
+    if reason is None and not _ray_answers():
+        with open("/tmp/spach-ray-up.lock", "w") as lock:  # one pytest-xdist worker starts it
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not _ray_answers():
+                subprocess.run([str(ROOT / "tools/ray-local.sh"), "up"], capture_output=True, timeout=300,
+                               env=dict(os.environ, RAY=_ray_command() or "ray"))
+        if not _ray_answers():
+            reason = f"Ray is installed but no cluster answers at {RAY_ADDRESS} after `tools/ray-local.sh up`"
+    _ray_state["reason"] = reason
+    return reason
+
+
+@pytest.fixture(autouse=True)
+def _ray_cluster(request):
+    if request.node.get_closest_marker("ray") is None:
+        return
+    reason = ray_unavailable()
+    if reason is None:
+        return
+    if os.environ.get("SPACH_REQUIRE_RAY") == "1":
+        pytest.fail(f"SPACH_REQUIRE_RAY=1 but the ray tests cannot run: {reason}")
     pytest.skip(reason)
 
 

@@ -265,7 +265,7 @@ class Dies(nn.Module):
 
 @pytest.mark.slow
 def test_worker_slots_reuse_their_process_and_replace_a_dead_one(tmp_path, monkeypatch):
-    from spach.battle import runner
+    from spach.battle.launchers import processes
     from spach.models import registry
 
     (tmp_path / "dies.py").write_text(DIES)
@@ -273,8 +273,8 @@ def test_worker_slots_reuse_their_process_and_replace_a_dead_one(tmp_path, monke
     spec = micro(grid=grid, extra=[], threads=1, plugins=["dies.py"])
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(spec))
     spawned = []
-    spawn = runner.WorkerSlot._spawn
-    monkeypatch.setattr(runner.WorkerSlot, "_spawn",
+    spawn = processes.WorkerSlot._spawn
+    monkeypatch.setattr(processes.WorkerSlot, "_spawn",
                         lambda self, *a, **k: spawned.append(self.slot) or spawn(self, *a, **k))
     try:
         out = tmp_path / "out"

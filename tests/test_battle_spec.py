@@ -6,7 +6,8 @@ import copy
 import pytest
 
 from spach.battle import list_presets, load_study
-from spach.battle.runner import worker_command
+from spach.battle.launchers.processes import worker_command
+from spach.battle.launchers.torchrun import TorchrunLauncher
 from spach.battle.spec import parse_study
 
 BASE = {
@@ -160,8 +161,10 @@ def test_duplicate_configurations_rejected():
 
 
 def test_worker_and_torchrun_commands(tmp_path):
-    local = worker_command(tmp_path, "abc", 2, {"kind": "local"})
+    local = worker_command(tmp_path, "abc", 2)
     assert local[1:] == ["-m", "spach.battle.worker", str(tmp_path), "abc", "--threads", "2"]
-    tr = worker_command(tmp_path, "abc", None, {"kind": "torchrun", "nproc_per_node": 8, "args": ["--max-restarts=1"]})
+    study = parse_study(dict(BASE, launcher={"kind": "torchrun", "nproc_per_node": 8, "args": ["--max-restarts=1"]}))
+    prefix = TorchrunLauncher(study, tmp_path).command_prefix()
+    tr = worker_command(tmp_path, "abc", None, prefix)
     assert tr[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=8", "--max-restarts=1",
                       "-m", "spach.battle.worker", str(tmp_path), "abc"]

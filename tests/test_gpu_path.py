@@ -14,7 +14,8 @@ import torch
 from torch.utils.data import Dataset
 
 import spach.rng as rng
-from spach.battle import runner
+from spach.battle import execute, runner
+from spach.battle.launchers.processes import child_env
 from spach.battle.spec import parse_study
 from spach.data import DeviceLoader, EpochSampler, make_loader
 from spach.engine import TrainConfig, evaluate, train
@@ -108,7 +109,7 @@ def test_battle_measures_by_the_swin_protocol(monkeypatch):
         calls.append(kw)
         return {"images_per_s": 123.0}
     monkeypatch.setattr(spach.bench, "measure_throughput", fake)
-    assert runner.measure_speed(study.runs[0].resolved(), threads=1) == 123.0
+    assert execute.measure_speed(study.runs[0].resolved(), threads=1) == 123.0
     kw = calls[0]
     assert (kw["protocol"], kw["mode"], kw["warmup"], kw["repeats"]) == ("swin", "infer", 50, 30)
 
@@ -128,27 +129,27 @@ def test_cuda_math_sets_and_restores_tf32_and_cudnn_autotuning():
         TrainConfig(model="m", data="d", output="o", matmul_precision="tf32")
 
 
-@pytest.mark.parametrize("visible, launcher, expected", [
-    ("4,5,6,7", {"kind": "local"}, ["4", "5", "6"]),              # one GPU per local worker
-    ("4,5,6,7", {"kind": "torchrun", "nproc_per_node": 2}, ["4,5", "6,7", "4,5"]),
-    ("0,1", {"kind": "local"}, ["0", "1", "0"]),                  # more workers than GPUs: round robin
-    (None, {"kind": "local"}, ["0", "1", "0"]),                   # no variable: the GPUs torch sees
+@pytest.mark.parametrize("visible, per_slot, expected", [
+    ("4,5,6,7", 1, ["4", "5", "6"]),              # one GPU per local worker
+    ("4,5,6,7", 2, ["4,5", "6,7", "4,5"]),        # a torchrun worker with nproc_per_node 2
+    ("0,1", 1, ["0", "1", "0"]),                  # more workers than GPUs: round robin
+    (None, 1, ["0", "1", "0"]),                   # no variable: the GPUs torch sees
 ])
-def test_each_worker_gets_its_own_gpus(monkeypatch, visible, launcher, expected):
+def test_each_worker_gets_its_own_gpus(monkeypatch, visible, per_slot, expected):
     if visible is None:
         monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     else:
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
-    got = [runner._child_env(slot, 3, launcher)["CUDA_VISIBLE_DEVICES"] for slot in range(3)]
+    got = [child_env(slot, 3, per_slot)["CUDA_VISIBLE_DEVICES"] for slot in range(3)]
     assert got == expected
 
 
 def test_no_gpu_no_cuda_visible_devices(monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert "CUDA_VISIBLE_DEVICES" not in runner._child_env(1, 2, {"kind": "local"})
+    assert "CUDA_VISIBLE_DEVICES" not in child_env(1, 2)
 
 
 # ---- peak memory ------------------------------------------------------------------------------------

@@ -19,8 +19,11 @@ import yaml
 from spach.battle import db, load_study, run_study
 from spach.cli.main import main
 from spach.battle.progress import Progress
-from spach.battle import slurm
-from spach.battle.slurm import JobInfo, cancel_runs, job_comment, make_executor, study_status, submit_run, sync_run
+from spach.battle import jobfiles
+from spach.battle.launchers import slurm
+from spach.battle.launchers.slurm import JobInfo, job_comment, make_executor, submit_run, sync_run
+from spach.battle.launchers.status import cancel_runs, study_status
+from spach.io import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = {"epochs": 2, "batch_size": 32, "lr": 3e-3, "warmup_epochs": 0, "cooldown_epochs": 0,
@@ -197,14 +200,17 @@ def submitted_run(tmp_path, job_id: str):
     return conn, key, db.get_run(conn, key)
 
 
-def test_a_job_that_vanished_without_a_result_is_failed_with_its_stderr(tmp_path):
+def test_a_job_that_vanished_without_a_result_is_failed_with_its_stderr(tmp_path, monkeypatch):
     conn, key, row = submitted_run(tmp_path, "4242")
     (Path(row["output_dir"]) / "slurm").mkdir(parents=True)
     (Path(row["output_dir"]) / "slurm" / "4242_0_log.err").write_text("torch.OutOfMemoryError: CUDA out of memory\n")
     # still queued: nothing changes; Slurm not answering: nothing is decided
     assert sync_run(conn, row, {"4242": JobInfo("4242", "PENDING", "(Priority)", "")}, None) == "running"
     assert sync_run(conn, row, None, None) == "running"
-    assert sync_run(conn, row, {"4242": JobInfo("4242", "OUT_OF_MEMORY", "node1", "")}, None) == "failed"
+    ended = {"4242": JobInfo("4242", "OUT_OF_MEMORY", "node1", "")}
+    monkeypatch.setattr(slurm, "slurm_jobs", lambda: ended)  # still ended at every look of the settle window
+    monkeypatch.setattr(slurm, "REQUEUE_SETTLE_S", 0.03)
+    assert sync_run(conn, row, ended, None) == "failed"
     failed = db.get_run(conn, key)
     assert "4242 ended OUT_OF_MEMORY" in failed["error"] and "CUDA out of memory" in failed["error"]
     conn.close()
@@ -220,16 +226,38 @@ def test_a_job_seen_failed_for_a_moment_while_being_requeued_is_not_failed(tmp_p
     conn.close()
 
 
+SILENT_SQUEUE = {"fails": "echo 'slurm_load_jobs error: Unable to contact slurm controller' >&2\nexit 1\n",
+                 "hangs": "sleep 30\n"}
+
+
+@pytest.mark.parametrize("how", sorted(SILENT_SQUEUE))
+def test_slurm_falling_silent_in_the_settle_window_decides_nothing(tmp_path, monkeypatch, how):
+    # one squeue snapshot showed the job ended; then squeue stops answering (fails, or hangs): the run stays
+    conn, key, row = submitted_run(tmp_path, "4245")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "squeue").write_text("#!/bin/sh\n" + SILENT_SQUEUE[how])
+    (bin_dir / "squeue").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(slurm, "REQUEUE_SETTLE_S", 0.03)
+    monkeypatch.setattr(slurm, "SQUEUE_TIMEOUT_S", 0.5)
+    assert slurm.slurm_jobs() is None  # the fake squeue is the one asked, and it does not answer
+    before = db.get_run(conn, key)
+    assert sync_run(conn, row, {"4245": JobInfo("4245", "FAILED", "node1", "")}, None) == "running"
+    assert db.get_run(conn, key) == before  # nothing recorded: neither failed nor changed
+    conn.close()
+
+
 def test_a_short_last_attempt_that_ends_between_two_looks_is_judged_by_its_result(tmp_path, monkeypatch):
     conn, key, row = submitted_run(tmp_path, "4244")
     out = Path(row["output_dir"])
     out.mkdir(parents=True)
-    slurm.write_json(out / slurm.JOB_FILE, {"job_id": "4244", "attempt": 1})
+    write_json(out / jobfiles.JOB_FILE, {"job_id": "4244", "attempt": 1})
     assert sync_run(conn, row, {"4244": JobInfo("4244", "RUNNING", "node1", "")}, None) == "running"
 
     def second_attempt_fails_at_once():  # while the coordinator waits for a requeue to show
-        slurm.write_json(out / slurm.JOB_FILE, {"job_id": "4244", "attempt": 2})
-        slurm.write_json(out / slurm.RESULT_FILE, {"job_id": "4244", "status": "failed", "error": "max_attempts is 1"})
+        write_json(out / jobfiles.JOB_FILE, {"job_id": "4244", "attempt": 2})
+        write_json(out / jobfiles.RESULT_FILE, {"job_id": "4244", "status": "failed", "error": "max_attempts is 1"})
         return {"4244": JobInfo("4244", "COMPLETED", "node1", "")}
 
     monkeypatch.setattr(slurm, "slurm_jobs", second_attempt_fails_at_once)
@@ -260,7 +288,7 @@ def test_a_job_stops_at_once_on_sigterm_although_submitit_ignores_it():
     # scancel / requeue send SIGTERM, SIGKILL only after KillWait: a job that ignored SIGTERM could finish
     code = ("import os, signal, time, submitit\n"
             "signal.signal(signal.SIGTERM, lambda *a: print('bypassed'))  # what submitit's job set-up does\n"
-            "from spach.battle.slurm import stop_on_sigterm\n"
+            "from spach.battle.launchers.slurm import stop_on_sigterm\n"
             "stop_on_sigterm()\n"
             "os.kill(os.getpid(), signal.SIGTERM)\n"
             "time.sleep(30)\n"

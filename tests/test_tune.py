@@ -105,7 +105,7 @@ def test_a_trial_trains_and_scores_without_opening_the_validation_split(tmp_path
 
     monkeypatch.setattr(spach.data, "open_source", recording)
     study = load_study(tiny())
-    from spach.battle.runner import train_and_measure
+    from spach.battle.execute import train_and_measure
     from spach.battle.tune import trial_run
     trial = trial_run(study, study.runs[0], 0, {"lr": 1e-3, "weight_decay": 0.0})
     metrics, history = train_and_measure(trial.resolved(), tmp_path / "trial", threads=1, speed_now=False)

@@ -8,13 +8,12 @@ Settings per analysis (all optional) are in `DEFAULTS`; unknown keys are refused
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 from spach.analysis.common import ImageSet, Subject
-from spach.io import atomic_write
+from spach.io import write_json
 
 KINDS = ("erf", "cka", "corruption", "fourier", "attn-distance")
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -161,8 +160,7 @@ def write_analysis(kind: str, result: dict, out_dir: str | Path, overwrite: bool
     target = out_dir / f"{name}.json"
     if target.exists() and not overwrite:
         raise ValueError(f"{target} already exists: choose another --out or pass --overwrite")
-    with atomic_write(target, "w") as f:
-        json.dump(finite_json(result), f, indent=1)
+    write_json(target, finite_json(result), indent=1)
     models = result["models"]
     paths = [target]
     if kind == "erf":

@@ -8,13 +8,14 @@ computed again, so rerunning a study only measures what is new.
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Callable
 
 from spach.battle import db
 from spach.battle.spec import stable_json
+from spach.io import write_json
+from spach.runtime import num_threads
 
 PER_RUN = ("erf", "corruption", "fourier", "attn-distance")
 
@@ -34,12 +35,10 @@ def representatives(runs: list[dict]) -> list[dict]:
 
 def _write_json(run_dir: str, kind: str, result: dict) -> None:
     from spach.analysis.suite import finite_json
-    from spach.io import atomic_write
 
     folder = Path(run_dir) / "analysis"
     folder.mkdir(parents=True, exist_ok=True)
-    with atomic_write(folder / f"{kind.replace('-', '_')}.json", "w") as f:
-        json.dump(finite_json(result), f, indent=1)
+    write_json(folder / f"{kind.replace('-', '_')}.json", finite_json(result), indent=1)
 
 
 def analyze_runs(conn, runs: list[dict], analysis: dict[str, dict], say: Callable[[str], None]) -> int:
@@ -111,18 +110,15 @@ def analyze_cka(conn, runs: list[dict], settings: dict, say: Callable[[str], Non
 def analyze_study(out_dir: str | Path, analysis: dict[str, dict], say: Callable[[str], None] = print,
                   threads: int | None = None) -> int:
     """Run the study's analyses on its finished runs (see the module docstring); returns how many ran."""
-    import torch
-
     if not analysis:
         return 0
-    if threads:
-        torch.set_num_threads(threads)
     conn = db.connect(out_dir)
     try:
-        runs = db.runs(conn, db.study_keys(conn))
-        count = analyze_runs(conn, runs, analysis, say)
-        if "cka" in analysis:
-            count += int(analyze_cka(conn, runs, analysis["cka"], say))
+        with num_threads(threads):  # the caller's share (spach.battle.threads), restored afterwards
+            runs = db.runs(conn, db.study_keys(conn))
+            count = analyze_runs(conn, runs, analysis, say)
+            if "cka" in analysis:
+                count += int(analyze_cka(conn, runs, analysis["cka"], say))
     finally:
         conn.close()
     return count

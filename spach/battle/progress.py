@@ -5,6 +5,10 @@ when stdout is not a terminal; on a terminal a tqdm bar also follows the steps
 of the current epoch. When the console goes away (a closed pipe: `spach battle | head`),
 the study goes on and the lines continue in OUT/progress.log. The ETA assumes the remaining runs cost what the finished
 work did on average (runs of a grid are of similar cost by design).
+
+Every launcher reports through these calls, so `listeners` (objects with `run_started(name)`,
+`epoch_done(name, record)` and `run_finished(name, ok)`, e.g. the trackers of `spach.battle.tracking`)
+see each run's start, epochs and end whatever executes it.
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ class Progress:
         self.fraction: dict[str, float] = {}   # run name -> fraction of it done (running runs)
         self.t0 = time.time()
         self._bar = None
+        self.listeners: list[Any] = []
 
     def _print(self, text: str) -> None:
         if self.quiet:
@@ -97,6 +102,8 @@ class Progress:
     def run_started(self, name: str, epochs: int | None, index: int) -> None:
         self.fraction[name] = 0.0
         self._print(f"[{index}/{self.total}] {name}: started ({epochs or '?'} epochs) | {self.status()}")
+        for listener in self.listeners:
+            listener.run_started(name)
 
     def step(self, name: str, epoch: int, step: int, steps: int, epochs: int | None) -> None:
         """`epoch` counts from 0, `step` from 1 (steps done in this epoch), as the engine's on_step."""
@@ -120,6 +127,8 @@ class Progress:
         loss = record.get("train_loss")
         self._print(f"    {name} epoch {int(record['epoch'])}/{epochs or '?'}: train loss "
                     f"{_f(loss, '.3f')}, val top-1 {_f(top1, '.2f')}% | ETA {self.eta()}")
+        for listener in self.listeners:
+            listener.epoch_done(name, record)
 
     def run_finished(self, name: str, ok: bool, detail: str) -> None:
         self._close_bar()
@@ -127,6 +136,8 @@ class Progress:
         self.finished += 1
         self.failed += 0 if ok else 1
         self._print(f"    {name}: {'done' if ok else 'FAILED'} — {detail} | {self.status()}")
+        for listener in self.listeners:
+            listener.run_finished(name, ok)
 
     def _close_bar(self) -> None:
         if self._bar is not None:

@@ -13,11 +13,12 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
+from spach.battle.launchers import LAUNCHERS
 from spach.engine.config import coerce
 
 LAYOUTS = ("ss", "ms")
 MEASURE_DTYPES = ("fp32", "bf16")  # the precisions spach.bench measures
-LAUNCHER_KINDS = ("local", "torchrun", "slurm")
+LAUNCHER_KINDS = LAUNCHERS  # the launcher registry itself (spach.battle.launchers): its kinds, live
 REQUIRED = dataclasses.MISSING
 
 
@@ -99,6 +100,25 @@ class Launcher:
     max_jobs: Optional[int] = key(None, ge=1)
     max_attempts: int = key(3, ge=1)
     poll_s: float = key(30.0, gt=0)
+    address: str = key("auto", nonempty=True, hint="ray: auto, HOST:PORT or ray://HOST:PORT")
+    cpus_per_run: float = key(1.0, gt=0, hint="ray: the CPUs each run's task reserves")
+    gpus_per_run: float = key(0.0, ge=0, hint="ray: the GPUs each run's task reserves")
+
+
+@dataclass(frozen=True)
+class MlflowTracking:
+    """``tracking.mlflow``: log every run to MLflow (spach.battle.tracking.mlflow)."""
+
+    uri: str = key(nonempty=True, hint="a tracking URI, e.g. sqlite:///runs/mlflow.db")
+    experiment: Optional[str] = key(None, nonempty=True, hint="default: the study name")
+
+
+@dataclass(frozen=True)
+class Tracking:
+    """``tracking:``: where runs are logged besides the study database (which stays the source of truth)."""
+
+    mlflow: Any = key(None)
+    tensorboard: bool = key(True, hint="write each run's TensorBoard HParams summary to RUN_DIR/tb")
 
 
 @dataclass(frozen=True)
@@ -207,6 +227,7 @@ class StudyFile:
     sizes: Any = key(None)
     extra: Any = key(None)
     launcher: Any = key(None)
+    tracking: Any = key(None)
     analysis: Any = key(None)
     runs_dir: Optional[str] = key(None, nonempty=True, hint="the folder for the run directories")
     plugins: Any = key(None)

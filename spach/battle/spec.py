@@ -188,6 +188,7 @@ class Study:
     skipped: list[tuple[str, str]] = field(default_factory=list)   # (name, reason)
     source: dict[str, Any] = field(default_factory=dict)          # the raw mapping, for the record
     analysis: dict[str, dict] = field(default_factory=dict)       # measurement -> settings, run after training
+    tracking: dict[str, Any] = field(default_factory=dict)        # `tracking:` checked (spach.battle.tracking)
     statistics: dict[str, Any] = field(default_factory=dict)      # how the report tests (schema.Statistics)
     tune: dict[str, Any] | None = None  # `tune:` checked (spach.battle.tune_space); None: the recipe as written
 
@@ -251,6 +252,7 @@ def parse_study(raw: dict, where: str = "study", max_runs: int = MAX_RUNS,
     recipe = _check_recipe(raw.get("recipe") or {}, where)
     measure = _check_measure(raw.get("measure") or {}, where)
     launcher = _check_launcher(raw.get("launcher") or {}, where)
+    tracking = check_tracking(raw.get("tracking") or {}, where)
     plugins = []
     if raw.get("plugins") is not None:
         try:
@@ -260,7 +262,7 @@ def parse_study(raw: dict, where: str = "study", max_runs: int = MAX_RUNS,
             _fail(where, str(e))
     study = Study(name=name, description=str(raw.get("description", "")).strip(), data=str(raw["data"]),
                   img_size=img_size, recipe=recipe, measure=measure, launcher=launcher, threads=threads,
-                  runs_dir=runs_dir, source=raw, plugins=plugins)
+                  runs_dir=runs_dir, source=raw, plugins=plugins, tracking=tracking)
     sizes = _check_sizes(raw.get("sizes") or {}, where)
     if raw.get("grid") is not None:
         _expand_grid(study, raw["grid"], sizes, where)
@@ -367,8 +369,10 @@ def check_runnable_here(study: Study) -> None:
     """Before any training: the study's data (`check_study_data`); runs launched on this machine are
     measured on it, so a CUDA measurement needs CUDA here (a study is still loadable, listable and
     launchable elsewhere without it)."""
+    from spach.battle.launchers import launcher_class
+
     check_study_data(study)
-    if study.measure["device"] == "cuda" and study.launcher["kind"] in ("local", "torchrun"):
+    if study.measure["device"] == "cuda" and launcher_class(study.launcher["kind"]).runs_here:
         import torch
 
         if not torch.cuda.is_available():
@@ -398,6 +402,21 @@ def _check_launcher(launcher: Any, where: str) -> dict:
     if owned:
         _fail(where, f"launcher.sbatch: {owned} are set by the slurm launcher itself; remove them")
     return out
+
+
+def check_tracking(tracking: Any, where: str = "--mlflow") -> dict:
+    """``tracking:`` completed by its defaults ({mlflow: None or {uri, experiment}, tensorboard: bool})."""
+    out = _section(schema.Tracking, tracking, "tracking", where)
+    if out["mlflow"] is not None:
+        out["mlflow"] = _section(schema.MlflowTracking, out["mlflow"], "tracking.mlflow", where)
+    return out
+
+
+def with_tracking(study: Study, mlflow_uri: str) -> Study:
+    """The study with its runs also logged to the MLflow store at `mlflow_uri` (`spach battle --mlflow URI`;
+    the study's experiment name kept, else the study's name)."""
+    mlflow = dict(study.tracking.get("mlflow") or {}, uri=mlflow_uri)
+    return replace(study, tracking=check_tracking(dict(study.tracking, mlflow=mlflow)))
 
 
 def with_launcher(study: Study, kind: str) -> Study:
@@ -785,5 +804,5 @@ def summary(study: Study) -> str:
 
 
 __all__ = ["Run", "Study", "load_study", "parse_study", "check_runnable_here", "check_name", "list_presets",
-           "stable_json", "summary", "check_analysis", "with_launcher", "resolve_architecture", "model_refusal",
-           "families", "with_seed", "LAYOUTS", "ZOO_SIZES"]
+           "stable_json", "summary", "check_analysis", "with_launcher", "with_tracking", "check_tracking",
+           "resolve_architecture", "model_refusal", "families", "with_seed", "LAYOUTS", "ZOO_SIZES"]

@@ -33,7 +33,8 @@ from typing import Any
 
 from spach.battle import db
 from spach.battle.progress import Progress
-from spach.battle.runner import execute_pending, run_dir, threads_per_run
+from spach.battle.runner import execute_pending, run_dir
+from spach.battle.threads import threads_per_run
 from spach.battle.spec import Run, Study
 from spach.battle.tune_space import distributions
 from spach.errors import SpachError
@@ -212,7 +213,7 @@ def tune_study(study: Study, out_dir: str | Path, workers: int, threads: int | N
     groups = architectures(study)
     prepare(out_dir, study)
     storage = optuna.storages.RDBStorage(storage_url(out_dir))
-    per_run = threads_per_run(study, workers, threads)
+    per_run = threads_per_run(study.threads, total=threads, workers=workers)
     left = sum(max(0, study.tune["trials"] - len(optuna_study(storage, study.tune, g).get_trials(deepcopy=False)))
                for g in groups)
     progress = Progress(total=left, quiet=quiet, log_path=out_dir / "progress.log")  # if the console is closed

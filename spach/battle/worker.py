@@ -6,7 +6,7 @@
 `spach battle --workers N` starts one `--serve` process per worker slot and hands
 it runs one after another, so only a slot's first run pays for importing torch
 and timm; the torchrun launcher starts one process per run. Each run is trained,
-counted (params, MACs) and recorded by `spach.battle.runner.execute_run`; its
+counted (params, MACs) and recorded by `spach.battle.execute.execute_run`; its
 inference throughput is measured after all training by `spach battle` itself.
 With `--serve`, a run's output goes to its own RUN_DIR/worker.log.
 Exit status: one run, 0 if it is done and 1 if it failed (the error is in the
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 from spach.battle import db
-from spach.battle.runner import execute_run
+from spach.battle.execute import execute_run
 
 
 def main(argv: list[str] | None = None) -> int:

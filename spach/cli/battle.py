@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from spach.battle import list_presets, load_study, run_study
+from spach.battle.launchers import KINDS
 from spach.battle.spec import MAX_RUNS, summary
 
 
@@ -32,10 +33,14 @@ def add_parser(subparsers) -> None:
     p.add_argument("--retry-failed", action="store_true", help="run failed runs again")
     p.add_argument("--max-runs", type=int, default=MAX_RUNS, metavar="N",
                    help=f"refuse a study that declares more than N runs (default: {MAX_RUNS:,})")
-    p.add_argument("--launcher", choices=["local", "torchrun", "slurm"], default=None,
+    p.add_argument("--launcher", choices=list(KINDS), default=None,
                    help="run with this launcher instead of the study's (the study's other launcher settings apply)")
     p.add_argument("--detach", action="store_true",
-                   help="slurm launcher: submit the jobs of the runs not done and return (re-run to collect)")
+                   help="cluster launchers (slurm, ray): submit the jobs of the runs not done and return "
+                        "(re-run to collect)")
+    p.add_argument("--mlflow", default=None, metavar="URI",
+                   help="also log every run to this MLflow tracking store, e.g. sqlite:///runs/mlflow.db "
+                        "(needs pip install 'spach[mlflow]'; the study's `tracking:` section does the same)")
     p.add_argument("--until-decisive", action="store_true",
                    help="after the study's runs, add seeds only to the architectures of unresolved comparisons, "
                         "re-testing after each round (alpha spent over the looks; docs/battle.md)")
@@ -83,13 +88,13 @@ def run(args: argparse.Namespace) -> int:
         return 1 if result["failed"] else 0
     result = run_study(study, out, workers=args.workers, retry_failed=args.retry_failed, threads=args.threads,
                        quiet=args.quiet, launcher=args.launcher, detach=args.detach,
-                       accept_changed_data=args.accept_changed_data)
+                       accept_changed_data=args.accept_changed_data, mlflow=args.mlflow)
     return 1 if result["failed"] else 0
 
 
 def status(rest: list[str]) -> int:
     """`spach battle status OUT`: the study's runs, one line each (reads only)."""
-    from spach.battle.slurm import format_status, study_status
+    from spach.battle.launchers.status import format_status, study_status
 
     if len(rest) != 1:
         raise ValueError("usage: spach battle status OUT (the study's output directory)")
@@ -98,8 +103,8 @@ def status(rest: list[str]) -> int:
 
 
 def cancel(rest: list[str]) -> int:
-    """`spach battle cancel OUT [RUN ...]`: scancel the jobs of the study (all, or the named runs)."""
-    from spach.battle.slurm import cancel_runs
+    """`spach battle cancel OUT [RUN ...]`: cancel the jobs of the study (all, or the named runs)."""
+    from spach.battle.launchers.status import cancel_runs
 
     if not rest:
         raise ValueError("usage: spach battle cancel OUT [RUN ...]")
