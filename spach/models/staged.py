@@ -1,6 +1,9 @@
-"""timm's face for every channels-last network of the package (SPACH, sMLPNet, ShiftViT): one base class."""
-from __future__ import annotations
+"""timm's face for every channels-last network of the package (SPACH, sMLPNet, ShiftViT): one base class.
 
+No ``from __future__ import annotations`` here: torch.fx copies the annotations of the traced root's
+``forward`` (``StagedNet.forward``) into the code it generates, and a string annotation there becomes a
+name TorchScript cannot resolve (``Unknown type name '_torch_Tensor_'`` when an fx graph is scripted).
+"""
 import functools
 
 import torch
