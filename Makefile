@@ -43,7 +43,8 @@ gpu-check: $(STAMP)
 	$(PY) benchmarks/gpu_check.py --out runs/gpu-check-$$(date +%Y%m%d-%H%M%S)
 
 # timm's own model tests (its release's tests/test_models.py) over every spach model; fetches timm's sdist once
-# into ~/.cache/spach/timm-tests (the weight-download tests deselected); long: about an hour on 2 cores
+# into ~/.cache/spach/timm-tests (the weight-download tests deselected); long: every full-size model at
+# timm's test sizes, TorchScript compiles included (benchmarks/RESULTS.md)
 timm-tests: $(STAMP)
 	PY=$(PY) tools/timm-model-tests.sh
 

@@ -20,6 +20,7 @@ SOURCE=${1:-}
 [ $# -gt 0 ] && shift
 
 [ -x "$PY" ] || { echo "timm-model-tests: no python at $PY (make install, or set PY)" >&2; exit 2; }
+case $PY in /*) ;; */*) PY=$PWD/$PY ;; esac  # the tests run from timm's folder: an absolute path
 VERSION=$("$PY" -c 'import timm; print(timm.__version__)')
 
 if [ -z "$SOURCE" ]; then
