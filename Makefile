@@ -4,7 +4,7 @@ STAMP := $(VENV)/.installed
 # what `spach` itself needs (make demo); the full install above adds the test and export extras
 RUN_STAMP := $(VENV)/.installed-run
 
-.PHONY: install test demo bench bench-gpu bench-original gpu-check clean slurm-up slurm-down ray-up ray-down
+.PHONY: install test demo bench bench-gpu bench-original gpu-check clean slurm-up slurm-down ray-up ray-down timm-tests
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -41,6 +41,12 @@ bench-original: $(STAMP)
 # the GPU path end to end (< 5 min on a CUDA machine; a message and exit 0 without CUDA)
 gpu-check: $(STAMP)
 	$(PY) benchmarks/gpu_check.py --out runs/gpu-check-$$(date +%Y%m%d-%H%M%S)
+
+# timm's own model tests (its release's tests/test_models.py) over every spach model; fetches timm's sdist once
+# into ~/.cache/spach/timm-tests (the weight-download tests deselected); long: every full-size model at
+# timm's test sizes, TorchScript compiles included (benchmarks/RESULTS.md)
+timm-tests: $(STAMP)
+	PY=$(PY) tools/timm-model-tests.sh
 
 # a single-node Slurm cluster on this machine (root installs slurm-wlm + munge when missing); see docs/cluster.md
 slurm-up:

@@ -184,10 +184,20 @@ EXPORTERS: dict[str, Callable[..., Path]] = {
     "onnx": export_onnx, "pt2": export_pt2, "torchscript": export_torchscript, "hf": export_hf}
 
 
+def check_input_size(model: nn.Module, img_size=None) -> None:
+    """Run ``model`` once, eagerly, on one image of the export's size: a size the model cannot take fails
+    here with the model's own one-line ``ValueError``, the same for every format (not later as a
+    TorchScript or torch.export traceback)."""
+    with torch.no_grad():
+        model.eval()(example_input(model, img_size, batch_size=1))
+
+
 def export_model(model: nn.Module, fmt: str, path: str | os.PathLike, img_size=None, **kwargs) -> Path:
-    """Write ``model`` in format ``fmt`` (one of :data:`FORMATS`) to ``path``."""
+    """Write ``model`` in format ``fmt`` (one of :data:`FORMATS`) to ``path``, once the model has taken the
+    input size (:func:`check_input_size`)."""
     if fmt not in EXPORTERS:
         raise ValueError(f"unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    check_input_size(model, img_size)
     if fmt == "onnx":
         _require_onnx()
     return EXPORTERS[fmt](model, path, img_size=img_size, **kwargs)

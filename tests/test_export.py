@@ -138,3 +138,14 @@ def test_load_for_export_takes_the_class_count_and_options_from_the_checkpoint(t
         torch.testing.assert_close(loaded(x), model(x))
     with pytest.raises(ValueError, match="holds no EMA weights"):
         load_for_export("spach_ms_xxs_patch4_224_attn", tmp_path / "release.pth", ema=True)
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "pt2", "onnx", "hf"])
+def test_cli_export_refuses_a_size_the_model_cannot_take_with_one_line_for_every_format(fmt, tmp_path, capsys):
+    out = tmp_path / f"m.{fmt}"
+    assert cli(["export", "spach_ms_xxs_patch4_224_conv", "--format", fmt, "--output", str(out),
+                "--img-size", "112", "--model-kwargs", "hidden_dim=16", "num_heads=2"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("spach export: error: input size 112x112 is not divisible by the network's total "
+                   "stride 32\n")
+    assert list(tmp_path.iterdir()) == []  # nothing written, no temporary left

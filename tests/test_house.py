@@ -120,3 +120,106 @@ def test_the_layer_check_finds_an_upward_import(tmp_path):
     src.write_text('"""x."""\nimport spach.models\nfrom spach.battle import db\nfrom spach.engine.train import fit\n')
     assert upward_imports(src, "spach.engine.m") == ["spach.engine.m imports spach.battle"]
     assert upward_imports(src, "spach.cli.m") == []
+
+
+def package_imports(path: Path, name: str | None = None) -> set[str]:
+    """The modules of its own package that the module at ``path`` (named ``name``) imports, at any depth of
+    its code (module level and inside functions); a package's ``__init__`` is the package's own name."""
+    name = name or module_name(path)
+    is_init = path.name == "__init__.py"
+    package = name if is_init else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from the module's package, one level up per extra dot
+                parts = package.split(".")[:len(package.split(".")) - (node.level - 1)]
+                base = ".".join(parts + ([base] if base else []))
+            # `from pkg import mod` imports the module pkg.mod; `from pkg import name` the package itself
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in KNOWN_MODULES else base for a in node.names]
+        else:
+            continue
+        for target in targets:
+            while target and target not in KNOWN_MODULES:
+                target = target.rpartition(".")[0]  # import a.b.c of a module a.b.c or its package
+            in_package = target == package or target.rpartition(".")[0] == package
+            if target and target != name and in_package:
+                found.add(target)
+    return found
+
+
+KNOWN_MODULES = {module_name(p) for p in MODULES}
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle ``[a, b, ..., a]`` per strongly connected group of modules that import each other (Tarjan)."""
+    index, low, stack, on_stack, groups = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = set()
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                group.add(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                groups.append(group)
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    cycles = []
+    for group in groups:  # a path from the group's first module back to itself, inside the group
+        start = min(group)
+        path, seen = [start], {start}
+        while True:
+            nxt = sorted(w for w in graph[path[-1]] if w in group)
+            back = start if start in nxt else next((w for w in nxt if w not in seen), None)
+            if back is None:
+                back = nxt[0]
+            path.append(back)
+            if back == start or back in seen:
+                cycles.append(path[path.index(back):])
+                break
+            seen.add(back)
+    return sorted(cycles)
+
+
+def test_no_package_has_an_import_loop():
+    graph = {module_name(p): package_imports(p) for p in MODULES}
+    cycles = import_cycles(graph)
+    assert not cycles, "import loops inside a package (move the shared piece to the lower module):\n" + "\n".join(
+        " -> ".join(c) for c in cycles)
+
+
+def test_the_import_loop_check_finds_loops_at_any_depth(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    files = {"__init__.py": "from spach.models import a\n", "a.py": "import spach.models.b as b\n",
+             "b.py": "def f():\n    from . import c\n", "c.py": "from .a import x\n", "d.py": "from spach.models import b\n"}
+    for file, text in files.items():
+        (tmp_path / "pkg" / file).write_text(text)
+    global KNOWN_MODULES
+    saved, KNOWN_MODULES = KNOWN_MODULES, {"spach.models", "spach.models.a", "spach.models.b", "spach.models.c",
+                                           "spach.models.d", "spach.io"}
+    try:
+        graph = {("spach.models" if f == "__init__.py" else f"spach.models.{f[:-3]}"):
+                 package_imports(tmp_path / "pkg" / f, "spach.models" if f == "__init__.py" else
+                                 f"spach.models.{f[:-3]}") for f in files}
+    finally:
+        KNOWN_MODULES = saved
+    assert graph["spach.models.b"] == {"spach.models.c"}  # inside a function, relative
+    assert import_cycles(graph) == [["spach.models.a", "spach.models.b", "spach.models.c", "spach.models.a"]]
+    assert import_cycles({"x": {"y"}, "y": set()}) == []

@@ -8,7 +8,8 @@ from timm.models._features_fx import create_feature_extractor
 
 import spach  # noqa: F401  (registers the zoo and the mixers)
 from spach.models import ALL_MODELS, NEWCOMERS, SpachMS, count_params, get_mixer
-from spach.models.mixers import GlobalFilter, Pooling, Shift, WindowAttention, window_merge
+from spach.models import mixers
+from spach.models.mixers import GlobalFilter, Pooling, Shift, WindowAttention, pad_to_windows, window_merge
 from spach.models.ops import SparseMLP
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -109,11 +110,18 @@ def test_global_filter_equals_a_direct_circular_convolution():
 
 
 def reference_window_attention(m: WindowAttention, x: torch.Tensor) -> torch.Tensor:
-    """Swin's shifted-window attention for one image batch, written with loops over windows and token pairs."""
-    B, H, W, C = x.shape
+    """Swin's shifted-window attention for one image batch, written with loops over windows and token pairs;
+    a grid the windows do not tile is zero-padded to whole windows (bottom, right), real tokens never attend
+    the padding, and the output is cropped back."""
+    B, H0, W0, C = x.shape
     ws, s, heads = m.window_size, m.shift_size, m.num_heads
     hd = C // heads
-    rolled = torch.roll(x, (-s, -s), (1, 2))
+    H, W = -(-H0 // ws) * ws, -(-W0 // ws) * ws
+    padded = torch.zeros(B, H, W, C)
+    padded[:, :H0, :W0] = x
+    real = torch.zeros(H, W, dtype=torch.bool)
+    real[:H0, :W0] = True
+    rolled, real = torch.roll(padded, (-s, -s), (1, 2)), torch.roll(real, (-s, -s), (0, 1))
     # region label of every (rolled) position, as in Swin's mask construction with slices
     label = torch.zeros(H, W, dtype=torch.long)
     if s:
@@ -122,7 +130,7 @@ def reference_window_attention(m: WindowAttention, x: torch.Tensor) -> torch.Ten
             for wsl in (slice(0, -ws), slice(-ws, -s), slice(-s, None)):
                 label[hs, wsl] = cnt
                 cnt += 1
-    out = torch.zeros_like(x)
+    out = torch.zeros_like(padded)
     table = m.relative_position_bias_table
     for r0 in range(0, H, ws):
         for c0 in range(0, W, ws):
@@ -135,12 +143,12 @@ def reference_window_attention(m: WindowAttention, x: torch.Tensor) -> torch.Ten
                 for b_, (rb, cb) in enumerate(pos):
                     idx = (ra - rb + ws - 1) * (2 * ws - 1) + (ca - cb + ws - 1)
                     logits[:, :, a, b_] += table[idx]
-                    if label[ra, ca] != label[rb, cb]:
+                    if label[ra, ca] != label[rb, cb] or (real[ra, ca] and not real[rb, cb]):
                         logits[:, :, a, b_] = float("-inf")
             y = torch.einsum("bhnm,bmhd->bnhd", logits.softmax(-1), v).reshape(B, len(pos), C)
             for n, (r, c) in enumerate(pos):
                 out[:, r, c] = y[:, n]
-    return m.proj(torch.roll(out, (s, s), (1, 2)))
+    return m.proj(torch.roll(out, (s, s), (1, 2))[:, :H0, :W0])
 
 
 @pytest.mark.parametrize("block_index", [0, 1])
@@ -153,6 +161,49 @@ def test_window_attention_equals_the_loop_reference_with_and_without_shift(block
         torch.testing.assert_close(m(x), reference_window_attention(m, x), rtol=1e-5, atol=1e-5)
         m.fused_attn = not m.fused_attn  # the other kernel: same numbers
         torch.testing.assert_close(m(x), reference_window_attention(m, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("block_index", [0, 1])
+@pytest.mark.parametrize("grid", [(6, 7), (5, 12), (3, 3)])
+def test_window_attention_pads_a_grid_the_windows_do_not_tile_and_crops_back(block_index, grid):
+    m = build("window", dim=8, grid_size=(8, 8), block_index=block_index).eval()
+    torch.nn.init.normal_(m.relative_position_bias_table, std=1.0)
+    x = torch.randn(2, *grid, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), reference_window_attention(m, x), rtol=1e-5, atol=1e-5)
+        m.fused_attn = not m.fused_attn  # the other kernel: same numbers
+        torch.testing.assert_close(m(x), reference_window_attention(m, x), rtol=1e-5, atol=1e-5)
+    m.train()
+    x.requires_grad_(True)
+    out = m(x)
+    assert out.shape == x.shape
+    out.square().sum().backward()  # no NaN anywhere: no attention row is all -inf, padding rows included
+    assert torch.isfinite(x.grad).all() and all(torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+def test_a_grid_the_windows_tile_takes_the_unpadded_path():
+    x = torch.randn(2, 8, 12, 8)
+    assert pad_to_windows(x, 4) is x  # no copy, no padding mask: the numbers of the model before padding
+    assert pad_to_windows(x, 5).shape == (2, 10, 15, 8) and pad_to_windows(x, 5)[:, 8:].abs().sum() == 0
+
+
+@pytest.mark.parametrize("block_index", [0, 1])
+def test_padding_tokens_do_not_influence_real_ones(block_index, monkeypatch):
+    m = build("window", dim=8, grid_size=(8, 8), block_index=block_index).eval()
+    x = torch.randn(2, 6, 7, 8)
+    with torch.no_grad():
+        zero_padded = m(x)
+
+        def pad_with_noise(t, window_size):  # the padding holds large random tokens instead of zeros
+            padded = pad_to_windows(t, window_size)
+            noise = 100 * torch.randn_like(padded)
+            noise[:, :t.shape[1], :t.shape[2]] = 0
+            return padded + noise
+
+        monkeypatch.setattr(mixers, "pad_to_windows", pad_with_noise)
+        for fused in (True, False):
+            m.fused_attn = fused
+            torch.testing.assert_close(m(x), zero_padded, rtol=0, atol=1e-6)
 
 
 def test_window_covering_the_grid_drops_the_shift_like_swin():
@@ -180,6 +231,22 @@ def test_window_attention_probs_protocol():
         assert d.shape == (2,) and bool((d > 0).all()) and bool((d < 3 * 2 ** 0.5).all())
 
 
+def test_window_attention_probs_on_a_padded_grid_cover_the_real_queries_only():
+    from spach.analysis.attention import mean_distance
+
+    m = build("window", dim=8, grid_size=(8, 8), block_index=1).eval()
+    x = torch.randn(2, 6, 7, 8)  # padded to 8x8: 4 windows of 16 slots, 42 real tokens
+    with torch.no_grad():
+        probs, pos_q, pos_k = m.attention_probs(x)
+        assert probs.shape == (2, 2, 42, 16) and pos_q.shape == (42, 2) and pos_k.shape == (16, 2)
+        torch.testing.assert_close(probs.sum(-1), torch.ones(2, 2, 42))
+        # the padding's probabilities are exactly 0: 42 real queries, each attending only real keys
+        full = m.attention_probs(torch.randn(2, 8, 8, 8))[0]
+        assert full.shape == (2, 4, 2, 16, 16)
+        d = mean_distance(probs, pos_q, pos_k)
+        assert d.shape == (2,) and bool((d > 0).all()) and bool((d < 3 * 2 ** 0.5).all())
+
+
 # ---------------------------------------------------------------- fixed sizes and refusals
 
 @pytest.mark.parametrize("name", ["smlp", "gfilter"])
@@ -192,14 +259,19 @@ def test_fixed_size_mixers_name_their_grid(name):
         model(torch.randn(1, 3, 96, 96))
 
 
-def test_window_needs_windows_that_tile_the_grid():
-    with pytest.raises(ValueError, match="7x7 windows does not tile the 8x8 token grid"):
-        SpachMS(hidden_dim=12, num_heads=1, img_size=32, patch_size=2,
-                net_arch=[[("conv", 1)], [("window", 1)], [("window", 1)], [("window", 1)]])
-    model = timm.create_model("spach_ms_xxs_patch4_224_window", hidden_dim=16, num_heads=2)
-    with pytest.raises(ValueError, match="got a 8x8 token grid"):  # 224 builds; 32x32 input: 8x8 at stage 1 ...
-        model.stages[1].blocks[0].token_mixer(torch.randn(1, 8, 8, 32))
-    assert model(torch.randn(1, 3, 448, 448)).shape == (1, 1000)  # ... any size where the windows fit works
+def test_window_models_take_any_input_size_their_stride_allows():
+    # 8x8, 4x4, 2x2 grids with 7x7 windows: built (as Swin, the window shrinks to a grid no larger than it)
+    SpachMS(hidden_dim=12, num_heads=1, img_size=32, patch_size=2,
+            net_arch=[[("conv", 1)], [("window", 2)], [("window", 1)], [("window", 1)]])
+    model = timm.create_model("spach_ms_xxs_patch4_224_window", hidden_dim=16, num_heads=2, num_classes=3)
+    for size in (128, 96, 160, 448):  # token grids 32/16/8/4, 24/12/6/3, ... : padded to whole 7x7 windows
+        x = torch.randn(1, 3, size, size, requires_grad=True)
+        out = model(x)
+        assert out.shape == (1, 3) and torch.isfinite(out).all()
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    with pytest.raises(ValueError, match="not divisible by the network's total stride 32"):
+        model(torch.randn(1, 3, 112, 112))
 
 
 def test_weight_free_and_window_mixers_refuse_weight_sharing_with_the_reason():

@@ -34,32 +34,11 @@ from spach.battle import db, stats
 from spach.io import atomic_savefig, atomic_write
 from spach.battle.findings import Group, Settings, Stat, evaluate_findings, macs_of, pareto_front, speed_of
 from spach.battle.looks import replay
+from spach.battle.palette import family_color, family_rank
 from spach.battle.schema import Arch
 from spach.battle.tune_report import tune_section
 
 SIZE_ORDER = {"xxs": 0, "xs": 1, "s": 2, "s_plus": 3}
-FAMILY_COLOR = {"conv": "tab:blue", "attn": "tab:red", "mlp": "tab:green", "hybrid": "tab:purple",
-                "smlp-net": "tab:olive", "shift-vit": "tab:orange", "pool": "gold", "shift": "tab:brown",
-                "smlp": "yellowgreen", "gfilter": "tab:cyan", "window": "tab:pink"}
-_PLUGIN_COLORS = ("black", "navy", "lime", "teal", "maroon", "gray")
-
-
-def family_rank(family: str) -> int:
-    """Table order: the paper's families, the release's sMLPNet/ShiftViT, then the registry's other mixers
-    (newcomers, then plugins)."""
-    from spach.models.registry import mixer_names
-
-    order = ["conv", "attn", "mlp", "hybrid", "smlp-net", "shift-vit"]
-    order += [m for m in mixer_names() if m not in order]
-    return order.index(family) if family in order else len(order)
-
-
-def family_color(family: str) -> str:
-    """A fixed colour per family; plugin families get one of a spare palette (stable per name)."""
-    if family in FAMILY_COLOR:
-        return FAMILY_COLOR[family]
-    return _PLUGIN_COLORS[sum(map(ord, family)) % len(_PLUGIN_COLORS)]
-
 
 # --------------------------------------------------------------------------- atomic files
 

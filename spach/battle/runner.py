@@ -32,9 +32,9 @@ from typing import Any, Callable
 from spach.battle import db
 from spach.battle.execute import measure_speed
 from spach.battle.launchers import LAUNCHERS, Launcher, launcher_class, make_launcher
-from spach.battle.launchers.drive import drive
+from spach.battle.launchers.drive import execute_pending
 from spach.battle.progress import Progress
-from spach.battle.spec import Run, Study, check_runnable_here, load_study, summary
+from spach.battle.spec import Run, Study, check_runnable_here, load_study, run_dir, summary
 from spach.battle.threads import available_threads, threads_per_run
 from spach.battle.tracking import open_tracking
 from spach.errors import SpachError
@@ -75,11 +75,6 @@ class StudyLock:
 
 
 # --------------------------------------------------------------------------- one run
-
-def run_dir(out_dir: str | Path, run: Run, runs_dir: str | None = None) -> Path:
-    """Where a run's files go: OUT/runs/NAME-KEY8, or under the study's `runs_dir` (relative to OUT)."""
-    return Path(out_dir) / (runs_dir or "runs") / f"{run.name}-{run.key[:8]}"
-
 
 def measure_speeds(out_dir: str | Path, keys: list[str], threads: int | None, progress: Progress) -> int:
     """The quiet phase: inference throughput of every done run that lacks it, one at a time. Returns the count."""
@@ -173,23 +168,6 @@ def finish_study(out_dir: Path, study: Study, progress: Progress, threads: int, 
         result["report"] = str(write_report(out_dir))
         progress.message(f"report: {result['report']}")
     return result
-
-
-def execute_pending(out_dir: Path, study: Study, pending: list[dict], workers: int, per_run: int | None,
-                    progress: Progress, detach: bool = False, first: int = 1,
-                    launcher: Launcher | None = None) -> None:
-    """Execute the queued rows `pending` of the study's runs on its launcher (`make_launcher`, or the one
-    given), `workers` at a time, `per_run` threads each, and follow the runs of `study.runs` an earlier
-    coordinator left executing elsewhere (status 'running': `queue_study` requeued every other);
-    `first`: the progress number of the first run."""
-    chosen = launcher or make_launcher(study, out_dir, workers=workers, threads=per_run)
-    conn = db.connect(out_dir)
-    try:
-        attached = [r for r in db.runs(conn, [r.key for r in study.runs]) if r["status"] == "running"]
-        if pending or attached:
-            drive(chosen, conn, pending, attached, progress, detach=detach, first=first)
-    finally:
-        conn.close()
 
 
 def earlier_versions_note(out_dir: str | Path, keys: list[str]) -> str | None:

@@ -666,6 +666,11 @@ def _make_run(study: Study, group: str, arch: Arch, seed: int, model: str, kwarg
                train=train, measure=dict(study.measure), plugins=tuple(study.plugins))
 
 
+def run_dir(out_dir: str | Path, run: Run, runs_dir: str | None = None) -> Path:
+    """Where a run's files go: OUT/runs/NAME-KEY8, or under the study's `runs_dir` (relative to OUT)."""
+    return Path(out_dir) / (runs_dir or "runs") / f"{run.name}-{run.key[:8]}"
+
+
 def with_seed(run: Run, seed: int) -> Run:
     """The same architecture and recipe as `run`, trained with another seed (e.g. a seed added by
     ``spach battle --until-decisive``)."""
@@ -805,4 +810,4 @@ def summary(study: Study) -> str:
 
 __all__ = ["Run", "Study", "load_study", "parse_study", "check_runnable_here", "check_name", "list_presets",
            "stable_json", "summary", "check_analysis", "with_launcher", "with_tracking", "check_tracking",
-           "resolve_architecture", "model_refusal", "families", "with_seed", "LAYOUTS", "ZOO_SIZES"]
+           "resolve_architecture", "model_refusal", "families", "with_seed", "run_dir", "LAYOUTS", "ZOO_SIZES"]

@@ -33,7 +33,8 @@ from typing import Any
 
 from spach.battle import db
 from spach.battle.progress import Progress
-from spach.battle.runner import execute_pending, run_dir
+from spach.battle.launchers.drive import execute_pending
+from spach.battle.spec import run_dir
 from spach.battle.threads import threads_per_run
 from spach.battle.spec import Run, Study
 from spach.battle.tune_space import distributions

@@ -103,7 +103,7 @@ def figure_budget(curve: dict[str, list[tuple[float, float]]], families: dict[st
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from spach.battle.report import family_color
+    from spach.battle.palette import family_color
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for g, points in curve.items():

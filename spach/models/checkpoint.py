@@ -17,11 +17,14 @@ import torch
 import torch.nn as nn
 
 from spach.io import atomic_write
-from spach.models.release_zoo import FILTERS as RELEASE_FILTERS
+from spach.models import shiftvit, smlpnet
+from spach.models.shiftvit import ShiftViT
+from spach.models.smlpnet import SMLPNet
 from spach.models.spach import SpachNet, checkpoint_filter_fn
 
-# model class -> the function mapping its original release's state dicts onto it
-ORIGINAL_LAYOUT_FILTERS = {SpachNet: checkpoint_filter_fn, **RELEASE_FILTERS}
+# model class -> the function mapping its original release's state dicts onto it (the zoos' pretrained filters too)
+ORIGINAL_LAYOUT_FILTERS = {SpachNet: checkpoint_filter_fn, SMLPNet: smlpnet.checkpoint_filter_fn,
+                           ShiftViT: shiftvit.checkpoint_filter_fn}
 # classes a checkpoint may contain besides tensors and containers (original training checkpoints' `args`)
 SAFE_CLASSES = [argparse.Namespace]
 

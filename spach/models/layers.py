@@ -5,6 +5,9 @@ LayerNorm act on the last dim without copies, the depthwise convolutions read
 the same memory as a ``channels_last`` ``(B, C, H, W)`` view, and attention /
 token-MLP mixers see ``(B, N, C)`` with ``N = H * W`` in row-major order, as in
 the original release.
+
+The three mixers of the paper defined here (``conv``, ``attn``, ``mlp``) are registered in the mixer
+registry (:mod:`spach.models.registry`) at the bottom of this module.
 """
 from __future__ import annotations
 
@@ -16,17 +19,18 @@ import torch.nn.functional as F
 from timm.layers import DropPath, register_notrace_function, use_fused_attn
 
 from spach.errors import ArchitectureRefusal
+from spach.models import registry
 from spach.models.kernels import Linear, token_matmul, use_fused_mlp, use_sdpa, use_token_matmul
 from spach.models.ops import check_grid
+from spach.models.registry import register_mixer
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 
 
 def __getattr__(name: str):
-    # MIXERS, MIXER_ALIASES and canonical_mixer are read from the mixer registry (spach.models.registry),
-    # which itself builds on this module: resolved on access, so plugin mixers are included
+    # MIXERS, MIXER_ALIASES and canonical_mixer are read from the mixer registry (spach.models.registry)
+    # on access, so plugin mixers are included
     if name in ("MIXERS", "MIXER_ALIASES", "canonical_mixer"):
-        from spach.models import registry
         return {"MIXERS": registry.mixer_names, "MIXER_ALIASES": lambda: dict(registry.MIXER_ALIASES),
                 "canonical_mixer": lambda: registry.canonical_mixer}[name]()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -284,3 +288,18 @@ class MixingBlock(nn.Module):
         if not torch.jit.is_scripting() and use_fused_mlp(y, self.training):
             return self.mlp.fused_residual(self.norm2(y), y)
         return y + self.drop_path(self.mlp(self.norm2(y)))
+
+
+# ---------------------------------------------------------------------- the paper's mixers, registered
+register_mixer("conv", cpe_is_mixer=True, builder=lambda dim, ctx: None,
+               paper="depthwise 3x3 conv — A Battle of Network Structures (Zhao et al., arXiv 2108.13002)")(
+    DepthwiseConv)
+register_mixer("attn", paper="multi-head self-attention — Attention Is All You Need (Vaswani et al., "
+                             "NeurIPS 2017); ViT (Dosovitskiy et al., ICLR 2021)",
+               builder=lambda dim, ctx: Attention(
+                   dim, ctx["num_heads"], qkv_bias=ctx["qkv_bias"], qk_scale=ctx["qk_scale"],
+                   attn_drop=ctx["attn_drop"], proj_drop=ctx["drop"]))(Attention)
+register_mixer("mlp", fixed_input_size=True,
+               paper="token-mixing MLP — MLP-Mixer (Tolstikhin et al., NeurIPS 2021)",
+               builder=lambda dim, ctx: TokenMlp(ctx["grid_size"], token_ratio=ctx["token_ratio"],
+                                                 drop=ctx["drop"]))(TokenMlp)

@@ -90,14 +90,15 @@ class GlobalFilter(nn.Module):
         return torch.fft.irfft2(spectrum, s=self.grid_size, dim=(1, 2), norm="ortho").to(dtype)
 
 
-@register_notrace_function  # torch.fx: checked when the graph runs
-def check_windows(x: torch.Tensor, window_size: int) -> torch.Tensor:
-    """Refuse a token grid the windows do not tile; returns ``x``."""
-    if x.shape[1] % window_size or x.shape[2] % window_size:
-        raise ValueError(f"window attention with {window_size}x{window_size} windows got a {x.shape[1]}x{x.shape[2]} "
-                         f"token grid: each stage's grid must be a multiple of the window size (choose an input "
-                         f"size where the windows fit, e.g. 224 for 7x7 windows)")
-    return x
+@register_notrace_function  # torch.fx: padded when the graph runs, from the input's shape
+def pad_to_windows(x: torch.Tensor, window_size: int) -> torch.Tensor:
+    """Zero-pad channels-last tokens ``(B, H, W, C)`` at the bottom and the right to whole windows (Swin's
+    padding); ``x`` itself when the windows already tile the grid."""
+    pad_h = (window_size - x.shape[1] % window_size) % window_size
+    pad_w = (window_size - x.shape[2] % window_size) % window_size
+    if pad_h == 0 and pad_w == 0:
+        return x
+    return F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
 
 
 @register_notrace_function  # torch.fx: built from the input's shape when the graph runs
@@ -145,6 +146,47 @@ def window_merge(windows: torch.Tensor, window_size: int, B: int, H: int, W: int
     return x.permute(0, 1, 3, 2, 4, 5).reshape(B, H, W, C)
 
 
+def real_tokens(height: int, width: int, padded_height: int, padded_width: int, window_size: int, shift: int,
+                device: torch.device) -> torch.Tensor:
+    """``(num_windows, N)`` bool: which window slots hold a token of the ``height x width`` grid (not
+    padding), once the grid is padded to ``padded_height x padded_width`` and rolled by ``-shift``."""
+    real = (torch.arange(padded_height, device=device) < height)[:, None] & \
+        (torch.arange(padded_width, device=device) < width)[None, :]                     # (Hp, Wp)
+    if shift > 0:
+        real = torch.roll(real, shifts=(-shift, -shift), dims=(0, 1))
+    return window_partition(real[None, :, :, None], window_size)[..., 0]
+
+
+def padding_mask(height: int, width: int, padded_height: int, padded_width: int, window_size: int, shift: int,
+                 device: torch.device) -> torch.Tensor:
+    """``(num_windows, N, N)`` additive, ``-inf`` from a real token (query) to a padding token (key), else 0.
+
+    Padding tokens (queries) may attend anything: their outputs are cropped, and so no row is ever
+    all ``-inf`` (which would make NaNs, in the gradients too).
+    """
+    real = real_tokens(height, width, padded_height, padded_width, window_size, shift, device)
+    blocked = real[:, :, None] & ~real[:, None, :]
+    return torch.zeros(blocked.shape, device=device).masked_fill(blocked, float("-inf"))
+
+
+@register_notrace_function  # torch.fx: built from the input's shape when the graph runs
+def window_attention_bias(position_bias: torch.Tensor, batch: int, height: int, width: int, padded_height: int,
+                          padded_width: int, window_size: int, shift: int) -> torch.Tensor:
+    """The additive attention bias of every window, ``(B * nW, heads, N, N)``: the relative position bias
+    ``(heads, N, N)``, plus Swin's mask between the regions of shifted windows, plus the padding mask
+    (:func:`padding_mask`) when the grid was padded from ``height x width``."""
+    device = position_bias.device
+    bias = position_bias.unsqueeze(0)                                                    # (1, heads, N, N)
+    if shift > 0:
+        bias = bias + shifted_window_mask(padded_height, padded_width, window_size, shift, device).unsqueeze(1)
+    if padded_height != height or padded_width != width:
+        bias = bias + padding_mask(height, width, padded_height, padded_width, window_size, shift,
+                                   device).unsqueeze(1)
+    heads, n = position_bias.shape[0], position_bias.shape[1]
+    nw = (padded_height // window_size) * (padded_width // window_size)
+    return bias.expand(batch, nw, heads, n, n).reshape(batch * nw, heads, n, n)
+
+
 @register_mixer("window", paper="Swin Transformer — Hierarchical Vision Transformer using Shifted Windows "
                                 "(Liu et al., ICCV 2021, arXiv 2103.14030)")
 class WindowAttention(nn.Module):
@@ -153,8 +195,11 @@ class WindowAttention(nn.Module):
     Multi-head self-attention within non-overlapping ``window_size²`` windows, plus a learned
     relative position bias per head; in every other block of a stage (odd ``block_index``)
     the windows are shifted by ``window_size // 2`` (a cyclic roll with Swin's mask). As in
-    Swin, a grid no larger than the window makes the window the grid and drops the shift.
-    The input grid must be a multiple of the window size (any such input size works).
+    Swin, a grid no larger than the window (at build) makes the window the grid and drops the shift.
+    Any token grid works: one the windows do not tile is zero-padded at the bottom and the right to
+    whole windows and cropped back after the attention (as Swin does); real tokens never attend the
+    padding (the padding mask), so the padding does not change them. A grid the windows tile takes
+    exactly the path it took before padding existed (no padding, no extra mask).
     """
 
     def __init__(self, dim: int, num_heads: int, grid_size: tuple[int, int], window_size: int = 7,
@@ -171,11 +216,6 @@ class WindowAttention(nn.Module):
             window_size, shift = min(grid), 0
         else:
             shift = window_size // 2 if block_index % 2 else 0
-        if grid[0] % window_size or grid[1] % window_size:
-            raise ArchitectureRefusal(f"window attention with {window_size}x{window_size} windows does not tile the "
-                                      f"{grid[0]}x{grid[1]} token grid: build the model with an input size where the "
-                                      f"windows fit (224 for 7x7 windows) or set "
-                                      f"mixer_kwargs={{'window': {{'window_size': k}}}} with k dividing the grid")
         self.window_size = window_size
         self.shift_size = shift
         self.num_heads = num_heads
@@ -201,18 +241,14 @@ class WindowAttention(nn.Module):
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
         return bias.view(n, n, self.num_heads).permute(2, 0, 1)
 
-    def attention_bias(self, B: int, H: int, W: int, device: torch.device) -> torch.Tensor:
-        """Relative position bias plus, for shifted windows, the region mask: (B * nW, heads, N, N)."""
-        bias = self.relative_position_bias().unsqueeze(0)                          # (1, heads, N, N)
-        if self.shift_size > 0:
-            bias = bias + shifted_window_mask(H, W, self.window_size, self.shift_size, device).unsqueeze(1)
-        nw = (H // self.window_size) * (W // self.window_size)
-        n = self.window_size * self.window_size
-        return bias.expand(B, nw, self.num_heads, n, n).reshape(B * nw, self.num_heads, n, n)
+    def attention_bias(self, B: int, H: int, W: int, Hp: int, Wp: int) -> torch.Tensor:
+        """(B * nW, heads, N, N) for an ``H x W`` grid padded to ``Hp x Wp``: :func:`window_attention_bias`."""
+        return window_attention_bias(self.relative_position_bias(), B, H, W, Hp, Wp, self.window_size,
+                                     self.shift_size)
 
     def windowed_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, H, W, C) -> q, k, v of shape (B * nW, heads, N, head_dim), windows shifted if the block shifts."""
-        x = check_windows(x, self.window_size)
+        """(B, H, W, C), a grid the windows tile -> q, k, v of shape (B * nW, heads, N, head_dim), the
+        windows shifted if the block shifts."""
         if self.shift_size > 0:
             x = torch.roll(x, shifts=(-self.shift_size, -self.shift_size), dims=(1, 2))
         windows = window_partition(x, self.window_size)
@@ -223,29 +259,41 @@ class WindowAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
+        x = pad_to_windows(x, self.window_size)                                    # (B, Hp, Wp, C)
+        Hp, Wp = x.shape[1], x.shape[2]
         q, k, v = self.windowed_qkv(x)
-        bias = self.attention_bias(B, H, W, x.device).to(q.dtype)
+        bias = self.attention_bias(B, H, W, Hp, Wp).to(q.dtype)
         out = biased_attention(q, k, v, bias, self.scale, self.attn_drop.p if self.training else 0.0,
                                self.fused_attn)
         out = out.transpose(1, 2).reshape(-1, self.window_size * self.window_size, C)
-        x = window_merge(out, self.window_size, B, H, W)
+        x = window_merge(out, self.window_size, B, Hp, Wp)
         if self.shift_size > 0:
             x = torch.roll(x, shifts=(self.shift_size, self.shift_size), dims=(1, 2))
+        x = x[:, :H, :W]                                                           # crop the padding
         return self.proj_drop(self.proj(x))
 
     @torch.jit.unused
     def attention_probs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The attention protocol: ``(probs, pos_q, pos_k)`` for the mixer input ``x`` ``(B, H, W, C)``.
 
-        ``probs`` is ``(B, num_windows, heads, N, N)`` (rows sum to 1, masked entries exactly 0);
-        ``pos_q = pos_k`` ``(N, 2)`` are the (row, col) of the window's tokens, window-local, in grid
-        units — within a shifted window, the tokens that may attend each other keep their image distances.
+        On a grid the windows tile, ``probs`` is ``(B, num_windows, heads, N, N)`` (rows sum to 1,
+        masked entries exactly 0) and ``pos_q = pos_k`` ``(N, 2)`` are the (row, col) of the window's
+        tokens, window-local, in grid units — within a shifted window, the tokens that may attend each
+        other keep their image distances. On a padded grid only the real tokens are queries: ``probs``
+        is ``(B, heads, Q, N)`` over the ``Q = H * W`` real tokens (window by window), ``pos_q`` ``(Q, 2)``
+        their window-local coordinates and ``pos_k`` ``(N, 2)``; the padding's probabilities are 0.
         """
         B, H, W, C = x.shape
+        x = pad_to_windows(x, self.window_size)
+        Hp, Wp = x.shape[1], x.shape[2]
         q, k, _ = self.windowed_qkv(x)
-        bias = self.attention_bias(B, H, W, x.device).to(q.dtype)
+        bias = self.attention_bias(B, H, W, Hp, Wp).to(q.dtype)
         probs = ((q * self.scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1)
-        nw = (H // self.window_size) * (W // self.window_size)
+        nw = (Hp // self.window_size) * (Wp // self.window_size)
         probs = probs.view(B, nw, self.num_heads, probs.shape[-2], probs.shape[-1])
         pos = self.window_coords.to(x.device)
-        return probs, pos, pos
+        if (Hp, Wp) == (H, W):
+            return probs, pos, pos
+        real = real_tokens(H, W, Hp, Wp, self.window_size, self.shift_size, x.device)  # (nW, N)
+        probs = probs.permute(0, 2, 1, 3, 4)[:, :, real]                             # (B, heads, Q, N)
+        return probs, pos.expand(nw, -1, -1)[real], pos

@@ -19,8 +19,8 @@ the keys it needs, by name, and is given only those (unless it takes ``**kwargs`
     net = spach.SpachMS(hidden_dim=16, num_heads=1, net_arch=[[("conv", 1)], [("identity_plus", 1)], ...])
 
 The built-ins ``conv`` (alias ``pass``: the block's depthwise conv is the mixer),
-``attn`` and ``mlp`` are registered here; the post-paper contestants in
-:mod:`spach.models.mixers`.
+``attn`` and ``mlp`` are registered where they are defined, in :mod:`spach.models.layers`;
+the post-paper contestants in :mod:`spach.models.mixers`. This module imports neither.
 """
 from __future__ import annotations
 
@@ -167,26 +167,6 @@ def check_mixer_output(name: str, module: nn.Module, dim: int, grid_size: tuple[
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"mixer {name!r} ({type(module).__module__}.{type(module).__qualname__}) maps a {shape} "
                          f"input to {got}: a spatial mixer must return its input's shape (B, H, W, C)")
-
-
-def _register_builtins() -> None:
-    from spach.models.layers import Attention, DepthwiseConv, TokenMlp
-
-    register_mixer("conv", cpe_is_mixer=True, builder=lambda dim, ctx: None,
-                   paper="depthwise 3x3 conv — A Battle of Network Structures (Zhao et al., arXiv 2108.13002)")(
-        DepthwiseConv)
-    register_mixer("attn", paper="multi-head self-attention — Attention Is All You Need (Vaswani et al., "
-                                 "NeurIPS 2017); ViT (Dosovitskiy et al., ICLR 2021)",
-                   builder=lambda dim, ctx: Attention(
-                       dim, ctx["num_heads"], qkv_bias=ctx["qkv_bias"], qk_scale=ctx["qk_scale"],
-                       attn_drop=ctx["attn_drop"], proj_drop=ctx["drop"]))(Attention)
-    register_mixer("mlp", fixed_input_size=True,
-                   paper="token-mixing MLP — MLP-Mixer (Tolstikhin et al., NeurIPS 2021)",
-                   builder=lambda dim, ctx: TokenMlp(ctx["grid_size"], token_ratio=ctx["token_ratio"],
-                                                     drop=ctx["drop"]))(TokenMlp)
-
-
-_register_builtins()
 
 
 # --------------------------------------------------------------------------- plugins

@@ -10,9 +10,10 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from spach.models import shiftvit, smlpnet
+from spach.models.checkpoint import ORIGINAL_LAYOUT_FILTERS, SAFE_CLASSES
 from spach.models.shiftvit import ShiftViT
 from spach.models.smlpnet import SMLPNet
+from spach.models.staged import build_placed
 
 RELEASE_URL = "https://github.com/microsoft/SPACH/releases/download/v1.0/"
 
@@ -54,7 +55,6 @@ RELEASE_WEIGHTS: dict[str, tuple[str | None, float]] = {
 }
 
 FAMILIES = {SMLPNet: "smlp-net", ShiftViT: "shift-vit"}
-FILTERS = {SMLPNet: smlpnet.checkpoint_filter_fn, ShiftViT: shiftvit.checkpoint_filter_fn}
 
 
 def release_family(name: str) -> str:
@@ -96,13 +96,12 @@ def _create(name: str, pretrained: bool = False, **kwargs):
             kwargs["img_size"] = kwargs.pop("image_size")
     kwargs = {**entry, **kwargs}
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    from spach.models.checkpoint import SAFE_CLASSES  # (imported here: checkpoint imports this module)
-
+    device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)  # timm's factory placement
     # timm reads pretrained files with weights_only=True; the original's may carry their run's Namespace
     with torch.serialization.safe_globals(SAFE_CLASSES):
-        return build_model_with_cfg(
-            cls, name, pretrained, pretrained_filter_fn=FILTERS[cls],
-            feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs)
+        return build_placed(lambda: build_model_with_cfg(
+            cls, name, pretrained, pretrained_filter_fn=ORIGINAL_LAYOUT_FILTERS[cls],
+            feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs), device, dtype)
 
 
 def _make_entrypoint(name: str):

@@ -115,6 +115,7 @@ class ShiftViT(StagedNet):
         if n_div < 1:
             raise ValueError(f"n_div must be >= 1 (a quarter of C // n_div channels shifts each way), got {n_div}")
         self.num_classes = num_classes
+        self.in_chans = in_chans
         self.global_pool = check_global_pool(global_pool)
         self.img_size = to_2tuple(img_size)
         self.patch_size = patch_size

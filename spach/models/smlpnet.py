@@ -101,6 +101,7 @@ class SMLPNet(StagedNet):
             raise ValueError(f"img_size={tuple(img_size)} with patch_size={patch_size} leaves no tokens at stage "
                              f"{len(depths)}: use a larger img_size (at least {patch_size * 2 ** (len(depths) - 1)})")
         self.num_classes = num_classes
+        self.in_chans = in_chans
         self.global_pool = check_global_pool(global_pool)
         self.img_size = tuple(img_size)
         self.fixed_input_size = True  # the sparse MLPs' weights depend on the token grid

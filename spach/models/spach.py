@@ -121,6 +121,7 @@ class SpachNet(StagedNet):
                  drop_path_rates: Sequence[float] | None = None, mixer_kwargs: dict | None = None):
         super().__init__()
         self.num_classes = num_classes
+        self.in_chans = in_chans
         self.global_pool = check_global_pool(global_pool)
         self.img_size = tuple(int(s) for s in to_2tuple(img_size))
         self.patch_size = patch_size

@@ -1,6 +1,10 @@
-"""timm's face for every channels-last network of the package (SPACH, sMLPNet, ShiftViT): one base class."""
-from __future__ import annotations
+"""timm's face for every channels-last network of the package (SPACH, sMLPNet, ShiftViT): one base class.
 
+No ``from __future__ import annotations`` here: torch.fx copies the annotations of the traced root's
+``forward`` (``StagedNet.forward``) into the code it generates, and a string annotation there becomes a
+name TorchScript cannot resolve (``Unknown type name '_torch_Tensor_'`` when an fx graph is scripted).
+"""
+import contextlib
 import functools
 
 import torch
@@ -81,7 +85,12 @@ class StagedNet(nn.Module):
             check_global_pool(global_pool)
             self.global_pool = global_pool
         self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        # the new head where the model's weights are (device, dtype) and in its mode, as timm's models do
+        ref = next(self.norm.parameters(), None) if isinstance(self.norm, nn.Module) else None
+        ref = ref if ref is not None else next(self.parameters())
+        self.head = (nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
+                     if num_classes > 0 else nn.Identity())
+        self.head.train(self.training)
 
     def check_input_size(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` if the network can take its size, else a ValueError naming the size it needs."""
@@ -132,6 +141,14 @@ class StagedNet(nn.Module):
         if prune_head:
             self.reset_classifier(0, "")
         return take_indices
+
+
+def build_placed(build, device=None, dtype=None) -> nn.Module:
+    """``build()`` with timm's factory placement: every parameter and buffer made on ``device`` (a
+    ``torch.device`` context, so ``device="meta"`` allocates nothing) and floating ones cast to ``dtype``."""
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = build()
+    return model.to(dtype=dtype) if dtype is not None else model
 
 
 def original_layout_filter(is_original):

@@ -11,6 +11,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from spach.models.registry import get_mixer
 from spach.models.release_zoo import RELEASE_URL
 from spach.models.spach import Spach, SpachMS, checkpoint_filter_fn
+from spach.models.staged import build_placed
 
 
 def _ss(hidden_dim, num_heads, channel_ratio, mixer, depth):
@@ -144,9 +145,10 @@ def _create(name: str, pretrained: bool = False, **kwargs):
     kwargs = {**entry, **kwargs}
     # features_only: the four stage maps of multi-stage models; the last four block maps of single-stage ones
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3) if multi_stage else 4)
-    return build_model_with_cfg(
+    device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)  # timm's factory placement
+    return build_placed(lambda: build_model_with_cfg(
         cls, name, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs)
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs), device, dtype)
 
 
 def _make_entrypoint(name: str):

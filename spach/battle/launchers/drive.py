@@ -8,10 +8,15 @@ submits what fits and returns; a later invocation attaches to the jobs by the id
 from __future__ import annotations
 
 import time
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from spach.battle import db
-from spach.battle.launchers import Launcher
+from spach.battle.launchers import Launcher, make_launcher
 from spach.battle.progress import Progress
+
+if TYPE_CHECKING:
+    from spach.battle.spec import Study
 
 
 def drive(launcher: Launcher, conn, pending: list[dict], attached: list[dict], progress: Progress,
@@ -47,3 +52,20 @@ def drive(launcher: Launcher, conn, pending: list[dict], attached: list[dict], p
         interrupted = False
     finally:
         launcher.stop(interrupted)
+
+
+def execute_pending(out_dir: Path, study: Study, pending: list[dict], workers: int, per_run: int | None,
+                    progress: Progress, detach: bool = False, first: int = 1,
+                    launcher: Launcher | None = None) -> None:
+    """Execute the queued rows `pending` of the study's runs on its launcher (`make_launcher`, or the one
+    given), `workers` at a time, `per_run` threads each, and follow the runs of `study.runs` an earlier
+    coordinator left executing elsewhere (status 'running': `queue_study` requeued every other);
+    `first`: the progress number of the first run."""
+    chosen = launcher or make_launcher(study, out_dir, workers=workers, threads=per_run)
+    conn = db.connect(out_dir)
+    try:
+        attached = [r for r in db.runs(conn, [r.key for r in study.runs]) if r["status"] == "running"]
+        if pending or attached:
+            drive(chosen, conn, pending, attached, progress, detach=detach, first=first)
+    finally:
+        conn.close()
