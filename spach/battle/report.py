@@ -424,7 +424,8 @@ def sequential_text(plan: dict[str, Any], runs: list[dict]) -> list[str]:
     groups = {r["grp"] for r in runs}
     everywhere = len(groups) * plan["max_seeds"]
     out = [f"Seeds were added adaptively (`--until-decisive --max-seeds {plan['max_seeds']}`): after each look, one "
-           "more seed for every architecture of an unresolved comparison. Each of at most "
+           "more seed for every architecture of an unresolved comparison that that many seeds could resolve (by its "
+           "seeds-needed figure). Each of at most "
            f"{plan['looks']} looks tests at level {plan['alpha_per_look'][0]:.3g} (alpha {plan['alpha']:g} spent "
            f"equally over the looks: by the union bound the family-wise error stays at most {plan['alpha']:g}); a "
            f"comparison keeps the verdict of the first look that resolves it. {len(plan['rounds']) + 1} look(s) made, "
