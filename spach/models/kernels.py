@@ -35,6 +35,9 @@ from timm.layers import is_exportable, is_scriptable
 
 # oneDNN linear with a fused GELU or residual add (the kernels torch.compile itself uses on CPU)
 HAS_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# oneDNN's bf16 GEMMs need a CPU with bf16 support (AVX512-BF16 / AMX, or AVX512 emulation); elsewhere
+# its fused bf16 kernels cannot be created and bf16 runs the plain path
+HAS_ONEDNN_BF16 = HAS_ONEDNN_LINEAR and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 _FUSED_KERNELS = os.environ.get("SPACH_FUSED_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
 
@@ -62,12 +65,13 @@ def use_fused_mlp(x: torch.Tensor, training: bool) -> bool:
     """Run the channel MLP and its residual sum through oneDNN's fused linear kernels?
 
     Only in eager CPU inference (eval mode, no autograd, no autocast) on fp32 or
-    bf16 tokens, where dropout and drop path are identities and the result equals
-    the plain path's (tested).
+    bf16 tokens (bf16 where the CPU has oneDNN bf16 support), where dropout and drop
+    path are identities and the result equals the plain path's (tested).
     """
     if not (_FUSED_KERNELS and HAS_ONEDNN_LINEAR) or training or is_graph_capture():
         return False
-    return (not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+    dtypes = (torch.float32, torch.bfloat16) if HAS_ONEDNN_BF16 else (torch.float32,)
+    return (not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype in dtypes
             and not torch.is_autocast_enabled(x.device.type))
 
 
