@@ -102,9 +102,12 @@ def spread(times: list[float]) -> dict:
 # GEMM rates and the machine's limit
 # --------------------------------------------------------------------------
 
-def onednn_available() -> bool:
-    """Whether oneDNN's linear kernel (`torch.ops.mkldnn._linear_pointwise`) exists in this torch build."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+def onednn_available(dtype: str = "fp32") -> bool:
+    """Whether oneDNN's linear kernel (`torch.ops.mkldnn._linear_pointwise`) exists in this torch build and, for
+    bf16, runs on this CPU (it needs bf16 support: AVX512-BF16 / AMX or AVX512)."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    return dtype != "bf16" or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def gemm_rate(dtype: str = "fp32", kernel: str = "blas", shape: tuple[int, int, int] = (2048, 2048, 2048),
@@ -117,8 +120,9 @@ def gemm_rate(dtype: str = "fp32", kernel: str = "blas", shape: tuple[int, int, 
     check_choice("dtype", dtype, DTYPES)
     check_choice("kernel", kernel, GEMM_KERNELS)
     dev = check_device(device)
-    if kernel == "onednn" and (dev.type != "cpu" or not onednn_available()):
-        raise ValueError("the oneDNN GEMM runs on CPU builds with mkldnn only; use kernel='blas'")
+    if kernel == "onednn" and (dev.type != "cpu" or not onednn_available(dtype)):
+        raise ValueError("the oneDNN GEMM runs on CPU builds with mkldnn only (in bf16: on a CPU with bf16 support); "
+                         "use kernel='blas'")
     if dev.type == "cuda":
         return _cuda_gemm_rate(dtype, shape, warmup, repeats, details)
     m, k, n = shape
@@ -184,7 +188,7 @@ def machine_limit(dtype: str = "fp32", threads: int | None = None, device: str =
     if dev.type == "cuda":  # one large GEMM: smaller ones measure the launch, not the math
         shapes = shapes[:1]
     if kernels is None:
-        kernels = [k for k in GEMM_KERNELS if k == "blas" or (dev.type == "cpu" and onednn_available())]
+        kernels = [k for k in GEMM_KERNELS if k == "blas" or (dev.type == "cpu" and onednn_available(dtype))]
     rates = [gemm_rate(dtype, kernel, shape, threads=threads, warmup=warmup, repeats=repeats, device=device,
                        details=True)
              for kernel in kernels for shape in shapes]
