@@ -131,7 +131,7 @@ def _write(tmp_path: Path, spec: dict) -> Path:
 
 
 def test_tracking_settings_are_checked_with_the_study():
-    with pytest.raises(ValueError, match=r"tracking.mlflow: missing key\(s\) \['uri'\]"):
+    with pytest.raises(ValueError, match=r"tracking.mlflow: missing required key\(s\) \['uri'\]"):
         parse_study(study({"mlflow": {"experiment": "x"}}))
     with pytest.raises(ValueError, match=r"unknown key.*wandb"):
         parse_study(study({"wandb": {}}))
