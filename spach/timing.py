@@ -36,6 +36,7 @@ DEVICES = ("cpu", "cuda")
 GEMM_KERNELS = ("blas", "onednn")
 # (M, K, N): the square reference, and the shapes of MS-S linears at batch 16 (tokens x width x hidden)
 GEMM_SHAPES = ((2048, 2048, 2048), (12544, 384, 768), (12544, 768, 384))
+EMULATED_BF16_SHAPE = (512, 512, 512)
 
 def check_choice(what: str, value: str, choices: Iterable[str]) -> str:
     """`value` if it is one of `choices`, else a ValueError listing them."""
@@ -184,6 +185,9 @@ def machine_limit(dtype: str = "fp32", threads: int | None = None, device: str =
     BLAS and, on CPU builds with it, oneDNN.
     """
     dev = check_device(device)
+    if shapes is None and dev.type == "cpu" and dtype == "bf16" and not onednn_available("bf16"):
+        # a CPU without bf16 support emulates it at ~1 GFLOP/s whatever the shape: one small GEMM measures that
+        shapes = [EMULATED_BF16_SHAPE]
     shapes = [tuple(s) for s in (shapes or GEMM_SHAPES)]
     if dev.type == "cuda":  # one large GEMM: smaller ones measure the launch, not the math
         shapes = shapes[:1]
