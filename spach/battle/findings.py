@@ -81,6 +81,7 @@ class Group(HasArch):
     correct: np.ndarray | None = None   # (seeds, examples) bool: per-example evidence of every seed, or None
     targets_sha: str | None = None      # which validation images, in which order (runs pair only when equal)
     weight_free: bool | None = None     # the mixer has no weights (pool, shift); None: not known
+    top1_ci: tuple[float, float, float] | None = None   # (mean, low, high) 95% of top-1 (the report's aggregate)
 
     @property
     def baseline(self) -> bool:
@@ -126,7 +127,7 @@ class Comparison:
     def tested(self) -> bool:
         return self.result is not None
 
-    def text(self, alpha: float) -> str:
+    def text(self) -> str:
         if self.result is None:
             return (f"{self.label}: one seed on a side ({len(self.a.seeds)}+{len(self.b.seeds)}): no test, at least "
                     f"2 seeds per side are needed => {self.verdict}")
@@ -146,7 +147,8 @@ class Finding:
     claim: str
     verdict: str = ""
     items: list[tuple[str, Comparison]] = field(default_factory=list)   # (context, test)
-    lines: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)   # what the finding could not test, and why
+    lines: list[str] = field(default_factory=list)   # the report's lines (`conclude`)
 
     def add(self, context: str, t: Comparison | None) -> None:
         if t is not None:
@@ -155,6 +157,11 @@ class Finding:
     @property
     def tests(self) -> list[Comparison]:
         return [t for _, t in self.items]
+
+    def conclude(self) -> None:
+        """The verdict and the report's lines, from the settled tests (`settle`) and the notes."""
+        self.verdict = combine(self.tests)
+        self.lines = [f"{context}; {t.text()}" for context, t in self.items] + self.notes
 
 
 # --------------------------------------------------------------------------- the tests
@@ -435,7 +442,7 @@ def newcomers_vs_findings(groups: list[Group], s: Settings) -> Finding:
             continue
         if new.weight_free is None and _one(groups, family="attn", layout=new.layout, size=new.size, cpe=True,
                                             shared=False) is not None:
-            f.lines.append(f"{new.family}: whether it is weight-free was not recorded in the database (written by an "
+            f.notes.append(f"{new.family}: whether it is weight-free was not recorded in the database (written by an "
                            "older spach): its comparison with attention is not made")
         for claim, t in _newcomer_tests(new, groups, s):
             f.add(f"{new.family} {new.layout} {new.size} — {claim}", t)
@@ -476,8 +483,7 @@ def evaluate_findings(groups: list[Group], settings: Settings | None = None) -> 
     findings = [f(groups, settings) for f in FINDINGS]
     settle([t for f in findings for t in f.tests], settings)
     for f in findings:
-        f.verdict = combine(f.tests)
-        f.lines = [f"{context}; {t.text(settings.alpha)}" for context, t in f.items] + f.lines
+        f.conclude()
     return findings
 
 

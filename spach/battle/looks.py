@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Callable
 
-from spach.battle.findings import Finding, Settings, combine, evaluate_findings
+from spach.battle.findings import Finding, Settings, evaluate_findings
 
 RESOLVED = ("supported", "contradicted", "equivalent")
 
@@ -67,9 +67,7 @@ def replay(runs: list[dict], groups_of: Callable[[list[dict]], list], settings: 
                                                           f"{plan['alpha_per_look'][k]:.3g}")
             items.append((context, t))
         f.items = items
-        f.verdict = combine(f.tests)
-        extra = [line for line in f.lines[len(f.items):]]
-        f.lines = [f"{context}; {t.text(settings.alpha)}" for context, t in f.items] + extra
+        f.conclude()
     return final or []
 
 
