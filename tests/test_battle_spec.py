@@ -168,3 +168,16 @@ def test_worker_and_torchrun_commands(tmp_path):
     tr = worker_command(tmp_path, "abc", None, prefix)
     assert tr[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=8", "--max-restarts=1",
                       "-m", "spach.battle.worker", str(tmp_path), "abc"]
+
+
+def test_the_statistics_section_is_checked_by_its_schema():
+    from test_battle_run import micro
+
+    assert load_study(micro()).statistics == {"alpha": 0.05, "margin": 1.0, "loss_margin": None, "power": 0.8,
+                                              "min_effect": None}
+    with pytest.raises(ValueError, match=r"statistics.alpha must be a positive number below 0.5 .*got 0.7"):
+        load_study(micro(statistics={"alpha": 0.7}))
+    with pytest.raises(ValueError, match=r"statistics.power must be a positive number below 1 .*got 1.0"):
+        load_study(micro(statistics={"power": 1.0}))
+    with pytest.raises(ValueError, match=r"statistics: unknown key\(s\) \['alpah'\]"):
+        load_study(micro(statistics={"alpah": 0.01}))

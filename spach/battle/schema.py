@@ -53,11 +53,11 @@ class HasArch:
     shared = property(lambda self: self.arch.shared)
 
 
-def key(default: Any = REQUIRED, *, ge: float | None = None, gt: float | None = None,
+def key(default: Any = REQUIRED, *, ge: float | None = None, gt: float | None = None, lt: float | None = None,
         choices: tuple | None = None, nonempty: bool = False, hint: str = "") -> Any:
-    """A section's key: its default (none: required), bounds (``ge``/``gt``), ``choices``, and the
-    ``hint`` its error message ends with."""
-    meta = {"ge": ge, "gt": gt, "choices": choices, "nonempty": nonempty, "hint": hint}
+    """A section's key: its default (none: required), bounds (``ge``/``gt`` below, ``lt`` above), ``choices``,
+    and the ``hint`` its error message ends with."""
+    meta = {"ge": ge, "gt": gt, "lt": lt, "choices": choices, "nonempty": nonempty, "hint": hint}
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -189,10 +189,10 @@ class Extra:
 class Statistics:
     """``statistics:`` — how the report tests its comparisons (docs/battle.md, "How verdicts are computed")."""
 
-    alpha: float = key(0.05, gt=0, hint="the family-wise error rate of all the report's tests, e.g. 0.05")
+    alpha: float = key(0.05, gt=0, lt=0.5, hint="the family-wise error rate of all the report's tests, e.g. 0.05")
     margin: Optional[float] = key(1.0, gt=0, hint="top-1 equivalence margin in points; null: no equivalence tests")
     loss_margin: Optional[float] = key(None, gt=0, hint="equivalence margin for train loss and gap; null: none")
-    power: float = key(0.8, gt=0, hint="the power of the seeds-needed figures, e.g. 0.8")
+    power: float = key(0.8, gt=0, lt=1, hint="the power of the seeds-needed figures, e.g. 0.8")
     min_effect: Optional[float] = key(None, gt=0, hint="top-1 effect (points) the seeds-needed figures aim at; "
                                                       "null: the observed one")
 
@@ -207,7 +207,7 @@ class Tune:
     trials: int = key(ge=1, hint="per architecture, the same for every family")
     space: Any = key()
     seed: int = key(0, ge=0)
-    selection: float = key(0.2, gt=0, hint="a fraction of the training data, below 1")
+    selection: float = key(0.2, gt=0, lt=1, hint="a fraction of the training data")
     startup_trials: int = key(10, ge=1, hint="TPE's random trials before it models the results")
 
 
@@ -279,6 +279,8 @@ def describe(f: dataclasses.Field, tp: Any) -> str:
         ge = meta.get("ge")
         text = f"an {kind} >= {ge}" if ge not in (None, 0, 1) else \
             f"a {'non-negative' if ge == 0 else 'positive'} {kind}"
+        if meta.get("lt") is not None:
+            text += f" below {meta['lt']:g}"
     elif inner is str:
         text = "a non-empty string" if meta.get("nonempty") else "a string"
     else:
@@ -298,6 +300,7 @@ def check_value(f: dataclasses.Field, tp: Any, value: Any) -> bool:
     return not ((meta.get("choices") and value not in meta["choices"])
                 or (meta.get("ge") is not None and value < meta["ge"])
                 or (meta.get("gt") is not None and not value > meta["gt"])
+                or (meta.get("lt") is not None and not value < meta["lt"])
                 or (meta.get("nonempty") and not (value.strip() if isinstance(value, str) else value)))
 
 

@@ -125,8 +125,6 @@ def check_tune(value: Any, recipe: dict, owned: set[str], where: str) -> dict[st
         out = schema.read_section(schema.Tune, value, "tune")
     except ValueError as e:
         _fail(where, str(e))
-    if not out["selection"] < 1:
-        _fail(where, f"tune.selection must be a fraction below 1, got {out['selection']!r}")
     out["space"] = check_space(out["space"], recipe, owned, where)
     return out
 
