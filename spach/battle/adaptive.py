@@ -22,9 +22,11 @@ from spach.battle.runner import run_study
 from spach.battle.spec import Study, with_seed
 
 
-def run_until_decisive(study: Study, out_dir: str | Path, max_seeds: int, **run_kwargs: Any) -> dict[str, Any]:
-    """Run `study`, then add seeds round by round (see the module doc); returns the last round's status counts
-    and "rounds": the run names each round added."""
+def run_until_decisive(study: Study, out_dir: str | Path, max_seeds: int | None = None,
+                       **run_kwargs: Any) -> dict[str, Any]:
+    """Run `study`, then add seeds round by round (see the module doc), up to `max_seeds` per architecture
+    (default: the study's largest seed count + 3); returns the last round's status counts and "rounds": the run names each
+    round added."""
     if study.tune:
         raise ValueError("--until-decisive does not combine with tune: yet (the seeds it adds would need each "
                          "architecture's tuned recipe); run the tuned study with fixed seeds")
@@ -32,7 +34,9 @@ def run_until_decisive(study: Study, out_dir: str | Path, max_seeds: int, **run_
     by_group: dict[str, list] = defaultdict(list)
     for r in study.runs:
         by_group[r.group].append(r)
-    plan = design(study.statistics.get("alpha", 0.05), min(len(rs) for rs in by_group.values()), max_seeds)
+    base = min(len(rs) for rs in by_group.values())
+    max_seeds = max_seeds if max_seeds is not None else max(len(rs) for rs in by_group.values()) + 3
+    plan = design(study.statistics.get("alpha", 0.05), base, max_seeds)
     settings = Settings.of(study.statistics)
     added_names: list[list[str]] = []
     while True:

@@ -81,8 +81,7 @@ def run(args: argparse.Namespace) -> int:
 
         if args.detach:
             raise ValueError("--until-decisive decides after each round: it cannot --detach")
-        base = max(sum(r.group == g for r in study.runs) for g in {r.group for r in study.runs})
-        result = run_until_decisive(study, out, args.max_seeds or base + 3, workers=args.workers,
+        result = run_until_decisive(study, out, args.max_seeds, workers=args.workers,
                                     retry_failed=args.retry_failed, threads=args.threads, quiet=args.quiet,
                                     launcher=args.launcher, accept_changed_data=args.accept_changed_data)
         return 1 if result["failed"] else 0
