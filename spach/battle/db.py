@@ -405,13 +405,12 @@ def pack_evidence(predictions: np.ndarray, targets: np.ndarray) -> tuple[int, st
 def evidence(conn: sqlite3.Connection, keys: Iterable[str]) -> dict[str, dict[str, Any]]:
     """{key: {"n", "targets_sha", "correct" (bool array), "predictions"}} for those of `keys` that have
     evidence (an older database may have none: an empty dict)."""
-    if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'evidence'").fetchone():
-        return {}
     keys = list(keys)
     out = {}
     for i in range(0, len(keys), 500):  # SQLite's bound on host parameters
         chunk = keys[i:i + 500]
-        for r in conn.execute(f"SELECT * FROM evidence WHERE key IN ({','.join('?' * len(chunk))})", chunk):
+        for r in _rows_of_optional_table(conn, f"SELECT * FROM evidence WHERE key IN ({','.join('?' * len(chunk))})",
+                                         tuple(chunk)):
             n = r["n"]
             out[r["key"]] = {"n": n, "targets_sha": r["targets_sha"],
                              "correct": np.unpackbits(np.frombuffer(r["correct"], np.uint8), count=n).astype(bool),
@@ -530,12 +529,18 @@ def record_analysis(conn: sqlite3.Connection, subject: str, kind: str, settings:
                      (subject, kind, settings, json.dumps(result), time.time()))
 
 
+def _rows_of_optional_table(conn: sqlite3.Connection, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
+    """The rows of a query on a table that a database written by an older spach may lack ([] then; such a
+    database is read without being changed)."""
+    try:
+        return list(conn.execute(sql, params))
+    except sqlite3.OperationalError:  # no such table
+        return []
+
+
 def analysis_rows(conn: sqlite3.Connection) -> list[dict[str, Any]]:
     """Every stored measurement: subject, kind, settings, result (parsed); [] for a database without them."""
-    try:
-        rows = list(conn.execute("SELECT * FROM analysis ORDER BY created_at"))
-    except sqlite3.OperationalError:  # a database written before analyses existed
-        return []
+    rows = _rows_of_optional_table(conn, "SELECT * FROM analysis ORDER BY created_at")
     return [dict(r, result=json.loads(r["result"])) for r in rows]
 
 
@@ -588,8 +593,5 @@ def record_trial(conn: sqlite3.Connection, grp: str, number: int, key: str, para
 
 def trials(conn: sqlite3.Connection) -> list[dict[str, Any]]:
     """Every recorded trial (params parsed), by architecture and number; [] for a database without them."""
-    try:
-        rows = list(conn.execute("SELECT * FROM trials ORDER BY grp, number"))
-    except sqlite3.OperationalError:  # a database written before tuning existed
-        return []
+    rows = _rows_of_optional_table(conn, "SELECT * FROM trials ORDER BY grp, number")
     return [dict(r, params=json.loads(r["params"])) for r in rows]
