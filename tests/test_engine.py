@@ -196,8 +196,8 @@ def test_checkpoint_loads_weights_only_and_holds_everything(tmp_path):
 
 # ---- bad input: clear errors before training, NaN stops the run -------------------------------
 
-class _NanAfter(nn.Module):
-    """A tiny classifier whose output turns NaN after `n` training forwards."""
+class NanAfter(nn.Module):
+    """A tiny classifier whose training output is NaN from its `n + 1`-th forward (n = 0: from the first)."""
 
     def __init__(self, num_classes=10, n=10, **_):
         super().__init__()
@@ -214,7 +214,7 @@ def nan_model_name():
     from timm.models import register_model
 
     def spach_test_nan_after_10(pretrained=False, **kw):
-        return _NanAfter(**{k: v for k, v in kw.items() if k == "num_classes"})
+        return NanAfter(**{k: v for k, v in kw.items() if k == "num_classes"})
     if spach_test_nan_after_10.__name__ not in __import__("timm").list_models("spach_test_nan*"):
         register_model(spach_test_nan_after_10)
     return spach_test_nan_after_10.__name__

@@ -6,35 +6,22 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch.nn as nn
 from timm.models import list_models, register_model
 
 from spach.cli.main import main as cli
 from spach.engine import NonFiniteLossError, TrainConfig, train
 from spach.engine.config import settings_language
 from spach.engine.train import non_finite_message
+from test_engine import NanAfter
 
 PLAIN = dict(data="mnist5k", img_size=16, threads=1, workers=0, tensorboard=False, epochs=1, warmup_epochs=0,
              cooldown_epochs=0, batch_size=16, max_train_samples=64, max_val_samples=16, augment=False, mixup=0.0,
              cutmix=0.0, smoothing=0.0, repeated_aug=False, model_ema=False, lr=2e-3)
 
 
-class NanAfter(nn.Module):
-    """A tiny classifier whose training output is NaN from its `n + 1`-th forward (n = 0: from the first)."""
-
-    def __init__(self, n: int, num_classes: int = 10):
-        super().__init__()
-        self.fc, self.n, self.calls = nn.Linear(3, num_classes), n, 0
-
-    def forward(self, x):
-        self.calls += self.training
-        out = self.fc(x.mean((2, 3)))
-        return out * float("nan") if self.training and self.calls > self.n else out
-
-
 def _register(name: str, n: int) -> str:
     def build(pretrained=False, num_classes=10, **_):
-        return NanAfter(n, num_classes)
+        return NanAfter(num_classes=num_classes, n=n)
     build.__name__ = name
     if name not in list_models(name):
         register_model(build)
