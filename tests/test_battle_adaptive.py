@@ -71,3 +71,34 @@ def test_until_decisive_adds_seeds_only_where_unresolved_and_resumes(tmp_path):
     conn = sqlite3.connect(out / "battle.db")
     assert {n: a for n, a in conn.execute("SELECT name, attempts FROM runs")} == attempts
     conn.close()
+
+
+@pytest.mark.slow
+def test_until_decisive_tunes_once_and_trains_every_added_seed_with_the_tuned_recipe(tmp_path, monkeypatch):
+    """With `tune:` the trials run at the first look only; the seeds a round adds (here: every architecture,
+    the seeds-needed gate is tested above) are trained with their architecture's best parameters, and the
+    design records the keys of those tuned runs."""
+    import spach.battle.adaptive as adaptive
+    from test_tune import db_rows, tiny
+
+    monkeypatch.setattr(adaptive, "unresolved_groups", lambda findings, max_seeds: ["attn-ms-t", "conv-ms-t"])
+    out = tmp_path / "out"
+    result = run_until_decisive(load_study(tiny(trials=2)), out, max_seeds=3, workers=2, quiet=True)
+    trials = db_rows(out, "SELECT grp, number, state, params, value FROM trials")
+    assert sorted((t["grp"], t["number"], t["state"]) for t in trials) == [
+        (g, n, "complete") for g in ("attn-ms-t", "conv-ms-t") for n in (0, 1)]
+    best = {}
+    for t in trials:
+        if t["grp"] not in best or t["value"] > best[t["grp"]]["value"]:
+            best[t["grp"]] = t
+    assert result["rounds"] == [["attn-ms-t-s2", "conv-ms-t-s2"]]
+    runs = {r["name"]: r for r in db_rows(out, "SELECT name, key, grp, status, config FROM runs")}
+    plan = json.loads(db_rows(out, "SELECT v FROM meta WHERE k = 'sequential'")[0]["v"])
+    assert sorted(plan["rounds"][0]) == sorted(runs[n]["key"] for n in result["rounds"][0])
+    for name in ("attn-ms-t-s0", "attn-ms-t-s1", "attn-ms-t-s2", "conv-ms-t-s0", "conv-ms-t-s1", "conv-ms-t-s2"):
+        train = json.loads(runs[name]["config"])["train"]
+        params = json.loads(best[runs[name]["grp"]]["params"])
+        assert runs[name]["status"] == "done"
+        assert {k: train[k] for k in params} == params, name
+        assert "selection_fraction" not in train or not train["selection_fraction"]
+    assert "Seeds were added adaptively" in (out / "report.md").read_text()

@@ -7,10 +7,15 @@ are those of `spach.battle.looks` (alpha spent equally over the looks, so the re
 error stays at most alpha). Resumable like every battle: each round's decisions depend only on the
 database, so a restarted coordinator replays them and continues where the last one stopped; it runs
 with whatever launcher the study uses.
+
+A study with `tune:` is tuned once (the trials are done at the first look and never repeated); every seed
+a round adds is trained with its architecture's best configuration, like the study's own final runs
+(`spach.battle.tune.final_runs`), so the looks compare the tuned architectures throughout.
 """
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +32,6 @@ def run_until_decisive(study: Study, out_dir: str | Path, max_seeds: int | None 
     """Run `study`, then add seeds round by round (see the module doc), up to `max_seeds` per architecture
     (default: the study's largest seed count + 3); returns the last round's status counts and "rounds": the run names each
     round added."""
-    if study.tune:
-        raise ValueError("--until-decisive does not combine with tune: yet (the seeds it adds would need each "
-                         "architecture's tuned recipe); run the tuned study with fixed seeds")
     out_dir = Path(out_dir)
     by_group: dict[str, list] = defaultdict(list)
     for r in study.runs:
@@ -52,11 +54,19 @@ def run_until_decisive(study: Study, out_dir: str | Path, max_seeds: int | None 
         for run in new:
             by_group[run.group].append(run)
         study.runs.extend(new)
-        plan["rounds"].append([r.key for r in new])
+        plan["rounds"].append([r.key for r in _as_trained(study, new, out_dir)])
         added_names.append([r.name for r in new])
         _record(out_dir, plan)
     write_report(out_dir)
     return dict(result, rounds=added_names)
+
+
+def _as_trained(study: Study, runs: list, out_dir: Path) -> list:
+    """The runs as the study trains them: with their architecture's tuned recipe when it has `tune:`."""
+    if not study.tune:
+        return runs
+    from spach.battle.tune import final_runs
+    return final_runs(replace(study, runs=runs), out_dir).runs
 
 
 def _record(out_dir: Path, plan: dict[str, Any]) -> None:

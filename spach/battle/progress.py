@@ -32,8 +32,9 @@ class Progress:
     study keeps working and the lines go on into `log_path` (OUT/progress.log) instead."""
 
     def __init__(self, total: int, already_done: int = 0, stream: TextIO | None = None, quiet: bool = False,
-                 log_path: str | os.PathLike | None = None):
+                 log_path: str | os.PathLike | None = None, scored_on: str = "val"):
         self.stream = stream or sys.stdout
+        self.scored_on = scored_on        # the split the epoch lines' top-1 is measured on (tuning: selection)
         self.quiet = quiet
         self.log_path = Path(log_path) if log_path is not None else None
         self.stream_closed = False
@@ -126,7 +127,7 @@ class Progress:
         top1 = record.get("val_top1")
         loss = record.get("train_loss")
         self._print(f"    {name} epoch {int(record['epoch'])}/{epochs or '?'}: train loss "
-                    f"{_f(loss, '.3f')}, val top-1 {_f(top1, '.2f')}% | ETA {self.eta()}")
+                    f"{_f(loss, '.3f')}, {self.scored_on} top-1 {_f(top1, '.2f')}% | ETA {self.eta()}")
         for listener in self.listeners:
             listener.epoch_done(name, record)
 

@@ -205,6 +205,15 @@ def retrained(study: Study, storage: Any, groups: dict[str, list[Run]]) -> Study
     return replace(study, runs=runs, skipped=skipped)
 
 
+def final_runs(study: Study, out_dir: str | Path) -> Study:
+    """`study` with each run given its architecture's tuned recipe, read from OUT/tune.db (after the trials:
+    what `tune_study` returns for the same runs); e.g. the seeds `--until-decisive` adds."""
+    import optuna
+
+    storage = optuna.storages.RDBStorage(storage_url(out_dir))
+    return retrained(study, storage, architectures(study))
+
+
 def tune_study(study: Study, out_dir: str | Path, workers: int, threads: int | None, quiet: bool = False) -> Study:
     """Run the trials that are missing (see the module doc); the study with its tuned final runs."""
     import optuna
@@ -217,7 +226,8 @@ def tune_study(study: Study, out_dir: str | Path, workers: int, threads: int | N
     per_run = threads_per_run(study.threads, total=threads, workers=workers)
     left = sum(max(0, study.tune["trials"] - len(optuna_study(storage, study.tune, g).get_trials(deepcopy=False)))
                for g in groups)
-    progress = Progress(total=left, quiet=quiet, log_path=out_dir / "progress.log")  # if the console is closed
+    progress = Progress(total=left, quiet=quiet, log_path=out_dir / "progress.log",  # if the console is closed
+                        scored_on="selection")
     progress.message(f"tuning {len(groups)} architecture(s) x {study.tune['trials']} trial(s) on a selection "
                      f"split of {study.tune['selection']:.0%} of the training data (seed {study.tune['seed']})")
     while True:
