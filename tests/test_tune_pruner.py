@@ -148,6 +148,36 @@ def test_the_engine_stops_when_asked_and_a_run_resumed_at_that_epoch_asks_again(
     assert train(cfg.replace(output=str(tmp_path / "free")))["stopped_after"] is None  # no hook: never stopped
 
 
+STOP_DRIVER = textwrap.dedent("""
+    import json, os, sys, yaml
+    from spach.engine import TrainConfig, train
+
+    def stop(record):  # the pruner's place: asked on rank 0 only; stop after epoch 1
+        open(os.path.join(sys.argv[2], f"asked-rank{os.environ['RANK']}"), "a").write(f"{record['epoch']}\\n")
+        return True
+
+    result = train(TrainConfig.from_dict(yaml.safe_load(open(sys.argv[1]))), should_stop=stop)
+    json.dump({"stopped_after": result["stopped_after"], "epochs": len(result["history"])},
+              open(os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.json"), "w"))
+""")
+
+
+@pytest.mark.slow
+def test_under_torchrun_rank_0_is_asked_and_every_rank_stops(tmp_path):
+    TrainConfig.from_dict({**PLAIN, "output": str(tmp_path / "ddp"), "epochs": 3, "batch_size": 8}) \
+        .to_yaml(tmp_path / "ddp.yaml")
+    (tmp_path / "driver.py").write_text(STOP_DRIVER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(tmp_path / "driver.py"), str(tmp_path / "ddp.yaml"), str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / "asked-rank0").read_text() == "1\n" and not (tmp_path / "asked-rank1").exists()
+    assert json.loads((tmp_path / "rank1.json").read_text())["stopped_after"] == 1  # told by rank 0
+    assert json.loads((tmp_path / "rank0.json").read_text()) == {"stopped_after": 1, "epochs": 1}
+    assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 1
+
+
 # --------------------------------------------------------------------------- pruned studies end to end
 
 def test_a_threshold_pruner_that_must_prune_stops_every_trial_after_the_same_epoch(tmp_path, capsys):
