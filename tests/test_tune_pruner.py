@@ -183,7 +183,7 @@ def test_under_torchrun_rank_0_is_asked_and_every_rank_stops(tmp_path):
 def test_a_threshold_pruner_that_must_prune_stops_every_trial_after_the_same_epoch(tmp_path, capsys):
     study = load_study(pruned({"kind": "threshold", "lower": 101.0, "warmup_epochs": 1}, epochs=3, trials=2))
     out = tmp_path / "out"
-    result = run_study(study, out, workers=1, threads=1)
+    result = run_study(study, out, workers=2, threads=2)  # the two architectures' trials in two worker processes
     printed = capsys.readouterr().out
     groups = ("attn-ms-t", "conv-ms-t")
     trials = db_rows(out, "SELECT * FROM trials ORDER BY grp, number")
