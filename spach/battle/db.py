@@ -2,7 +2,8 @@
 
 Tables:
 - `runs`: one row per run, keyed by the hash of its resolved configuration;
-  status is queued -> running -> done | failed; metrics once done.
+  status is queued -> running -> done | failed; metrics once done. A tuning trial stopped by its
+  pruner is done, with `pruned_after` = the epochs it trained (NULL for every run trained in full).
 - `epochs`: the per-epoch curves of every run.
 - `skipped`: grid combinations that were not run, with the reason.
 - `meta`: the study as last launched (its spec and the keys of its runs).
@@ -111,9 +112,10 @@ CREATE TABLE IF NOT EXISTS trials (
     number   INTEGER NOT NULL,       -- Optuna's trial number, from 0
     key      TEXT NOT NULL,          -- the trial's run (runs.key)
     params   TEXT NOT NULL,          -- JSON: the recipe keys the trial sets
-    state    TEXT NOT NULL,          -- Optuna's state: running | complete | fail
-    value    REAL,                   -- its final top-1 on the selection split
+    state    TEXT NOT NULL,          -- Optuna's state: running | complete | pruned | fail
+    value    REAL,                   -- its final top-1 on the selection split (pruned: after its last epoch)
     budget   INTEGER NOT NULL,       -- trials per architecture
+    epochs   INTEGER,                -- epochs its run trained (so far, while running)
     PRIMARY KEY (grp, number)
 );
 CREATE TABLE IF NOT EXISTS analysis (
@@ -127,11 +129,13 @@ CREATE TABLE IF NOT EXISTS analysis (
 """
 
 METRICS = ("params", "macs", "images_per_s", "best_top1", "final_top1", "final_top5", "final_val_loss",
-           "final_train_loss", "train_time_s")
+           "final_train_loss", "train_time_s", "pruned_after")  # what mark_done stores (pruned_after: see the doc)
 # columns added after the first release: (name, SQL type), added to older databases by `migrate`
 ADDED_COLUMNS = (("job_id", "TEXT"), ("job_attempt", "INTEGER"), ("node", "TEXT"), ("submitted_at", "REAL"),
                  ("cpu_time_s", "REAL"),  # CPU seconds of the run's finished epochs (all threads of its process)
-                 ("data_fingerprint", "TEXT"))   # JSON {split: spach.data.fingerprint} of the data it trains on
+                 ("data_fingerprint", "TEXT"),   # JSON {split: spach.data.fingerprint} of the data it trains on
+                 ("pruned_after", "INTEGER"))    # a pruned tuning trial: the epochs it trained
+ADDED_TRIAL_COLUMNS = (("epochs", "INTEGER"),)  # columns added to `trials` after its first release
 EPOCH_FIELDS = ("train_loss", "val_loss", "val_top1", "val_top5", "lr", "images_per_s", "epoch_time_s")
 
 
@@ -242,13 +246,17 @@ def connect_readonly(out_dir: str | Path) -> sqlite3.Connection:
 
 
 def migrate(conn: sqlite3.Connection) -> list[str]:
-    """Add the columns of ADDED_COLUMNS that a database written by an older spach lacks; returns their names."""
+    """Add the columns of ADDED_COLUMNS (runs) and ADDED_TRIAL_COLUMNS (trials) that a database written by an
+    older spach lacks; returns their names."""
+    added = []
     with _Tx(conn):
-        have = {r["name"] for r in conn.execute("PRAGMA table_info(runs)")}
-        added = [(name, kind) for name, kind in ADDED_COLUMNS if name not in have]
-        for name, kind in added:
-            conn.execute(f"ALTER TABLE runs ADD COLUMN {name} {kind}")
-    return [name for name, _ in added]
+        for table, columns in (("runs", ADDED_COLUMNS), ("trials", ADDED_TRIAL_COLUMNS)):
+            have = {r["name"] for r in conn.execute(f"PRAGMA table_info({table})")}
+            for name, kind in columns:
+                if name not in have:
+                    conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
+                    added.append(name)
+    return added
 
 
 class _Tx:
@@ -584,11 +592,13 @@ def get_meta(conn: sqlite3.Connection, k: str) -> Any:
 
 
 def record_trial(conn: sqlite3.Connection, grp: str, number: int, key: str, params: dict, state: str,
-                 value: float | None, budget: int) -> None:
-    """Store (or update) trial `number` of architecture `grp`: its run, parameters, state and score."""
+                 value: float | None, budget: int, epochs: int | None = None) -> None:
+    """Store (or update) trial `number` of architecture `grp`: its run, parameters, state, score and the epochs
+    its run trained."""
     with _Tx(conn):
-        conn.execute("INSERT OR REPLACE INTO trials VALUES (?, ?, ?, ?, ?, ?, ?)",
-                     (grp, number, key, json.dumps(params, sort_keys=True), state, value, budget))
+        conn.execute("INSERT OR REPLACE INTO trials (grp, number, key, params, state, value, budget, epochs)"
+                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                     (grp, number, key, json.dumps(params, sort_keys=True), state, value, budget, epochs))
 
 
 def trials(conn: sqlite3.Connection) -> list[dict[str, Any]]:

@@ -71,6 +71,8 @@ def train_and_measure(config: dict[str, Any], output_dir: str | Path, threads: i
     OUTPUT/train.log. Under torch.distributed only rank 0 measures; other ranks get ({}, history).
     `speed_now=False` leaves the inference throughput to the study's quiet phase (`measure_speeds`):
     local runs share the cores with other runs' training; a Slurm job has its node to itself.
+    A tuning trial with a pruner (``config["prune"]``) reports each epoch to its Optuna trial, and may be
+    stopped after one (`spach.battle.pruning`): its metrics' `pruned_after` is then the epochs it trained.
     """
     from spach.engine import TrainConfig, train
     from spach.engine.config import settings_language
@@ -79,13 +81,18 @@ def train_and_measure(config: dict[str, Any], output_dir: str | Path, threads: i
 
     import_plugins(config.get("plugins") or [])  # the study's own mixers (a worker or Slurm job imports them anew)
     cfg_dict = dict(config["train"], output=str(output_dir), resume="auto", threads=threads)
+    should_stop = None
+    if config.get("prune"):
+        from spach.battle.pruning import TrialPruning
+        should_stop = TrialPruning(config["prune"], output_dir)
     t0 = time.time()
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     # the engine's own lines go to the run's log; the study's progress stays readable
     # the engine's errors name options as the study file does (recipe: {lr: ...}), not as spach train's flags
     with open(Path(output_dir) / "train.log", "a") as log, contextlib.redirect_stdout(log), \
             settings_language("study"):
-        result = train(TrainConfig.from_dict(cfg_dict), on_epoch_end=on_epoch_end, on_step=on_step)
+        result = train(TrainConfig.from_dict(cfg_dict), on_epoch_end=on_epoch_end, on_step=on_step,
+                       should_stop=should_stop)
     train_time = time.time() - t0
     history = result.get("history") or []
     if process_rank() != 0:
@@ -96,8 +103,15 @@ def train_and_measure(config: dict[str, Any], output_dir: str | Path, threads: i
     metrics.update(best_top1=result.get("best_top1"), final_top1=result.get("final_top1"),
                    final_top5=result.get("final_top5"), final_val_loss=result.get("final_val_loss"),
                    final_train_loss=(history[-1] if history else {}).get("train_loss"),
-                   train_time_s=result.get("train_time_s", train_time))  # resumed runs: all epochs
+                   train_time_s=result.get("train_time_s", train_time),  # resumed runs: all epochs
+                   pruned_after=result.get("stopped_after"))
     return metrics, history
+
+
+def pruned_note(metrics: dict[str, Any], epochs: int | None) -> str:
+    """The start of a done run's progress detail: "pruned after epoch k of n: " for a pruned trial, else ""."""
+    k = metrics.get("pruned_after")
+    return "" if k is None else f"pruned after epoch {k} of {epochs or '?'}: "
 
 
 def execute_run(out_dir: str | Path, key: str, threads: int | None = None,
@@ -152,6 +166,7 @@ def execute_run(out_dir: str | Path, key: str, threads: int | None = None,
     db.mark_done(conn, key, metrics)
     conn.close()
     if progress:
-        progress.run_finished(name, True, f"top-1 {metrics['final_top1']:.2f}% (best {metrics['best_top1']:.2f}%), "
-                                          f"{metrics['params'] / 1e6:.3f}M params, {metrics['train_time_s']:.0f}s")
+        progress.run_finished(name, True, pruned_note(metrics, epochs)
+                              + f"top-1 {metrics['final_top1']:.2f}% (best {metrics['best_top1']:.2f}%), "
+                                f"{metrics['params'] / 1e6:.3f}M params, {metrics['train_time_s']:.0f}s")
     return True

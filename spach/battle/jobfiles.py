@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from spach.battle import db
-from spach.battle.execute import train_and_measure
+from spach.battle.execute import pruned_note, train_and_measure
 from spach.battle.progress import Progress
 from spach.io import write_json
 
@@ -104,7 +104,9 @@ def settle_from_files(conn, row: dict[str, Any], progress: Progress | None) -> s
         metrics = result["metrics"]
         db.mark_done(conn, key, metrics)
         if progress:
-            progress.run_finished(row["name"], True, f"top-1 {metrics['final_top1']:.2f}% (job {job_id})")
+            epochs = json.loads(row["config"])["train"].get("epochs")
+            progress.run_finished(row["name"], True, pruned_note(metrics, epochs)
+                                  + f"top-1 {metrics['final_top1']:.2f}% (job {job_id})")
         return "done"
     error = str(result.get("error") or "the job reported a failure without a message")
     db.mark_failed(conn, key, error)

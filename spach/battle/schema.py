@@ -209,6 +209,41 @@ class Tune:
     seed: int = key(0, ge=0)
     selection: float = key(0.2, gt=0, lt=1, hint="a fraction of the training data")
     startup_trials: int = key(10, ge=1, hint="TPE's random trials before it models the results")
+    pruner: Any = key(None, hint="{kind: median | asha | threshold, ...}; null: every trial trains all its epochs")
+
+
+@dataclass(frozen=True)
+class MedianPruner:
+    """``tune.pruner`` of kind ``median`` (Optuna's MedianPruner): after an epoch past the warm-up, stop a trial
+    whose best selection top-1 so far is below the median of the complete trials' at that epoch."""
+
+    kind: str = key(choices=("median",))
+    startup_trials: int = key(5, ge=0, hint="complete trials before any trial is pruned")
+    warmup_epochs: int = key(0, ge=0, hint="the epochs of every trial that are never followed by pruning")
+
+
+@dataclass(frozen=True)
+class AshaPruner:
+    """``tune.pruner`` of kind ``asha`` (Optuna's SuccessiveHalvingPruner, asynchronous successive halving):
+    at epochs min_epochs x reduction_factor^k a trial goes on only if it is in the top 1/reduction_factor
+    of the trials that reached that epoch."""
+
+    kind: str = key(choices=("asha",))
+    min_epochs: int = key(1, ge=1, hint="the epoch of the first comparison")
+    reduction_factor: int = key(4, ge=2, hint="the factor between the comparisons' epochs, and 1/the share kept")
+
+
+@dataclass(frozen=True)
+class ThresholdPruner:
+    """``tune.pruner`` of kind ``threshold`` (Optuna's ThresholdPruner): after an epoch past the warm-up, stop a
+    trial whose selection top-1 is below `lower`."""
+
+    kind: str = key(choices=("threshold",))
+    lower: float = key(ge=0, hint="a selection top-1 in %, as the report gives it")
+    warmup_epochs: int = key(0, ge=0, hint="the epochs of every trial that are never followed by pruning")
+
+
+PRUNERS = {"median": MedianPruner, "asha": AshaPruner, "threshold": ThresholdPruner}  # tune.pruner.kind -> section
 
 
 @dataclass(frozen=True)

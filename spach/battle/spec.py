@@ -159,12 +159,15 @@ class Run(HasArch):
     train: dict[str, Any]            # TrainConfig fields except output / resume / threads
     measure: dict[str, Any]
     plugins: tuple = ()              # resolved plugin modules (spach.models.registry.resolve_plugins)
+    prune: dict | None = None        # a tuning trial with a pruner: its Optuna trial (spach.battle.pruning)
 
     def resolved(self) -> dict[str, Any]:
         """What the run computes: the basis of its key (names are not part of it)."""
         out = {"model": self.model, "model_kwargs": self.model_kwargs, "train": self.train, "measure": self.measure}
         if self.plugins:  # the code that defines its mixers (absent for plugin-free studies: their keys stay)
             out["plugins"] = list(self.plugins)
+        if self.prune:  # the trial it reports to and the pruner that may stop it (absent without a pruner)
+            out["prune"] = self.prune
         return out
 
     @property

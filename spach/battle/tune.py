@@ -15,18 +15,24 @@ SQLite storage, beside ``battle.db``), and runs rounds until every architecture 
   the validation split, which a trial never opens); the split is recorded in battle.db (meta
   ``selection``), each trial in its ``trials`` table (architecture, number, run key, parameters, state,
   score, budget);
+- with `tune.pruner` (the same Optuna pruner for every architecture, built in `optuna_study`), the trial's
+  run reports its selection top-1 after each epoch to its Optuna trial in OUT/tune.db and stops when the
+  pruner says so (`spach.battle.pruning`, in whichever process trains it); its run is then done with
+  `pruned_after` = the epochs it trained, and Optuna is told PRUNED;
 - crash safety: a trial is registered as a run before it trains, and told to Optuna after its run is
   done; a study killed at any moment continues the trial Optuna still holds as running from its run's
   checkpoint (the same parameters, so the same run key), and a trial whose run is done is told, never
   trained again.
 
-The final runs are the study's own runs, each with its architecture's best parameters (highest score;
-the first on ties) and the study's seeds, trained on the full training split and reported on the
-validation split like any battle run. An architecture none of whose trials finished is skipped, with
-the reason.
+The final runs are the study's own runs, each with its architecture's best parameters (highest score of
+its complete trials; the first on ties; a pruned trial is never chosen) and the study's seeds, trained
+on the full training split and reported on the validation split like any battle run. An architecture
+none of whose trials completed is skipped, with the reason.
 """
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -37,7 +43,7 @@ from spach.battle.launchers.drive import execute_pending
 from spach.battle.spec import run_dir
 from spach.battle.threads import threads_per_run
 from spach.battle.spec import Run, Study
-from spach.battle.tune_space import distributions
+from spach.battle.tune_space import describe_pruner, distributions, optuna_pruner
 from spach.errors import SpachError
 
 TUNE_DB = "tune.db"
@@ -62,13 +68,28 @@ def architectures(study: Study) -> dict[str, list[Run]]:
     return out
 
 
-def trial_run(study: Study, base: Run, number: int, params: dict[str, Any]) -> Run:
+def trial_run(study: Study, base: Run, number: int, params: dict[str, Any], out_dir: str | Path | None = None) -> Run:
     """The battle run of trial `number` of `base`'s architecture: the recipe with `params`, seed
-    `tune.seed`, trained without the selection split and scored on it."""
+    `tune.seed`, trained without the selection split and scored on it. With `tune.pruner` it also names its
+    Optuna trial (`Run.prune`, see `spach.battle.pruning`), which needs the study's output directory."""
     tune = study.tune
     train = dict(base.train, **params, seed=tune["seed"], selection_fraction=tune["selection"],
                  selection_seed=tune["seed"])
-    return replace(base, name=f"{base.group}-trial{number + 1}", seed=tune["seed"], train=train)
+    prune = None
+    if tune.get("pruner") is not None:
+        if out_dir is None:
+            raise ValueError("trial_run: a study with tune.pruner needs out_dir (its trials report to OUT/tune.db)")
+        prune = {"storage": storage_from_run_dir(out_dir, study, base), "study": base.group, "trial": number,
+                 "pruner": tune["pruner"]}
+    return replace(base, name=f"{base.group}-trial{number + 1}", seed=tune["seed"], train=train, prune=prune)
+
+
+def storage_from_run_dir(out_dir: str | Path, study: Study, run: Run) -> str:
+    """OUT/tune.db as a path relative to a run's directory (OUT/RUNS_DIR/NAME-KEY8, any run: only their common
+    folder counts), so that a trial's run key does not depend on where OUT lies (with an absolute
+    `runs_dir`, on both places)."""
+    runs_folder = run_dir(out_dir, run, study.runs_dir).parent.resolve()
+    return os.path.join(os.pardir, os.path.relpath((Path(out_dir) / TUNE_DB).resolve(), runs_folder))
 
 
 def storage_url(out_dir: str | Path) -> str:
@@ -77,16 +98,17 @@ def storage_url(out_dir: str | Path) -> str:
 
 
 def optuna_study(storage: Any, tune: dict[str, Any], group: str, draw: int = 0):
-    """The architecture's Optuna study (created on first use), its sampler seeded for draw number `draw`."""
+    """The architecture's Optuna study (created on first use), its sampler seeded for draw number `draw`, with
+    the study's pruner (the same for every architecture; none without `tune.pruner`)."""
     import optuna
 
     sampler = optuna.samplers.TPESampler(seed=tune["seed"] * SEED_STRIDE + draw,
                                          n_startup_trials=tune["startup_trials"])
     return optuna.create_study(storage=storage, study_name=group, direction="maximize", sampler=sampler,
-                               load_if_exists=True)
+                               pruner=optuna_pruner(tune.get("pruner")), load_if_exists=True)
 
 
-def next_trial(storage: Any, study: Study, group: str, base: Run) -> Trial | None:
+def next_trial(storage: Any, study: Study, group: str, base: Run, out_dir: Path) -> Trial | None:
     """The architecture's trial to execute now: the one Optuna holds as running (an interrupted study),
     else a new one; None when its budget is spent."""
     from optuna.trial import TrialState
@@ -96,32 +118,56 @@ def next_trial(storage: Any, study: Study, group: str, base: Run) -> Trial | Non
     running = [t for t in trials if t.state == TrialState.RUNNING]
     if running:
         t = running[0]
-        return Trial(group, t.number, dict(t.params), trial_run(study, base, t.number, dict(t.params)))
+        return Trial(group, t.number, dict(t.params), trial_run(study, base, t.number, dict(t.params), out_dir))
     if len(trials) >= tune["trials"]:
         return None
     t = optuna_study(storage, tune, group, draw=len(trials)).ask(distributions(tune["space"]))
-    return Trial(group, t.number, dict(t.params), trial_run(study, base, t.number, dict(t.params)))
+    return Trial(group, t.number, dict(t.params), trial_run(study, base, t.number, dict(t.params), out_dir))
+
+
+def outcome(row: dict[str, Any]) -> str:
+    """What a trial's ended run means to Optuna: "complete", "pruned" (done, stopped by the pruner) or "fail"."""
+    if row["status"] == "failed":
+        return "fail"
+    return "pruned" if row.get("pruned_after") is not None else "complete"
 
 
 def tell(storage: Any, study: Study, trial: Trial, row: dict[str, Any]) -> None:
-    """Give Optuna the outcome of a trial whose run ended: its score (done), or failed."""
+    """Give Optuna the outcome of a trial whose run ended: its score (complete), pruned (Optuna keeps its last
+    reported value) or failed."""
     from optuna.trial import TrialState
 
     st = optuna_study(storage, study.tune, trial.group)
-    if row["status"] == "done":
+    state = outcome(row)
+    if state == "complete":
         st.tell(trial.number, float(row["final_top1"]))
-    elif row["status"] == "failed":
-        st.tell(trial.number, state=TrialState.FAIL)
+    else:
+        st.tell(trial.number, state=TrialState.PRUNED if state == "pruned" else TrialState.FAIL)
 
 
-def sync_trials(conn, storage: Any, study: Study, groups: dict[str, list[Run]]) -> None:
-    """Copy every architecture's Optuna trials into battle.db's `trials` table (the report reads it)."""
+def outcome_line(study: Study, trial: Trial, row: dict[str, Any]) -> str:
+    """The progress line of a trial that was told: its outcome and selection top-1."""
+    head = f"{trial.group} trial {trial.number + 1}/{study.tune['trials']}"
+    state = outcome(row)
+    if state == "fail":
+        return f"{head}: failed"
+    if state == "pruned":
+        epochs = json.loads(row["config"])["train"].get("epochs")
+        return (f"{head}: pruned after epoch {row['pruned_after']} of {epochs} "
+                f"(selection top-1 {row['final_top1']:.2f}%)")
+    return f"{head}: complete, selection top-1 {row['final_top1']:.2f}%"
+
+
+def sync_trials(conn, storage: Any, study: Study, groups: dict[str, list[Run]], out_dir: Path) -> None:
+    """Copy every architecture's Optuna trials into battle.db's `trials` table (the report reads it), with the
+    epochs each trial's run trained."""
     for group, runs in groups.items():
         for t in optuna_study(storage, study.tune, group).get_trials(deepcopy=False):
             params = dict(t.params)
-            db.record_trial(conn, group, t.number, trial_run(study, runs[0], t.number, params).key, params,
-                            t.state.name.lower(), t.value if t.value is not None else None,
-                            study.tune["trials"])
+            key = trial_run(study, runs[0], t.number, params, out_dir).key
+            db.record_trial(conn, group, t.number, key, params, t.state.name.lower(),
+                            t.value if t.value is not None else None, study.tune["trials"],
+                            epochs=len(db.epochs(conn, key)))
 
 
 def record_selection(conn, study: Study) -> dict[str, Any]:
@@ -178,12 +224,14 @@ def run_round(out_dir: Path, study: Study, storage: Any, batch: list[Trial], wor
                 raise SpachError(f"{t.group} trial {t.number + 1}: its run {row['name']} is still {row['status']}; "
                                  "run the study again to continue it")
             tell(storage, study, t, row)
+            progress.message(outcome_line(study, t, row))
     finally:
         conn.close()
 
 
 def best_params(storage: Any, study: Study, group: str) -> dict[str, Any] | None:
-    """The parameters of the architecture's highest-scoring complete trial (the first on ties), or None."""
+    """The parameters of the architecture's highest-scoring complete trial (the first on ties; pruned and failed
+    trials are never chosen), or None."""
     from optuna.trial import TrialState
 
     done = [t for t in optuna_study(storage, study.tune, group).get_trials(deepcopy=False)
@@ -199,7 +247,8 @@ def retrained(study: Study, storage: Any, groups: dict[str, list[Run]]) -> Study
     for group, group_runs in groups.items():
         params = best_params(storage, study, group)
         if params is None:
-            skipped.append((group, f"tuning: none of its {study.tune['trials']} trials finished"))
+            skipped.append((group, f"tuning: none of its {study.tune['trials']} trials completed "
+                                   f"({ended_states(storage, study, group)})"))
             continue
         runs += [replace(r, train=dict(r.train, **params)) for r in group_runs]
     return replace(study, runs=runs, skipped=skipped)
@@ -212,6 +261,13 @@ def final_runs(study: Study, out_dir: str | Path) -> Study:
 
     storage = optuna.storages.RDBStorage(storage_url(out_dir))
     return retrained(study, storage, architectures(study))
+
+
+def ended_states(storage: Any, study: Study, group: str) -> str:
+    """The architecture's trials by state in words, e.g. "2 pruned, 1 failed"."""
+    states = [t.state.name.lower() for t in optuna_study(storage, study.tune, group).get_trials(deepcopy=False)]
+    words = {"complete": "complete", "pruned": "pruned", "fail": "failed", "running": "running"}
+    return ", ".join(f"{states.count(s)} {word}" for s, word in words.items() if s in states) or "none asked"
 
 
 def tune_study(study: Study, out_dir: str | Path, workers: int, threads: int | None, quiet: bool = False) -> Study:
@@ -229,17 +285,19 @@ def tune_study(study: Study, out_dir: str | Path, workers: int, threads: int | N
     progress = Progress(total=left, quiet=quiet, log_path=out_dir / "progress.log",  # if the console is closed
                         scored_on="selection")
     progress.message(f"tuning {len(groups)} architecture(s) x {study.tune['trials']} trial(s) on a selection "
-                     f"split of {study.tune['selection']:.0%} of the training data (seed {study.tune['seed']})")
+                     f"split of {study.tune['selection']:.0%} of the training data (seed {study.tune['seed']}); "
+                     f"{describe_pruner(study.tune.get('pruner'))}")
     while True:
-        batch = [t for g, runs in groups.items() if (t := next_trial(storage, study, g, runs[0])) is not None]
+        batch = [t for g, runs in groups.items()
+                 if (t := next_trial(storage, study, g, runs[0], out_dir)) is not None]
         if not batch:
             break
         run_round(out_dir, study, storage, batch, workers, per_run, progress)
         conn = db.connect(out_dir)
-        sync_trials(conn, storage, study, groups)
+        sync_trials(conn, storage, study, groups, out_dir)
         conn.close()
     conn = db.connect(out_dir)
-    sync_trials(conn, storage, study, groups)
+    sync_trials(conn, storage, study, groups, out_dir)
     conn.close()
     final = retrained(study, storage, groups)
     progress.message(f"tuning done: the best configuration of each architecture is retrained with seeds "

@@ -8,10 +8,12 @@ architectures are ranked by it; the section says where the ranking differs from 
 used (N), and gives the pairwise differences there with the standard deviation of the expected maxima —
 descriptive numbers: the verdicts at the budget used are the Findings' tests on the retrained runs
 (scored on the validation set, never on the selection split). Scores are final top-1 on the selection
-split; failed trials have none and are counted as spent.
-Cost per architecture: trials, epochs trained, images seen (epochs x training images), wall time
-(the engine's training time; for failed runs the sum of their epochs) and CPU time (every
-thread of the training process, per finished epoch).
+split of the complete trials. Failed and pruned trials have no final score: they count toward the budget
+(N, the cost) but not among the scores — a pruned trial is never the one retrained — so with a pruner
+the curve describes the trials that survived it (see `PRUNED_CURVE`).
+Cost per architecture: trials, epochs trained (a pruned trial's: those before it was stopped), images
+seen (epochs x training images), wall time (the engine's training time; for failed runs the sum of
+their epochs) and CPU time (every thread of the training process, per finished epoch).
 """
 from __future__ import annotations
 
@@ -20,7 +22,15 @@ from typing import Any
 
 from spach.battle import db
 from spach.battle.stats import expected_max
+from spach.battle.tune_space import describe_pruner
 from spach.io import atomic_savefig
+
+STATES = ("complete", "pruned", "fail")  # the ended states of a trial, as the cost table counts them
+PRUNED_CURVE = ("Pruned trials count toward the budget (they are among the N trials and their epochs are in the "
+                "cost table) but have no final score: each curve is the expected best of n draws from the "
+                "complete trials' scores, as the configuration retrained is the best complete trial. Pruning "
+                "stops the trials that start slowly, so the curve describes the trials that survived it, and "
+                "favours architectures and settings that learn fast in the first epochs.")
 
 
 def load_tuning(source: Path) -> dict[str, Any] | None:
@@ -131,10 +141,10 @@ def _params(params: dict) -> str:
 
 def cost_table(arch: dict[str, list[dict]], runs: dict[str, dict], budget: int, fit_images: int) -> list[str]:
     """One row per architecture: trials by state, best score and parameters, and what the trials cost."""
-    lines = ["| architecture | trials (budget) | complete / failed | best selection top-1 (%) | best "
+    lines = ["| architecture | trials (budget) | complete / pruned / failed | best selection top-1 (%) | best "
              "parameters | epochs | images | wall (s) | CPU (s) |", "|---|---|---|---|---|---|---|---|---|"]
     for g, ts in arch.items():
-        states = [sum(t["state"] == s for t in ts) for s in ("complete", "fail")]
+        states = [sum(t["state"] == s for t in ts) for s in STATES]
         done = [t for t in ts if t["state"] == "complete"]
         best = max(done, key=lambda t: (t["value"], -t["number"])) if done else None
         c = cost(ts, runs, fit_images)
@@ -157,9 +167,11 @@ def tune_section(source: Path, out_dir: Path) -> list[str]:
     space = "; ".join(f"`{k}` " + (f"in {v['choices']}" if "choices" in v else
                                    f"in [{v['low']}, {v['high']}]{' (log)' if v['log'] else ''}")
                       for k, v in (tune.get("space") or {}).items())
+    pruner = tune.get("pruner")
     md = ["## Tuning (equal budget per architecture)", "",
           f"Every architecture had the same budget: {budget} trial(s) of Optuna's TPE sampler (seed "
-          f"{tune.get('seed')}, {tune.get('startup_trials')} random start-up trial(s), no pruning) over {space}. "
+          f"{tune.get('seed')}, {tune.get('startup_trials')} random start-up trial(s)) over {space}; "
+          f"{describe_pruner(pruner)}{' (the same pruner for every architecture)' if pruner else ''}. "
           f"Each trial trained on {sel.get('fit_images', '?'):,} training "
           f"images and was scored (final top-1) on a selection split of {sel.get('selection_images', '?'):,} "
           f"images held out of the training split ({sel.get('fraction', 0):.0%} of each class, seed "
@@ -167,10 +179,12 @@ def tune_section(source: Path, out_dir: Path) -> list[str]:
           "read by a trial. Each architecture's best configuration was then retrained with the study's seeds on "
           "the full training data; those runs are the Results above, on the validation split.", ""]
     md += cost_table(arch, data["runs"], budget, sel.get("fit_images", 0)) + [""]
-    if curve:
+    if not curve:
+        md += ["No architecture has a complete trial: there is no budget curve, and nothing was retrained.", ""]
+    else:
         fig = figure_budget(curve, families, Path(out_dir) / "figures" / "tuning_budget.png")
         md += ["### Budget curves", "", "Expected best selection top-1 after n trials (Dodge et al. 2019), "
-               "mean ± std, and the ranking at each budget:", ""]
+               "mean ± std, and the ranking at each budget" + (f". {PRUNED_CURVE}" if pruner else "") + ":", ""]
         md += ["| trials | " + " | ".join(f"`{g}`" for g in curve) + " |", "|---|" + "---|" * len(curve)]
         for n in range(1, budget + 1):
             md.append(f"| {n} | " + " | ".join(f"{curve[g][n - 1][0]:.2f} ± {curve[g][n - 1][1] ** 0.5:.2f}"

@@ -8,12 +8,23 @@
       seed: 0                                     # sampler, selection split, trials' training seed
       selection: 0.2                              # held-out fraction of each class of the training data
       startup_trials: 10                          # TPE's random trials before it models the results
+      pruner: {kind: median, startup_trials: 2, warmup_epochs: 1}   # optional; null: no pruning
 
 Every key of `space` must be a training option (`TrainConfig`) that changes how a model learns: not
 one the study sets itself (data, seed, ...), not the data slices or the selection split, and not
 `epochs` (the budget is trials x epochs, the same for every family). Each end of a range and each
 choice is checked by the recipe itself (`TrainConfig.validate`, with the study's other recipe
 keys), so a value the engine would refuse is rejected before any training, with its key named.
+
+`pruner` is one of three Optuna pruners (schema.PRUNERS), the same for every architecture. Its steps are
+epochs, counted from 1 as the battle counts them, and its values the selection top-1 (%) after each epoch:
+
+    {kind: median, startup_trials: S, warmup_epochs: W}     MedianPruner(n_startup_trials=S, n_warmup_steps=W + 1)
+    {kind: asha, min_epochs: M, reduction_factor: R}        SuccessiveHalvingPruner(min_resource=M, reduction_factor=R)
+    {kind: threshold, lower: L, warmup_epochs: W}           ThresholdPruner(lower=L, n_warmup_steps=W + 1)
+
+(W warm-up epochs: the first decision comes after epoch W + 1; Optuna prunes from step n_warmup_steps on).
+A pruner that could never stop a trial (its first decision at or after the recipe's last epoch) is an error.
 """
 from __future__ import annotations
 
@@ -126,7 +137,66 @@ def check_tune(value: Any, recipe: dict, owned: set[str], where: str) -> dict[st
     except ValueError as e:
         _fail(where, str(e))
     out["space"] = check_space(out["space"], recipe, owned, where)
+    out["pruner"] = check_pruner(out["pruner"], recipe, where)
     return out
+
+
+def check_pruner(value: Any, recipe: dict, where: str) -> dict[str, Any] | None:
+    """`tune.pruner` completed by its kind's defaults (schema.PRUNERS), or None (no pruning); ValueError naming
+    the key for an unknown kind or key, a value out of bounds, or a pruner that could never stop a trial."""
+    if value is None:
+        return None
+    kinds = sorted(schema.PRUNERS)
+    if not isinstance(value, dict) or "kind" not in value:
+        _fail(where, f"tune.pruner must be a mapping with a kind, one of {kinds}, e.g. {{kind: median, "
+                     f"startup_trials: 2, warmup_epochs: 1}}; null: no pruning (got {value!r})")
+    if value["kind"] not in schema.PRUNERS:
+        _fail(where, f"tune.pruner.kind must be one of {kinds}, got {value['kind']!r}")
+    try:
+        out = schema.read_section(schema.PRUNERS[value["kind"]], value, "tune.pruner")
+    except ValueError as e:
+        _fail(where, str(e))
+    epochs = TrainConfig.from_dict(dict(recipe, model="tune-check", data="tune-check", output="tune-check")).epochs
+    if first_pruning_epoch(out) >= epochs:
+        name = "min_epochs" if out["kind"] == "asha" else "warmup_epochs"
+        _fail(where, f"tune.pruner.{name}: {out[name]} leaves no epoch at which to prune: the first decision comes "
+                     f"after epoch {first_pruning_epoch(out)} and the recipe trains {epochs} epoch(s)")
+    return out
+
+
+def first_pruning_epoch(pruner: dict[str, Any]) -> int:
+    """The first epoch after which the checked `pruner` may stop a trial."""
+    return pruner["min_epochs"] if pruner["kind"] == "asha" else pruner["warmup_epochs"] + 1
+
+
+def optuna_pruner(pruner: dict[str, Any] | None):
+    """The checked `pruner` as an Optuna pruner (None: Optuna's NopPruner); steps are epochs from 1."""
+    import optuna.pruners as op
+
+    if pruner is None:
+        return op.NopPruner()
+    if pruner["kind"] == "median":
+        return op.MedianPruner(n_startup_trials=pruner["startup_trials"], n_warmup_steps=first_pruning_epoch(pruner))
+    if pruner["kind"] == "asha":
+        return op.SuccessiveHalvingPruner(min_resource=pruner["min_epochs"],
+                                          reduction_factor=pruner["reduction_factor"])
+    return op.ThresholdPruner(lower=float(pruner["lower"]), n_warmup_steps=first_pruning_epoch(pruner))
+
+
+def describe_pruner(pruner: dict[str, Any] | None) -> str:
+    """The pruner in words, for the report and the console."""
+    if pruner is None:
+        return "no pruner: every trial trains all its epochs"
+    first = first_pruning_epoch(pruner)
+    if pruner["kind"] == "median":
+        return (f"median pruner: after each epoch from epoch {first} on, once {pruner['startup_trials']} trial(s) are "
+                "complete, a trial whose best selection top-1 is below the complete trials' median at that epoch is "
+                "stopped")
+    if pruner["kind"] == "asha":
+        return (f"successive-halving pruner (ASHA): at epochs {first} x {pruner['reduction_factor']}^k only the top "
+                f"1/{pruner['reduction_factor']} of the trials that reached that epoch go on")
+    return (f"threshold pruner: after each epoch from epoch {first} on, a trial whose selection top-1 is below "
+            f"{pruner['lower']:g}% is stopped")
 
 
 def distributions(space: dict[str, dict]) -> dict[str, Any]:

@@ -69,7 +69,8 @@ class NonFiniteLossError(SpachError):
 
 
 def train(cfg: TrainConfig, on_epoch_end: Optional[Callable[[dict], None]] = None,
-          on_step: Optional[Callable[[int, int, int], None]] = None) -> dict:
+          on_step: Optional[Callable[[int, int, int], None]] = None,
+          should_stop: Optional[Callable[[dict], bool]] = None) -> dict:
     """Run (or resume) training as configured; returns the run's summary (on every rank).
 
     on_epoch_end(record) — rank 0, after each epoch's evaluation; record = {"epoch", "train_loss",
@@ -77,10 +78,15 @@ def train(cfg: TrainConfig, on_epoch_end: Optional[Callable[[dict], None]] = Non
         "skipped_images"} (+ "ema_val_*" with an EMA).
     on_step(epoch, step, steps_per_epoch) — rank 0, after each optimizer step (and its step
         checkpoint, if due); `epoch` counts from 0, `step` is the number of steps done in it (1..n).
+    should_stop(record) — rank 0, after on_epoch_end, with the same record: True ends the training
+        after this epoch, on every rank (e.g. a tuning trial's pruner, `spach.battle.pruning`); after the
+        last epoch its answer changes nothing. A run resumed at the end of an epoch asks it again with
+        that epoch's record before training on, so a decision to stop outlives a crash.
     peak_mem_mb: this epoch's peak CUDA memory allocated, or on CPU the process's peak resident set
         size (reset each epoch on Linux).
     Returns {"best_top1", "final_top1", "final_top5", "final_val_loss", "history", "train_time_s" (the
-             epochs' time, those before a resume included), "params", "checkpoint", "weights", "output"}.
+             epochs' time, those before a resume included), "params", "checkpoint", "weights", "output",
+             "stopped_after" (the epochs trained when should_stop ended the training early, else None)}.
     """
     cfg.validate()
     owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
@@ -89,9 +95,16 @@ def train(cfg: TrainConfig, on_epoch_end: Optional[Callable[[dict], None]] = Non
         try:
             with cuda_math(env.device, cfg.matmul_precision, cfg.cudnn_benchmark):
                 run = setup(cfg, env)
-                for epoch in range(run.start_epoch, cfg.epochs):
+                epoch = run.start_epoch
+                # a run resumed at the end of an epoch asks again: it may have been told to stop there
+                stop = run.start_step == 0 and stop_requested(run, should_stop, epoch)
+                while not stop and epoch < cfg.epochs:
                     stats = train_one_epoch(run, epoch, on_step)
                     end_of_epoch(run, epoch, stats, on_epoch_end)
+                    epoch += 1
+                    stop = stop_requested(run, should_stop, epoch)
+                if stop:
+                    run.stopped_after = epoch
                 return finish(run)
         finally:
             if owns_group:
@@ -126,6 +139,7 @@ class TrainingRun:
     history: list = field(default_factory=list)
     writer: Any = None
     resumed: bool = False                # continued from a checkpoint
+    stopped_after: Optional[int] = None  # epochs trained when `should_stop` ended the training early
     first_loss: Optional[torch.Tensor] = None  # this process's first training loss (on the device, no sync)
 
     @property
@@ -538,6 +552,16 @@ def end_of_epoch(run: TrainingRun, epoch: int, stats: dict, on_epoch_end=None) -
         on_epoch_end(record)
 
 
+def stop_requested(run: TrainingRun, should_stop: Optional[Callable[[dict], bool]], done: int) -> bool:
+    """Whether to end the training after `done` epochs: `should_stop` asked on rank 0 with the last epoch's
+    record, its answer sent to every rank so that all stop together. False without a hook, before the
+    first epoch, and after the last one (nothing is left to stop)."""
+    if should_stop is None or done == 0:
+        return False
+    answer = bool(should_stop(run.history[-1])) if run.env.is_main and run.history else False
+    return bool(D.broadcast_object(answer)) and done < run.cfg.epochs
+
+
 def save(run: TrainingRun, epoch: int, step: int, stats: dict) -> None:
     """Checkpoint the run at (epoch, step) with every rank's RNG state (written by rank 0)."""
     rngs = D.all_gather_objects(get_rng_state())  # every rank's RNG, collected on all ranks
@@ -583,6 +607,7 @@ def finish(run: TrainingRun) -> dict:
         "checkpoint": str(out / ckpt.LAST),
         "weights": str(weights),
         "output": str(out),
+        "stopped_after": run.stopped_after,
     }
 
 
