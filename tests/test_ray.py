@@ -173,3 +173,15 @@ def test_without_ray_installed_the_launcher_says_how_to_get_it(monkeypatch):
     with pytest.raises(SpachError, match=r"pip install 'spach\[ray\]'"):
         ray_launcher.import_ray()
     assert os.environ["RAY_USAGE_STATS_ENABLED"] == "0"
+
+
+def test_the_actors_import_the_coordinators_spach_then_its_own_pythonpath(monkeypatch):
+    # Ray's env_vars replace the worker's PYTHONPATH: a plugin module found through the coordinator's must
+    # stay importable in the actors, as in the local, torchrun and Slurm workers
+    from spach.battle.launchers import source_root
+    from spach.battle.launchers.ray import worker_pythonpath
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(["/shared/plugins", "/shared/lib"]))
+    assert worker_pythonpath().split(os.pathsep) == [str(source_root()), "/shared/plugins", "/shared/lib"]
+    monkeypatch.delenv("PYTHONPATH")
+    assert worker_pythonpath() == str(source_root())
