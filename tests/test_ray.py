@@ -1,7 +1,7 @@
 """The ray launcher on a real local Ray cluster (`make ray-up`, 127.0.0.1:6390): a 2-run study done through
 Ray with the coordinator SIGKILLed mid-study and restarted (no run started twice), a worker killed and its
-run finishing from its checkpoint, status and cancel, a tuned study whose coordinator is killed mid-trial. Without Ray the `ray` tests skip (and fail with
-SPACH_REQUIRE_RAY=1); the last test needs no cluster."""
+run finishing from its checkpoint, status and cancel, a tuned study whose coordinator is killed mid-trial.
+Without Ray the `ray` tests skip (and fail with SPACH_REQUIRE_RAY=1); the last two tests need no cluster."""
 from __future__ import annotations
 
 import json
