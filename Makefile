@@ -57,10 +57,10 @@ slurm-down:
 
 # a one-node Ray cluster on 127.0.0.1:6390 (the venv's ray, `pip install 'spach[ray]'`); see docs/cluster.md
 ray-up: $(STAMP)
-	tools/ray-local.sh up
+	RAY=$(VENV)/bin/ray tools/ray-local.sh up
 
 ray-down:
-	tools/ray-local.sh down
+	RAY=$(VENV)/bin/ray tools/ray-local.sh down
 
 clean:
 	rm -rf $(VENV) build *.egg-info runs

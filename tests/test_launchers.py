@@ -1,5 +1,6 @@
 """The launcher seam: a launcher registered by a test runs a study end to end through the runner, status and
-cancel; the threads-per-run rule; the one atomic JSON writer; the runner names no launcher kind."""
+cancel; a tuned study on the torchrun launcher (2 CPU processes per run); the threads-per-run rule; the one
+atomic JSON writer; the runner names no launcher kind."""
 from __future__ import annotations
 
 import json
@@ -13,6 +14,7 @@ from spach.battle.launchers import LAUNCHERS, Launcher, job_kind
 from spach.battle.launchers.status import cancel_runs, format_status, study_status
 from spach.battle.threads import available_threads, threads_per_run
 from spach.io import write_json
+from test_tune import assert_tuned, hooked_pythonpath, opened_splits, tuned_on
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = {"epochs": 1, "batch_size": 32, "lr": 3e-3, "warmup_epochs": 0, "cooldown_epochs": 0,
@@ -112,6 +114,21 @@ def test_a_launcher_registered_by_a_test_runs_a_study_end_to_end(tmp_path, fake,
     fake.calls.clear()
     assert run_study(tiny({"kind": "fake"}), out, quiet=True, report=False)["done"] == 2
     assert fake.calls == []
+
+
+@pytest.mark.slow
+def test_a_tuned_study_on_the_torchrun_launcher_trains_trials_and_final_runs_with_ddp(tmp_path, monkeypatch):
+    # tune seed 0, study seed 1: the final runs' seed is the study's, not the trials'; a round's two trials
+    # run as two torchrun launches at once (--workers 2)
+    monkeypatch.setenv("PYTHONPATH", hooked_pythonpath())  # the split hook in every torchrun process
+    out = tmp_path / "out"
+    result = run_study(tuned_on({"kind": "torchrun", "nproc_per_node": 2}, seeds=(1,)), out, workers=2, quiet=True)
+    assert result["done"] == 2 and result["failed"] == 0 and result["launcher"] == "torchrun"
+    runs = assert_tuned(out, seeds=(1,))
+    assert len(runs) == 2 * 2 + 2
+    for run in runs.values():  # every trial and final run: one launch of 2 gloo processes, both ranks reading
+        assert "2 process(es) on cpu" in (Path(run["output_dir"]) / "train.log").read_text()
+        assert len({o["pid"] for o in opened_splits(run)}) == 2
 
 
 def test_status_and_cancel_ask_the_launcher_that_owns_the_job(tmp_path, fake):

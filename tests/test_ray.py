@@ -1,7 +1,7 @@
 """The ray launcher on a real local Ray cluster (`make ray-up`, 127.0.0.1:6390): a 2-run study done through
 Ray with the coordinator SIGKILLed mid-study and restarted (no run started twice), a worker killed and its
-run finishing from its checkpoint, status and cancel. Without Ray the `ray` tests skip (and fail with
-SPACH_REQUIRE_RAY=1); the last test needs no cluster."""
+run finishing from its checkpoint, status and cancel, a tuned study whose coordinator is killed mid-trial.
+Without Ray the `ray` tests skip (and fail with SPACH_REQUIRE_RAY=1); the last two tests need no cluster."""
 from __future__ import annotations
 
 import json
@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from spach.cli.main import main
+from test_tune import assert_nothing_repeated, assert_tuned, hooked_pythonpath, kill_mid_trial, tuned_on
 
 ROOT = Path(__file__).resolve().parents[1]
 ADDRESS = "127.0.0.1:" + os.environ.get("SPACH_RAY_PORT", "6390")
@@ -60,8 +61,9 @@ def wait_for(condition, timeout: float = 240.0, what: str = "condition"):
 
 def coordinator(study_file: Path, out: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "spach.cli.main", "battle", str(study_file), "--out", str(out), "--quiet"]
-    return subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # this tree's spach first; the test's own PYTHONPATH (a hook of tests/) after it, for the actors too
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def write(path: Path, spec: dict) -> Path:
@@ -147,6 +149,21 @@ def test_status_and_cancel_of_a_detached_ray_study(tmp_path, capsys, monkeypatch
     assert failed["status"] == "failed" and "is gone without a result" in failed["error"]
 
 
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_tuned_study_through_ray_killed_mid_trial_repeats_no_finished_trial(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", hooked_pythonpath())  # the split hook in the coordinators and the actors
+    study_file = write(tmp_path / "s.yaml", tuned_on(RAY))
+    out = tmp_path / "out"
+    done, before = kill_mid_trial(coordinator(study_file, out), out)
+    # the trials' detached actors run on without a coordinator; the same command re-attaches to them
+    second = coordinator(study_file, out)
+    assert second.wait(timeout=300) == 0, second.stderr.read().decode()
+    runs = assert_tuned(out)
+    assert_nothing_repeated(out, done, before)
+    assert all(r["job_id"].startswith("ray:spach-") and r["attempts"] == 1 for r in runs.values())
+
+
 def test_without_ray_installed_the_launcher_says_how_to_get_it(monkeypatch):
     from spach.battle.launchers import ray as ray_launcher
     from spach.errors import SpachError
@@ -156,3 +173,15 @@ def test_without_ray_installed_the_launcher_says_how_to_get_it(monkeypatch):
     with pytest.raises(SpachError, match=r"pip install 'spach\[ray\]'"):
         ray_launcher.import_ray()
     assert os.environ["RAY_USAGE_STATS_ENABLED"] == "0"
+
+
+def test_the_actors_import_the_coordinators_spach_then_its_own_pythonpath(monkeypatch):
+    # Ray's env_vars replace the worker's PYTHONPATH: a plugin module found through the coordinator's must
+    # stay importable in the actors, as in the local, torchrun and Slurm workers
+    from spach.battle.launchers import source_root
+    from spach.battle.launchers.ray import worker_pythonpath
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(["/shared/plugins", "/shared/lib"]))
+    assert worker_pythonpath().split(os.pathsep) == [str(source_root()), "/shared/plugins", "/shared/lib"]
+    monkeypatch.delenv("PYTHONPATH")
+    assert worker_pythonpath() == str(source_root())

@@ -1,5 +1,6 @@
 """The slurm launcher on a real Slurm cluster (`make slurm-up`): results equal to the local launcher, a killed
-coordinator re-attaches, scancel / requeue continue from checkpoints, failures are recorded, DDP in one job.
+coordinator re-attaches, scancel / requeue continue from checkpoints, failures are recorded, DDP in one job,
+a tuned study whose coordinator is killed mid-trial.
 Without Slurm the `slurm` tests skip (and fail with SPACH_REQUIRE_SLURM=1); the others need no cluster."""
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from spach.battle.launchers import slurm
 from spach.battle.launchers.slurm import JobInfo, job_comment, make_executor, submit_run, sync_run
 from spach.battle.launchers.status import cancel_runs, study_status
 from spach.io import write_json
+from test_tune import assert_nothing_repeated, assert_tuned, hooked_pythonpath, kill_mid_trial, tuned_on
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = {"epochs": 2, "batch_size": 32, "lr": 3e-3, "warmup_epochs": 0, "cooldown_epochs": 0,
@@ -88,7 +90,8 @@ def cluster_jobs(out: Path) -> dict[str, str]:
 
 
 def cli(*args: str) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    # this tree's spach first; the test's own PYTHONPATH (a hook of tests/) after it, for the jobs too
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
     return subprocess.Popen([sys.executable, "-m", "spach.cli.main", "battle", *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -484,3 +487,21 @@ def test_a_two_task_job_trains_with_ddp_like_one_process_with_the_global_batch(t
     assert ddp["final_val_loss"] == pytest.approx(one["final_val_loss"], abs=1e-5)
     assert ddp["final_train_loss"] == pytest.approx(one["final_train_loss"], abs=1e-5)
     assert ddp["final_top1"] == pytest.approx(one["final_top1"])
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_tuned_study_through_slurm_killed_mid_trial_repeats_no_finished_trial(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", hooked_pythonpath())  # the split hook in the coordinators and the jobs
+    path = write_study(tmp_path / "s.yaml", tuned_on(SLURM))
+    out = tmp_path / "out"
+    done, before = kill_mid_trial(cli(str(path), "--out", str(out), "--quiet"), out)
+    # the trials' jobs run on without a coordinator; the same command re-attaches to them
+    assert main(["battle", str(path), "--out", str(out), "--quiet"]) == 0
+    runs = assert_tuned(out)
+    assert_nothing_repeated(out, done, before)
+    assert all(r["job_id"] and r["attempts"] == 1 for r in runs.values())  # every run one Slurm job
+    jobs = {}
+    for r in runs.values():
+        jobs.update(cluster_jobs(Path(r["output_dir"])))
+    assert set(jobs) <= {r["job_id"] for r in runs.values()}  # no job besides the runs' own

@@ -1,11 +1,13 @@
 """Tuning at an equal budget per architecture (`tune:`): the selection split, the section's checks, the
-budget-curve statistic, a tiny tuned study end to end, and its resume after SIGKILL mid-trial."""
+budget-curve statistic, a tiny tuned study end to end, and its resume after SIGKILL mid-trial; the helpers
+with which the launcher tests run a tuned study on torchrun, Slurm and Ray (`tuned_on`, `assert_tuned`)."""
 from __future__ import annotations
 
 import copy
 import hashlib
 import itertools
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -17,6 +19,7 @@ import numpy as np
 import pytest
 import yaml
 
+import spach
 import spach.data
 from spach.battle import load_study, run_study
 from spach.battle.stats import expected_max
@@ -52,6 +55,122 @@ def db_rows(out: Path, sql: str) -> list[dict]:
         return [dict(r) for r in conn.execute(sql)]
     finally:
         conn.close()
+
+
+# --------------------------------------------------------------------------- a tuned study on any launcher
+# (used by the torchrun test in tests/test_launchers.py, the slurm and ray ones in tests/test_slurm.py and
+# tests/test_ray.py)
+
+GROUPS = ("attn-ms-t", "conv-ms-t")
+SPLIT_HOOK = ROOT / "tests" / "split_hook"  # records the splits each run opens (tests/split_hook/sitecustomize.py)
+
+
+def tuned_on(launcher: dict, seeds=(0, 1)) -> dict:
+    """TINY on `launcher`: 2 architectures x 2 trials of 1 epoch, each best retrained with `seeds`."""
+    spec = tiny(trials=2)
+    spec["grid"]["seed"] = list(seeds)
+    spec["launcher"] = launcher
+    return spec
+
+
+def hooked_pythonpath() -> str:
+    """A PYTHONPATH that puts the split hook into every process the launchers start (and this tree first)."""
+    return os.pathsep.join([str(SPLIT_HOOK), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+
+
+def opened_splits(run: dict) -> list[dict]:
+    """What the split hook recorded for a run: one {split, spach, pid} per `open_source` while it trained."""
+    path = Path(run["output_dir"]) / "opened-splits.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def assert_tuned(out: Path, seeds=(0, 1), trials: int = 2) -> dict[str, dict]:
+    """What a study of `tuned_on`, run with the split hook, ends with on any launcher: every architecture has
+    exactly `trials` complete trials in battle.db and in OUT/tune.db, each scored by its run, whose
+    processes (importing this test's `spach`) opened only the train split; each best configuration retrained
+    with the study's seeds (opening the validation split) and reported. Returns the runs by key."""
+    import optuna
+
+    trials_rows = db_rows(out, "SELECT * FROM trials ORDER BY grp, number")
+    assert [(t["grp"], t["number"], t["state"]) for t in trials_rows] == \
+        [(g, n, "complete") for g in GROUPS for n in range(trials)]
+    for group in GROUPS:  # Optuna's own storage holds the same trials and scores
+        told = optuna.load_study(study_name=group, storage=f"sqlite:///{out / 'tune.db'}").get_trials()
+        assert [(t.number, t.state.name) for t in told] == [(n, "COMPLETE") for n in range(trials)]
+        assert [t.value for t in told] == [t["value"] for t in trials_rows if t["grp"] == group]
+    runs = {r["key"]: r for r in db_rows(out, "SELECT * FROM runs")}
+    here = str(Path(spach.__file__).resolve().parent)
+    tune_seed = json.loads(db_rows(out, "SELECT v FROM meta WHERE k = 'tune'")[0]["v"])["seed"]
+    for t in trials_rows:
+        run = runs[t["key"]]
+        assert run["status"] == "done" and t["value"] == run["final_top1"], run["error"]
+        train = json.loads(run["config"])["train"]
+        assert train["selection_fraction"] == 0.2 and train["seed"] == tune_seed
+        opened = opened_splits(run)
+        assert opened and {o["split"] for o in opened} == {"train"}, opened  # never the validation split
+        assert {o["spach"] for o in opened} == {here}  # the job imported the coordinator's spach
+    trial_runs = [r for r in runs.values() if "-trial" in r["name"]]
+    assert len(trial_runs) == len(GROUPS) * trials == len({t["key"] for t in trials_rows})  # none asked twice
+    keys = json.loads(db_rows(out, "SELECT v FROM meta WHERE k = 'keys'")[0]["v"])
+    for group in GROUPS:
+        mine = [t for t in trials_rows if t["grp"] == group]
+        best = json.loads(max(mine, key=lambda t: (t["value"], -t["number"]))["params"])
+        final = [runs[k] for k in keys if runs[k]["grp"] == group]
+        assert sorted(r["seed"] for r in final) == sorted(seeds)  # the study's seeds
+        for r in final:
+            train = json.loads(r["config"])["train"]
+            assert r["status"] == "done" and {k: train[k] for k in best} == best, r["error"]
+            assert train["seed"] == r["seed"] and "selection_fraction" not in train and r["images_per_s"] > 0
+            assert "val" in {o["split"] for o in opened_splits(r)}  # the hook sees a validation split opened
+    report = (out / "report.md").read_text()
+    assert "## Tuning (equal budget per architecture)" in report and "figures/tuning_budget.png" in report
+    return runs
+
+
+def kill_mid_trial(proc: subprocess.Popen, out: Path, timeout: float = 240) -> tuple[list[dict], dict[str, dict]]:
+    """SIGKILL the coordinator `proc` of a tuned study on a cluster launcher once a trial is complete and
+    another trial's job is in flight; (the complete trials, the runs by key) as battle.db held them then."""
+    deadline = time.time() + timeout
+    done, flying = [], []
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                done = db_rows(out, "SELECT * FROM trials WHERE state = 'complete'") \
+                    if (out / "battle.db").exists() else []
+                flying = db_rows(out, "SELECT key FROM runs WHERE status = 'running' AND job_id IS NOT NULL "
+                                      "AND name LIKE '%-trial%'") if done else []
+            except sqlite3.OperationalError:  # tables still being created
+                pass
+            if done and flying:
+                break
+            time.sleep(0.05)
+        else:
+            stream = proc.stderr or proc.stdout
+            said = stream.read() if stream else ""
+            said = said.decode(errors="replace") if isinstance(said, bytes) else said
+            pytest.fail(f"the study ended or stalled before the kill: {said}")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    return done, {r["key"]: r for r in db_rows(out, "SELECT * FROM runs")}
+
+
+def assert_nothing_repeated(out: Path, done: list[dict], before: dict[str, dict]) -> None:
+    """After a coordinator killed by `kill_mid_trial` was started again: every trial complete at the kill is
+    unchanged (same run row and score, trained by one process), every trial in flight was followed to its
+    end by its first job (re-attached, not submitted again)."""
+    after = {r["key"]: r for r in db_rows(out, "SELECT * FROM runs")}
+    trials_now = {(t["grp"], t["number"]): t for t in db_rows(out, "SELECT * FROM trials")}
+    for t in done:
+        assert after[t["key"]] == before[t["key"]]
+        assert trials_now[(t["grp"], t["number"])]["value"] == t["value"]
+    flying = [k for k, r in before.items() if "-trial" in r["name"] and r["status"] == "running"]
+    assert flying
+    for key in flying:
+        assert after[key]["status"] == "done" and after[key]["job_id"] == before[key]["job_id"]
+        assert after[key]["attempts"] == 1
+    for run in after.values():  # each run trained by one process
+        assert len({o["pid"] for o in opened_splits(run)}) == 1, run["name"]
 
 
 # --------------------------------------------------------------------------- the selection split

@@ -16,7 +16,7 @@ What runs where (the same resumable, crash-safe semantics as the slurm launcher)
 - an actor gone without a result (cancelled by `spach battle cancel`, or out of restarts) fails its run.
 
 Ray's usage statistics are turned off (RAY_USAGE_STATS_ENABLED=0). The workers import the same `spach`
-as the coordinator (its folder is put on their PYTHONPATH).
+as the coordinator (its folder is put on their PYTHONPATH, before the coordinator's own PYTHONPATH).
 """
 from __future__ import annotations
 
@@ -56,11 +56,18 @@ def connect(address: str) -> Any:
     if not ray.is_initialized():
         try:
             ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, configure_logging=False,
-                     runtime_env={"env_vars": {"PYTHONPATH": str(source_root()), "RAY_USAGE_STATS_ENABLED": "0"}})
+                     runtime_env={"env_vars": {"PYTHONPATH": worker_pythonpath(), "RAY_USAGE_STATS_ENABLED": "0"}})
         except (ConnectionError, RuntimeError) as e:
             raise SpachError(f"no Ray cluster answers at {address!r} ({e}); start one with `ray start --head` "
                              "(on one machine: `make ray-up`) or set launcher.address") from None
     return ray
+
+
+def worker_pythonpath() -> str:
+    """The actors' PYTHONPATH: the folder of the coordinator's `spach`, then the coordinator's own PYTHONPATH
+    (e.g. where a study's `plugins:` modules are found), as the local, torchrun and Slurm workers get it;
+    Ray's env_vars replace the worker's variable, so without the latter an actor could not import them."""
+    return os.pathsep.join([str(source_root()), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 
 class RunActor:
