@@ -22,7 +22,7 @@ from spach.cli.main import main
 from spach.battle.progress import Progress
 from spach.battle import jobfiles
 from spach.battle.launchers import slurm
-from spach.battle.launchers.slurm import JobInfo, job_comment, make_executor, submit_run, sync_run
+from spach.battle.launchers.slurm import JobInfo, job_comment, make_executor, submit_run, submitted_pickle, sync_run
 from spach.battle.launchers.status import cancel_runs, study_status
 from spach.io import write_json
 from test_tune import assert_nothing_repeated, assert_tuned, hooked_pythonpath, kill_mid_trial, tuned_on
@@ -280,10 +280,40 @@ def test_a_job_submitted_but_not_recorded_is_adopted_not_submitted_again(tmp_pat
     db.register_study(conn, spec, lambda r: out / "runs" / r.name)
     row = db.get_run(conn, spec.runs[0].key)
     comment = job_comment(row["output_dir"])
-    # the coordinator was killed between sbatch and recording job 77; job 12 is another run's
+    # the coordinator was killed between sbatch and recording job 77 (submitit had written its pickle);
+    # job 12 is another run's
+    pickle = submitted_pickle(Path(row["output_dir"]), "77")
+    pickle.parent.mkdir(parents=True)
+    pickle.write_bytes(b"the pickled call")
     jobs = {"77": JobInfo("77", "RUNNING", "node1", comment), "12": JobInfo("12", "RUNNING", "node1", "spach:/x")}
     assert submit_run(conn, row, spec, jobs, Progress(1, quiet=True), 1) == "77"
-    assert db.get_run(conn, row["key"])["job_id"] == "77" and not (Path(row["output_dir"]) / "slurm").exists()
+    assert db.get_run(conn, row["key"])["job_id"] == "77"
+    assert [p.name for p in pickle.parent.iterdir()] == ["77_submitted.pkl"]  # nothing submitted again
+    conn.close()
+
+
+def test_a_job_submitted_without_its_pickle_is_cancelled_and_the_run_submitted_again(tmp_path, monkeypatch):
+    """A coordinator killed between sbatch and submitit's writing of the job's pickle leaves a job that can
+    never start its run (it waits 60 s for the pickle, then fails): it is cancelled, not adopted."""
+    out = tmp_path / "out"
+    out.mkdir()
+    spec = load_study(study(seeds=(0,)))
+    conn = db.connect(out, create=True)
+    db.register_study(conn, spec, lambda r: out / "runs" / r.name)
+    row = db.get_run(conn, spec.runs[0].key)
+    cancelled, submitted = [], []
+
+    class Executor:
+        def submit(self, fn, payload):
+            submitted.append(payload["key"])
+            return type("Job", (), {"job_id": "78"})()
+
+    monkeypatch.setattr(slurm.SlurmLauncher, "cancel_jobs", classmethod(lambda cls, ids: cancelled.extend(ids)))
+    monkeypatch.setattr(slurm, "make_executor", lambda *args: Executor())
+    jobs = {"77": JobInfo("77", "PENDING", "(None)", job_comment(row["output_dir"]))}
+    assert submit_run(conn, row, spec, jobs, Progress(1, quiet=True), 1) == "78"
+    assert cancelled == ["77"] and submitted == [row["key"]]
+    assert db.get_run(conn, row["key"])["job_id"] == "78"
     conn.close()
 
 

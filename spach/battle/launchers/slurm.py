@@ -21,7 +21,8 @@ What runs where:
   even finish during Slurm's KillWait. Each start is an attempt, counted in the database; the job
   of a run past `max_attempts` attempts fails with the reason.
 - a coordinator killed or restarted re-attaches: runs in the database with a job id are followed,
-  not submitted again; jobs found by their comment (the run directory) are adopted; results of
+  not submitted again; jobs found by their comment (the run directory) are adopted (cancelled and
+  submitted again if submitit's pickle of the call was never written: killed mid-submission); results of
   jobs that ended while no coordinator ran are imported at its next start.
 """
 from __future__ import annotations
@@ -240,6 +241,11 @@ class SlurmLauncher(Launcher):
             subprocess.run(["scancel", *job_ids], check=True, capture_output=True, text=True, timeout=60)
 
 
+def submitted_pickle(run_dir: Path, job_id: str) -> Path:
+    """Where submitit keeps the pickled call of job `job_id` of a run (its job reads it at start)."""
+    return submitit.core.utils.JobPaths(run_dir / LOG_DIR, job_id=job_id).submitted_pickle
+
+
 def submit_run(conn, row: dict[str, Any], study, jobs: dict[str, JobInfo], progress: Progress,
                index: int) -> str:
     """Submit the run's job, or adopt the live job already submitted for its directory; record the job id."""
@@ -248,6 +254,13 @@ def submit_run(conn, row: dict[str, Any], study, jobs: dict[str, JobInfo], progr
     # (not the run's previous job: it may still be finishing after writing its result)
     live = [j for j in jobs.values() if j.comment == comment and j.state in IN_FLIGHT and j.job_id != row["job_id"]]
     epochs = json.loads(row["config"])["train"].get("epochs")
+    if live and not submitted_pickle(out, live[0].job_id).exists():
+        # a coordinator killed between sbatch and submitit's writing of the job's pickle: the job can never
+        # start the run (it waits for the pickle, then fails); cancel it and submit the run afresh
+        progress.message(f"    {row['name']}: job {live[0].job_id} was submitted without its payload "
+                         "(coordinator killed mid-submission); cancelling it and submitting again")
+        SlurmLauncher.cancel_jobs([live[0].job_id])
+        live = []
     if live:  # submitted by a coordinator killed before it could record the id
         job_id = live[0].job_id
         progress.message(f"    {row['name']}: adopting job {job_id} ({live[0].state})")
