@@ -272,13 +272,17 @@ def test_a_short_last_attempt_that_ends_between_two_looks_is_judged_by_its_resul
     conn.close()
 
 
-def test_a_job_submitted_but_not_recorded_is_adopted_not_submitted_again(tmp_path):
-    out = tmp_path / "out"
+def one_queued_run(out: Path):
+    """A registered one-run study in `out`: (its open database, the study, the run's row)."""
     out.mkdir()
     spec = load_study(study(seeds=(0,)))
     conn = db.connect(out, create=True)
     db.register_study(conn, spec, lambda r: out / "runs" / r.name)
-    row = db.get_run(conn, spec.runs[0].key)
+    return conn, spec, db.get_run(conn, spec.runs[0].key)
+
+
+def test_a_job_submitted_but_not_recorded_is_adopted_not_submitted_again(tmp_path):
+    conn, spec, row = one_queued_run(tmp_path / "out")
     comment = job_comment(row["output_dir"])
     # the coordinator was killed between sbatch and recording job 77 (submitit had written its pickle);
     # job 12 is another run's
@@ -295,12 +299,7 @@ def test_a_job_submitted_but_not_recorded_is_adopted_not_submitted_again(tmp_pat
 def test_a_job_submitted_without_its_pickle_is_cancelled_and_the_run_submitted_again(tmp_path, monkeypatch):
     """A coordinator killed between sbatch and submitit's writing of the job's pickle leaves a job that can
     never start its run (it waits 60 s for the pickle, then fails): it is cancelled, not adopted."""
-    out = tmp_path / "out"
-    out.mkdir()
-    spec = load_study(study(seeds=(0,)))
-    conn = db.connect(out, create=True)
-    db.register_study(conn, spec, lambda r: out / "runs" / r.name)
-    row = db.get_run(conn, spec.runs[0].key)
+    conn, spec, row = one_queued_run(tmp_path / "out")
     cancelled, submitted = [], []
 
     class Executor:
