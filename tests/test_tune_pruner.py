@@ -200,6 +200,9 @@ def test_a_threshold_pruner_that_must_prune_stops_every_trial_after_the_same_epo
         assert [t.state.name for t in told] == ["PRUNED", "PRUNED"]
         assert [t.intermediate_values for t in told] == [curve(out, t["key"]) for t in trials if t["grp"] == g]
     assert "conv-ms-t trial 2/2: pruned after epoch 2 of 3" in printed
+    for g in groups:  # each trial's own done line, written by the worker-slot launcher, says so too
+        for n in (1, 2):
+            assert f"{g}-trial{n}: done — pruned after epoch 2 of 3: top-1 " in printed
     # no trial completed: nothing is retrained, and each architecture says why
     assert result["done"] == 0 and result["skipped"] == 2
     report = (out / "report.md").read_text()

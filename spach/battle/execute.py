@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from spach.battle import db
-from spach.battle.progress import Progress, error_line
+from spach.battle.progress import Progress, done_detail, error_line
 from spach.battle.threads import threads_per_run
 
 
@@ -108,12 +108,6 @@ def train_and_measure(config: dict[str, Any], output_dir: str | Path, threads: i
     return metrics, history
 
 
-def pruned_note(metrics: dict[str, Any], epochs: int | None) -> str:
-    """The start of a done run's progress detail: "pruned after epoch k of n: " for a pruned trial, else ""."""
-    k = metrics.get("pruned_after")
-    return "" if k is None else f"pruned after epoch {k} of {epochs or '?'}: "
-
-
 def execute_run(out_dir: str | Path, key: str, threads: int | None = None,
                 progress: Progress | None = None, index: int = 1) -> bool:
     """Train and measure one run of the database; record the outcome. Returns True if it is done.
@@ -166,7 +160,7 @@ def execute_run(out_dir: str | Path, key: str, threads: int | None = None,
     db.mark_done(conn, key, metrics)
     conn.close()
     if progress:
-        progress.run_finished(name, True, pruned_note(metrics, epochs)
-                              + f"top-1 {metrics['final_top1']:.2f}% (best {metrics['best_top1']:.2f}%), "
-                                f"{metrics['params'] / 1e6:.3f}M params, {metrics['train_time_s']:.0f}s")
+        progress.run_finished(name, True, done_detail(
+            metrics, epochs, f" (best {metrics['best_top1']:.2f}%), {metrics['params'] / 1e6:.3f}M params, "
+                             f"{metrics['train_time_s']:.0f}s"))
     return True

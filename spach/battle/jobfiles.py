@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from spach.battle import db
-from spach.battle.execute import pruned_note, train_and_measure
-from spach.battle.progress import Progress
+from spach.battle.execute import train_and_measure
+from spach.battle.progress import Progress, done_detail
 from spach.io import write_json
 
 JOB_FILE = "job.json"          # in the run directory: the job's current attempt (written at its start)
@@ -105,8 +105,7 @@ def settle_from_files(conn, row: dict[str, Any], progress: Progress | None) -> s
         db.mark_done(conn, key, metrics)
         if progress:
             epochs = json.loads(row["config"])["train"].get("epochs")
-            progress.run_finished(row["name"], True, pruned_note(metrics, epochs)
-                                  + f"top-1 {metrics['final_top1']:.2f}% (job {job_id})")
+            progress.run_finished(row["name"], True, done_detail(metrics, epochs, f" (job {job_id})"))
         return "done"
     error = str(result.get("error") or "the job reported a failure without a message")
     db.mark_failed(conn, key, error)

@@ -152,5 +152,13 @@ def error_line(error: str | None) -> str:
     return lines[0] if lines else "no error was recorded"
 
 
+def done_detail(metrics: dict[str, Any], epochs: int | None, more: str = "") -> str:
+    """A done run's console detail: "top-1 x%" and `more`, led by "pruned after epoch k of n: " for a
+    pruned trial. `metrics` is the run's metrics or its database row (final_top1, pruned_after)."""
+    k = metrics.get("pruned_after")
+    pruned = "" if k is None else f"pruned after epoch {k} of {epochs or '?'}: "
+    return f"{pruned}top-1 {_f(metrics['final_top1'], '.2f')}%{more}"
+
+
 def _f(x: Any, spec: str) -> str:
     return "?" if x is None else format(float(x), spec)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from spach.battle import db
 from spach.battle.launchers import Launcher, source_root
-from spach.battle.progress import Progress, error_line
+from spach.battle.progress import Progress, done_detail, error_line
 
 
 def worker_command(out_dir: str | Path, key: str | None, threads: int | None,
@@ -175,7 +175,7 @@ class SlotLauncher(Launcher):
             self.free.append(self.busy.pop(key))
             final = db.get_run(conn, key)  # read again: a process records its outcome just before it exits
             if final["status"] == "done":
-                progress.run_finished(row["name"], True, f"top-1 {final['final_top1']:.2f}%")
+                progress.run_finished(row["name"], True, done_detail(final, epochs_of(row)))
             else:
                 if final["status"] != "failed":  # the worker died without recording why
                     db.mark_failed(conn, key, f"worker exited with code {code}; see {row['output_dir']}/worker.log")
