@@ -89,6 +89,7 @@ def test_mlflow_logs_the_study_and_a_killed_study_continues_the_same_runs(tmp_pa
         assert (row["params.family"], row["params.layout"], row["params.size"]) == ("conv", "ms", "nano")
         assert row["params.recipe.lr"] == "0.003" and row["params.model_kwargs.hidden_dim"] == "8"
         assert row["tags.spach.study"] == "tracked" and row["tags.spach.launcher"] == "local"
+        assert row["tags.spach.role"] == "run" and "tags.spach.pruned_after" not in row.dropna()
         assert row["tags.spach.seed"] == name[-1] and row["tags.spach.group"] == "conv-ms-nano"
         assert len(row["tags.spach.commit"]) in (40, len("unknown"))
         assert 0 <= row["metrics.final_top1"] <= 100 and row["metrics.images_per_s"] > 0 and row["metrics.params"] > 0
@@ -102,6 +103,30 @@ def test_mlflow_logs_the_study_and_a_killed_study_continues_the_same_runs(tmp_pa
     assert {"report.md", "figures", "study.json"} <= parent_artifacts
     assert "figures/top1_vs_params.png" in {a.path for a in client.list_artifacts(parent["run_id"], "figures")}
     assert (store.parent / "mlartifacts").is_dir()  # beside the store, not in the working directory
+
+
+@pytest.mark.slow
+def test_mlflow_logs_the_tuning_trials_and_tags_a_pruned_one_with_the_epoch_it_stopped_after(tmp_path):
+    import mlflow
+
+    from spach.battle import load_study, run_study
+    from test_tune import tiny
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec = tiny(trials=2, pruner={"kind": "threshold", "lower": 101.0, "warmup_epochs": 1})  # prunes every trial
+    spec["recipe"]["epochs"] = 3
+    spec["grid"].update(family=["conv"], seed=[0])
+    spec["tracking"] = {"mlflow": {"uri": uri, "experiment": "pruned"}}
+    run_study(load_study(spec), tmp_path / "out", workers=1, threads=1, quiet=True)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("pruned").experiment_id])}
+    assert set(runs) == {"tiny-tune", "conv-ms-t-trial1", "conv-ms-t-trial2"}  # no trial completed: no final run
+    for name in ("conv-ms-t-trial1", "conv-ms-t-trial2"):
+        run = runs[name]
+        assert run.info.status == "FINISHED" and run.data.tags["spach.pruned_after"] == "2"
+        assert run.data.tags["spach.role"] == "trial" and run.data.params["recipe.selection_fraction"] == "0.2"
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "top1")] == [1, 2]  # the epochs trained
+    assert "spach.pruned_after" not in runs["tiny-tune"].data.tags
 
 
 @pytest.mark.slow

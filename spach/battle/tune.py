@@ -42,6 +42,7 @@ from spach.battle.progress import Progress
 from spach.battle.launchers.drive import execute_pending
 from spach.battle.spec import run_dir
 from spach.battle.threads import threads_per_run
+from spach.battle.tracking import open_tracking
 from spach.battle.spec import Run, Study
 from spach.battle.tune_space import describe_pruner, distributions, optuna_pruner
 from spach.errors import SpachError
@@ -287,15 +288,24 @@ def tune_study(study: Study, out_dir: str | Path, workers: int, threads: int | N
     progress.message(f"tuning {len(groups)} architecture(s) x {study.tune['trials']} trial(s) on a selection "
                      f"split of {study.tune['selection']:.0%} of the training data (seed {study.tune['seed']}); "
                      f"{describe_pruner(study.tune.get('pruner'))}")
-    while True:
-        batch = [t for g, runs in groups.items()
-                 if (t := next_trial(storage, study, g, runs[0], out_dir)) is not None]
-        if not batch:
-            break
-        run_round(out_dir, study, storage, batch, workers, per_run, progress)
-        conn = db.connect(out_dir)
-        sync_trials(conn, storage, study, groups, out_dir)
-        conn.close()
+    hub = open_tracking(study, out_dir, say=progress.message)  # the trials are logged as the study's runs are
+    if hub:
+        progress.listeners.append(hub)
+    try:
+        while True:
+            batch = [t for g, runs in groups.items()
+                     if (t := next_trial(storage, study, g, runs[0], out_dir)) is not None]
+            if not batch:
+                break
+            if hub:
+                hub.follow([t.run for t in batch])
+            run_round(out_dir, study, storage, batch, workers, per_run, progress)
+            conn = db.connect(out_dir)
+            sync_trials(conn, storage, study, groups, out_dir)
+            conn.close()
+    finally:
+        if hub:
+            hub.close()
     conn = db.connect(out_dir)
     sync_trials(conn, storage, study, groups, out_dir)
     conn.close()

@@ -71,6 +71,10 @@ class TrackingHub:
         self.broken: set[str] = set()
         self.conn = None
 
+    def follow(self, runs) -> None:
+        """Also hand on the events of `runs` (battle Runs made after the study, e.g. its tuning trials)."""
+        self.keys.update({r.name: r.key for r in runs})
+
     def _row(self, name: str) -> dict | None:
         if name not in self.keys:
             return None

@@ -1,12 +1,16 @@
 """MLflow as the lab notebook (`tracking: {mlflow: {uri: sqlite:///runs/mlflow.db, experiment: NAME}}`, or
 `spach battle --mlflow URI`); needs the optional extra `pip install spach[mlflow]`.
 
-Every run is one MLflow run (named as the study's run) under one parent run for the study:
+Every run is one MLflow run (named as the study's run) under one parent run for the study, the tuning
+trials of a study with `tune:` too:
 
 - params: the run's architecture and recipe (`spach.battle.tracking.run_params`);
-- tags: spach.study, spach.group, spach.seed, spach.launcher, spach.commit (the git commit of spach);
+- tags: spach.study, spach.group, spach.seed, spach.launcher, spach.commit (the git commit of spach),
+  spach.role ("trial" for a tuning trial, scored on the selection split, else "run");
 - metrics per epoch (step = epoch): train_loss, val_loss, top1, top5, train_images_per_s, lr; at the
   end the final figures (final_top1, best_top1, params, macs, ..., images_per_s once measured);
+- a pruned tuning trial ends FINISHED (MLflow has no pruned state) with the tag spach.pruned_after = k, the
+  last epoch it trained (as `runs.pruned_after` in battle.db); a failed run ends FAILED;
 - artifacts: config.json (the resolved run configuration), metrics.json (the final row), and the run's
   train.log / worker.log; the parent gets the report, its figures and the study file.
 
@@ -111,7 +115,8 @@ class MlflowTracker(Tracker):
         if run_id is None:
             tags = {"spach.study": self.study.name, "spach.group": row["grp"], "spach.seed": str(row["seed"]),
                     "spach.launcher": self.study.launcher["kind"], "spach.commit": spach_commit(),
-                    "spach.key": row["key"], "mlflow.parentRunId": self.parent_id}
+                    "spach.key": row["key"], "mlflow.parentRunId": self.parent_id,
+                    "spach.role": "trial" if json.loads(row["config"])["train"].get("selection_fraction") else "run"}
             run_id = self.client.create_run(self.experiment_id, run_name=row["name"], tags=tags).info.run_id
             params = [self.entities.Param(k, str(v)[:6000]) for k, v in sorted(run_params(row).items())]
             for i in range(0, len(params), 100):  # MLflow takes at most 100 params a batch
@@ -151,6 +156,8 @@ class MlflowTracker(Tracker):
         for log in ("train.log", "worker.log"):
             if (Path(row["output_dir"]) / log).is_file():
                 self.client.log_artifact(run_id, str(Path(row["output_dir"]) / log))
+        if row.get("pruned_after") is not None:
+            self.client.set_tag(run_id, "spach.pruned_after", str(row["pruned_after"]))
         self.client.set_terminated(run_id, status="FINISHED" if row["status"] == "done" else "FAILED")
 
     def _log_final(self, run_id: str, row: dict) -> None:
