@@ -36,6 +36,9 @@ def pruned(pruner, epochs: int = 3, trials: int = 2, families=("conv", "attn")) 
     return spec
 
 
+MUST_PRUNE = {"kind": "threshold", "lower": 101.0, "warmup_epochs": 1}  # stops every trial after epoch 2
+
+
 def optuna_trials(out, group: str):
     import optuna
 
@@ -45,6 +48,25 @@ def optuna_trials(out, group: str):
 def curve(out, key: str) -> dict[int, float]:
     """The run's selection top-1 by epoch, as battle.db holds it."""
     return {e["epoch"]: e["val_top1"] for e in db_rows(out, f"SELECT * FROM epochs WHERE key = '{key}'")}
+
+
+def assert_every_trial_pruned(out, groups, trials: int = 2, after: int = 2) -> list[dict]:
+    """Each of `groups` has `trials` trials pruned after epoch `after` in battle.db (its run done, with
+    pruned_after and that many epochs) and in OUT/tune.db (PRUNED, each epoch's selection top-1 reported once,
+    as battle.db holds it); the trials are returned."""
+    rows = db_rows(out, "SELECT * FROM trials ORDER BY grp, number")
+    assert [(t["grp"], t["number"], t["state"], t["epochs"]) for t in rows] == \
+        [(g, n, "pruned", after) for g in groups for n in range(trials)]
+    runs = {r["key"]: r for r in db_rows(out, "SELECT * FROM runs")}
+    for t in rows:
+        run, top1 = runs[t["key"]], curve(out, t["key"])
+        assert run["status"] == "done" and run["pruned_after"] == after and sorted(top1) == list(range(1, after + 1))
+        assert t["value"] == run["final_top1"] == top1[after]  # Optuna keeps the last reported value
+    for g in groups:
+        told = optuna_trials(out, g)
+        assert [t.state.name for t in told] == ["PRUNED"] * trials
+        assert [t.intermediate_values for t in told] == [curve(out, t["key"]) for t in rows if t["grp"] == g]
+    return rows
 
 
 # --------------------------------------------------------------------------- the section
@@ -181,24 +203,15 @@ def test_under_torchrun_rank_0_is_asked_and_every_rank_stops(tmp_path):
 # --------------------------------------------------------------------------- pruned studies end to end
 
 def test_a_threshold_pruner_that_must_prune_stops_every_trial_after_the_same_epoch(tmp_path, capsys):
-    study = load_study(pruned({"kind": "threshold", "lower": 101.0, "warmup_epochs": 1}, epochs=3, trials=2))
+    study = load_study(pruned(MUST_PRUNE, epochs=3, trials=2))
     out = tmp_path / "out"
     result = run_study(study, out, workers=2, threads=2)  # the two architectures' trials in two worker processes
     printed = capsys.readouterr().out
     groups = ("attn-ms-t", "conv-ms-t")
-    trials = db_rows(out, "SELECT * FROM trials ORDER BY grp, number")
-    assert [(t["grp"], t["number"], t["state"], t["epochs"]) for t in trials] == \
-        [(g, n, "pruned", 2) for g in groups for n in range(2)]  # warm-up 1: each stopped after epoch 2 of 3
+    trials = assert_every_trial_pruned(out, groups)  # warm-up 1: each stopped after epoch 2 of 3
     runs = {r["key"]: r for r in db_rows(out, "SELECT * FROM runs")}
-    for t in trials:
-        run, top1 = runs[t["key"]], curve(out, t["key"])
-        assert run["status"] == "done" and run["pruned_after"] == 2 and sorted(top1) == [1, 2]
-        assert t["value"] == run["final_top1"] == top1[2]  # Optuna keeps the last reported value
-        assert json.loads(run["config"])["prune"]["pruner"] == study.tune["pruner"]  # the same for every family
-    for g in groups:  # in tune.db: pruned, with the selection top-1 of each epoch trained as its steps
-        told = optuna_trials(out, g)
-        assert [t.state.name for t in told] == ["PRUNED", "PRUNED"]
-        assert [t.intermediate_values for t in told] == [curve(out, t["key"]) for t in trials if t["grp"] == g]
+    for t in trials:  # the same pruner for every family
+        assert json.loads(runs[t["key"]]["config"])["prune"]["pruner"] == study.tune["pruner"]
     assert "conv-ms-t trial 2/2: pruned after epoch 2 of 3" in printed
     for g in groups:  # each trial's own done line, written by the worker-slot launcher, says so too
         for n in (1, 2):
