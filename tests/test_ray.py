@@ -16,10 +16,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from spach.battle import load_study, run_study
 from spach.cli.main import main
-from test_tune import assert_nothing_repeated, assert_tuned, db_rows, hooked_pythonpath, kill_mid_trial, tuned_on
-from test_tune_pruner import MUST_PRUNE, assert_every_trial_pruned, pruned
+from test_tune import assert_nothing_repeated, assert_tuned, hooked_pythonpath, kill_mid_trial, tuned_on
+from test_tune_pruner import assert_pruned_on
 
 ROOT = Path(__file__).resolve().parents[1]
 ADDRESS = "127.0.0.1:" + os.environ.get("SPACH_RAY_PORT", "6390")
@@ -154,14 +153,7 @@ def test_status_and_cancel_of_a_detached_ray_study(tmp_path, capsys, monkeypatch
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_pruned_study_through_ray_stops_each_trial_in_its_actor(tmp_path):
-    spec = pruned(MUST_PRUNE, epochs=3, trials=2, families=("conv",))
-    spec["launcher"] = RAY
-    out = tmp_path / "out"
-    result = run_study(load_study(spec), out, quiet=True)  # every trial pruned: no final run, nothing retrained
-    assert result["done"] == 0 and result["skipped"] == 1
-    trials = assert_every_trial_pruned(out, ("conv-ms-t",))  # the actors reported to tune.db and stopped
-    runs = {r["key"]: r for r in db_rows(out, "SELECT * FROM runs")}
-    assert all(runs[t["key"]]["job_id"] and runs[t["key"]]["attempts"] == 1 for t in trials)
+    assert_pruned_on(RAY, tmp_path / "out")
 
 
 @pytest.mark.ray

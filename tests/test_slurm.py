@@ -25,8 +25,8 @@ from spach.battle.launchers import slurm
 from spach.battle.launchers.slurm import JobInfo, job_comment, make_executor, submit_run, submitted_pickle, sync_run
 from spach.battle.launchers.status import cancel_runs, study_status
 from spach.io import write_json
-from test_tune import assert_nothing_repeated, assert_tuned, db_rows, hooked_pythonpath, kill_mid_trial, tuned_on
-from test_tune_pruner import MUST_PRUNE, assert_every_trial_pruned, pruned
+from test_tune import assert_nothing_repeated, assert_tuned, hooked_pythonpath, kill_mid_trial, tuned_on
+from test_tune_pruner import assert_pruned_on
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = {"epochs": 2, "batch_size": 32, "lr": 3e-3, "warmup_epochs": 0, "cooldown_epochs": 0,
@@ -522,14 +522,7 @@ def test_a_two_task_job_trains_with_ddp_like_one_process_with_the_global_batch(t
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_a_pruned_study_through_slurm_stops_each_trial_in_its_job(tmp_path):
-    spec = pruned(MUST_PRUNE, epochs=3, trials=2, families=("conv",))
-    spec["launcher"] = SLURM
-    out = tmp_path / "out"
-    result = run_study(load_study(spec), out, quiet=True)  # every trial pruned: no final run, nothing retrained
-    assert result["done"] == 0 and result["skipped"] == 1
-    trials = assert_every_trial_pruned(out, ("conv-ms-t",))  # the jobs reported to tune.db and stopped
-    runs = {r["key"]: r for r in db_rows(out, "SELECT * FROM runs")}
-    assert all(runs[t["key"]]["job_id"] and runs[t["key"]]["attempts"] == 1 for t in trials)
+    assert_pruned_on(SLURM, tmp_path / "out")
 
 
 @pytest.mark.slurm

@@ -69,6 +69,18 @@ def assert_every_trial_pruned(out, groups, trials: int = 2, after: int = 2) -> l
     return rows
 
 
+def assert_pruned_on(launcher: dict, out) -> None:
+    """A study whose pruner stops every trial, on `launcher`: each trial's job stopped itself after epoch 2,
+    reported to tune.db as it trained, ran once; no trial completed, so no final run is trained."""
+    spec = pruned(MUST_PRUNE, epochs=3, trials=2, families=("conv",))
+    spec["launcher"] = launcher
+    result = run_study(load_study(spec), out, quiet=True)
+    assert result["done"] == 0 and result["skipped"] == 1
+    runs = {r["key"]: r for r in db_rows(out, "SELECT * FROM runs")}
+    assert all(runs[t["key"]]["job_id"] and runs[t["key"]]["attempts"] == 1
+               for t in assert_every_trial_pruned(out, ("conv-ms-t",)))
+
+
 # --------------------------------------------------------------------------- the section
 
 @pytest.mark.parametrize("pruner, message", [
