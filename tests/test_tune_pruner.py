@@ -269,6 +269,36 @@ def test_a_median_pruner_keeps_its_start_up_trial_and_the_best_complete_one_is_r
     assert "median pruner" in report and "Pruned trials count toward the budget" in report
 
 
+def asha_promotes(value: float, rung: list[float], reduction_factor: int) -> bool:
+    """Successive halving's rule at one rung (maximising): `value` is among the top 1/reduction_factor of the
+    rung's values (its own included), and the best of them while the rung has fewer than reduction_factor."""
+    keep = max(len(rung) // reduction_factor, 1)
+    return value >= sorted(rung)[-keep]
+
+
+def test_an_asha_study_halves_its_trials_at_each_rung_and_retrains_the_best_complete_one(tmp_path):
+    study = load_study(pruned({"kind": "asha", "min_epochs": 1, "reduction_factor": 2}, epochs=2, trials=4,
+                              families=("conv",)))
+    out = tmp_path / "out"
+    result = run_study(study, out, workers=1, threads=1)  # one trial after the other: each rung as it stood
+    trials = db_rows(out, "SELECT * FROM trials ORDER BY number")
+    told = optuna_trials(out, "conv-ms-t")
+    runs = {r["key"]: r for r in db_rows(out, "SELECT * FROM runs")}
+    rungs: dict[int, list[float]] = {1: [], 2: []}  # epochs 1 x 2^k: the values of the trials that reached them
+    for t, o in zip(trials, told):
+        assert t["state"] == o.state.name.lower() and o.intermediate_values == curve(out, t["key"])
+        expected = ("complete", 2, None)
+        for epoch in (1, 2):
+            rungs[epoch].append(o.intermediate_values[epoch])
+            if not asha_promotes(o.intermediate_values[epoch], rungs[epoch], 2):
+                expected = ("pruned", epoch, epoch)  # at the last epoch too: Optuna's PRUNED, as it decides
+                break
+        assert (t["state"], t["epochs"], runs[t["key"]]["pruned_after"]) == expected, (t["number"], rungs)
+    states = [t["state"] for t in trials]
+    assert states[0] == "complete" and "pruned" in states  # the first is promoted at every rung
+    assert result["done"] == 1 and "successive-halving pruner" in (out / "report.md").read_text()
+
+
 KILL_AFTER_REPORT = textwrap.dedent("""
     # sitecustomize for the test: SIGKILL the process right after trial number 1 reported its epoch 1
     import os
