@@ -117,6 +117,19 @@ def test_newcomers_use_the_recorded_mixer_facts_not_the_registry():
     assert not any("matches attention" in line for line in unknown.lines)
 
 
+def test_a_hybrid_is_compared_with_conv_and_with_the_attention_model_of_its_own_cpe_setting():
+    conv, attn = group("conv", "ms", 0.80), group("attn", "ms", 0.80)
+    attn_off = group("attn", "ms", 0.60, cpe=False)
+    hybrid, hybrid_off = group("hybrid", "ms", 0.90), group("hybrid", "ms", 0.62, cpe=False)
+    f = findings([conv, attn, attn_off, hybrid, hybrid_off])[5]
+    assert [(t.a.name, t.b.name) for t in f.tests] == [(hybrid.name, conv.name), (hybrid.name, attn.name),
+                                                       (hybrid_off.name, conv.name), (hybrid_off.name, attn_off.name)]
+    assert [t.verdict for t in f.tests][:3] == ["supported", "supported", "contradicted"]
+    # without its no-CPE attention parent, a no-CPE hybrid is compared with conv only
+    only = findings([conv, attn, hybrid_off])[5].tests
+    assert [(t.a.name, t.b.name) for t in only] == [(hybrid_off.name, conv.name)]
+
+
 def test_pareto_fronts_against_macs_and_throughput():
     from spach.battle.findings import macs_of, pareto_front, speed_of
 

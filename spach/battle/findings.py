@@ -373,7 +373,10 @@ def hybrids_win(groups: list[Group], s: Settings) -> Finding:
         if hyb.top1 is None:
             continue
         for parent in ("conv", "attn"):  # both parents, each its own test (no choice of rival by the data)
-            rival = _one(groups, family=parent, layout=hyb.layout, size=hyb.size, cpe=True, shared=False)
+            # the attention parent has the hybrid's attention blocks, CPE on or off as the hybrid's (else the
+            # test would mix the hybrid's effect with CPE's, finding 2); a conv model is always its own conv
+            cpe = True if parent == "conv" else hyb.cpe
+            rival = _one(groups, family=parent, layout=hyb.layout, size=hyb.size, cpe=cpe, shared=False)
             if rival is not None:
                 f.add(f"{hyb.layout} {hyb.size}: hybrid {hyb.top1.text(unit='%')} vs {parent} "
                       f"{rival.top1.text(unit='%')} ({_costs(hyb, rival)})",
