@@ -284,18 +284,15 @@ def test_an_asha_study_halves_its_trials_at_each_rung_and_retrains_the_best_comp
     trials = db_rows(out, "SELECT * FROM trials ORDER BY number")
     told = optuna_trials(out, "conv-ms-t")
     runs = {r["key"]: r for r in db_rows(out, "SELECT * FROM runs")}
-    rungs: dict[int, list[float]] = {1: [], 2: []}  # epochs 1 x 2^k: the values of the trials that reached them
+    rung: list[float] = []  # epoch 1 (= 1 x 2^0): the values of the trials that reached it
     for t, o in zip(trials, told):
         assert t["state"] == o.state.name.lower() and o.intermediate_values == curve(out, t["key"])
-        expected = ("complete", 2, None)
-        for epoch in (1, 2):
-            rungs[epoch].append(o.intermediate_values[epoch])
-            if not asha_promotes(o.intermediate_values[epoch], rungs[epoch], 2):
-                expected = ("pruned", epoch, epoch)  # at the last epoch too: Optuna's PRUNED, as it decides
-                break
-        assert (t["state"], t["epochs"], runs[t["key"]]["pruned_after"]) == expected, (t["number"], rungs)
+        rung.append(o.intermediate_values[1])
+        # the next rung is the last epoch, after which nothing is left to stop: a trial kept at epoch 1 completes
+        expected = ("complete", 2, None) if asha_promotes(rung[-1], rung, 2) else ("pruned", 1, 1)
+        assert (t["state"], t["epochs"], runs[t["key"]]["pruned_after"]) == expected, (t["number"], rung)
     states = [t["state"] for t in trials]
-    assert states[0] == "complete" and "pruned" in states  # the first is promoted at every rung
+    assert states[0] == "complete" and "pruned" in states  # the first is promoted at its rung
     assert result["done"] == 1 and "successive-halving pruner" in (out / "report.md").read_text()
 
 
