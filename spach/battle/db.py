@@ -474,6 +474,11 @@ def runs(conn: sqlite3.Connection, keys: list[str] | None = None) -> list[dict[s
     return sorted((r for r in rows if r["key"] in order), key=lambda r: order[r["key"]])
 
 
+def epochs_of(row: dict[str, Any]) -> int | None:
+    """The epochs a run's recipe trains for (None if not set), from its row."""
+    return json.loads(row["config"])["train"].get("epochs")
+
+
 def get_run(conn: sqlite3.Connection, key: str) -> dict[str, Any]:
     row = conn.execute("SELECT * FROM runs WHERE key = ?", (key,)).fetchone()
     if row is None:

@@ -74,7 +74,7 @@ def import_epochs(conn, row: dict[str, Any], progress: Progress | None = None) -
     except OSError:
         return
     have = {e["epoch"] for e in db.epochs(conn, row["key"])}
-    epochs = json.loads(row["config"])["train"].get("epochs")
+    epochs = db.epochs_of(row)
     for line in lines:
         try:
             record = json.loads(line)
@@ -104,7 +104,7 @@ def settle_from_files(conn, row: dict[str, Any], progress: Progress | None) -> s
         metrics = result["metrics"]
         db.mark_done(conn, key, metrics)
         if progress:
-            epochs = json.loads(row["config"])["train"].get("epochs")
+            epochs = db.epochs_of(row)
             progress.run_finished(row["name"], True, done_detail(metrics, epochs, f" (job {job_id})"))
         return "done"
     error = str(result.get("error") or "the job reported a failure without a message")

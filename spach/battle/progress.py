@@ -156,8 +156,13 @@ def done_detail(metrics: dict[str, Any], epochs: int | None, more: str = "") -> 
     """A done run's console detail: "top-1 x%" and `more`, led by "pruned after epoch k of n: " for a
     pruned trial. `metrics` is the run's metrics or its database row (final_top1, pruned_after)."""
     k = metrics.get("pruned_after")
-    pruned = "" if k is None else f"pruned after epoch {k} of {epochs or '?'}: "
+    pruned = "" if k is None else f"{pruned_phrase(k, epochs)}: "
     return f"{pruned}top-1 {_f(metrics['final_top1'], '.2f')}%{more}"
+
+
+def pruned_phrase(k: int, epochs: int | None) -> str:
+    """"pruned after epoch k of n": how the console names a tuning trial its pruner stopped."""
+    return f"pruned after epoch {k} of {epochs or '?'}"
 
 
 def _f(x: Any, spec: str) -> str:

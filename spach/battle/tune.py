@@ -31,14 +31,13 @@ none of whose trials completed is skipped, with the reason.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from spach.battle import db
-from spach.battle.progress import Progress
+from spach.battle.progress import Progress, pruned_phrase
 from spach.battle.launchers.drive import execute_pending
 from spach.battle.spec import run_dir
 from spach.battle.threads import threads_per_run
@@ -153,9 +152,8 @@ def outcome_line(study: Study, trial: Trial, row: dict[str, Any]) -> str:
     if state == "fail":
         return f"{head}: failed"
     if state == "pruned":
-        epochs = json.loads(row["config"])["train"].get("epochs")
-        return (f"{head}: pruned after epoch {row['pruned_after']} of {epochs} "
-                f"(selection top-1 {row['final_top1']:.2f}%)")
+        pruned = pruned_phrase(row["pruned_after"], db.epochs_of(row))
+        return f"{head}: {pruned} (selection top-1 {row['final_top1']:.2f}%)"
     return f"{head}: complete, selection top-1 {row['final_top1']:.2f}%"
 
 

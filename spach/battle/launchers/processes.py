@@ -8,7 +8,6 @@ With several slots on a GPU machine, slot i sees only its own GPUs (`gpus_for_sl
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -159,14 +158,14 @@ class SlotLauncher(Launcher):
         slot.start(row)
         self.busy[row["key"]] = slot
         self.seen_epochs[row["key"]] = 0
-        progress.run_started(row["name"], epochs_of(row), index)
+        progress.run_started(row["name"], db.epochs_of(row), index)
 
     def poll(self, conn, rows: list[dict], progress: Progress) -> set[str]:
         ended = set()
         for row in rows:
             key, slot = row["key"], self.busy[row["key"]]
             for record in db.epochs(conn, key)[self.seen_epochs[key]:]:
-                progress.epoch_done(row["name"], record, epochs_of(row))
+                progress.epoch_done(row["name"], record, db.epochs_of(row))
                 self.seen_epochs[key] += 1
             code = slot.finished(row["status"])
             if code is None:
@@ -175,7 +174,7 @@ class SlotLauncher(Launcher):
             self.free.append(self.busy.pop(key))
             final = db.get_run(conn, key)  # read again: a process records its outcome just before it exits
             if final["status"] == "done":
-                progress.run_finished(row["name"], True, done_detail(final, epochs_of(row)))
+                progress.run_finished(row["name"], True, done_detail(final, db.epochs_of(row)))
             else:
                 if final["status"] != "failed":  # the worker died without recording why
                     db.mark_failed(conn, key, f"worker exited with code {code}; see {row['output_dir']}/worker.log")
@@ -188,8 +187,3 @@ class SlotLauncher(Launcher):
     def stop(self, interrupted: bool) -> None:
         for slot in self.slots:  # interrupted: stop our children, their runs stay 'running'
             slot.stop(wait=not interrupted)
-
-
-def epochs_of(row: dict) -> int | None:
-    """The epochs a run trains for (its recipe's), None if not set."""
-    return json.loads(row["config"])["train"].get("epochs")

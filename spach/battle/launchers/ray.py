@@ -137,7 +137,7 @@ class RayLauncher(Launcher):
                 name=name, namespace=NAMESPACE, lifetime="detached", max_restarts=self.settings["max_attempts"],
                 num_cpus=self.settings["cpus_per_run"], num_gpus=self.settings["gpus_per_run"])
             actor.remote(payload, PREFIX + name)
-            progress.run_started(row["name"], json.loads(row["config"])["train"].get("epochs"), index)
+            progress.run_started(row["name"], db.epochs_of(row), index)
             progress.message(f"    {row['name']}: started Ray actor {name}")
         db.mark_submitted(conn, row["key"], PREFIX + name)
 

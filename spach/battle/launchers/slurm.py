@@ -253,7 +253,7 @@ def submit_run(conn, row: dict[str, Any], study, jobs: dict[str, JobInfo], progr
     comment = job_comment(out)
     # (not the run's previous job: it may still be finishing after writing its result)
     live = [j for j in jobs.values() if j.comment == comment and j.state in IN_FLIGHT and j.job_id != row["job_id"]]
-    epochs = json.loads(row["config"])["train"].get("epochs")
+    epochs = db.epochs_of(row)
     if live and not submitted_pickle(out, live[0].job_id).exists():
         # a coordinator killed between sbatch and submitit's writing of the job's pickle: the job can never
         # start the run (it waits for the pickle, then fails); cancel it and submit the run afresh

@@ -6,7 +6,6 @@ stop the jobs. The coordinator records cancelled runs as failed at its next poll
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -54,7 +53,7 @@ def study_status(out_dir: str | Path) -> list[dict[str, Any]]:
         entries.append({"name": row["name"], "status": row["status"], "job_id": job_id,
                         "job_state": state,
                         "node": node or (info.get("node") if current else row.get("node")),
-                        "epoch": epoch, "epochs": json.loads(row["config"])["train"].get("epochs"),
+                        "epoch": epoch, "epochs": db.epochs_of(row),
                         "elapsed_s": elapsed,
                         # attempts recorded, plus starts of the current job the coordinator has not seen yet
                         "attempts": row["attempts"] + (max(0, int(info["attempt"]) - (row.get("job_attempt") or 0))
